@@ -1,0 +1,104 @@
+"""Pure tensor functions behind the aggregators: no state, no validation, no communication.
+
+The stateful classes in :mod:`openfl_api.aggregate` decide *which* tensors meet; these functions
+say *how* they combine, so each formula can be read and tested on its own.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "accumulation_dtype",
+    "accumulate_",
+    "finish_mean",
+    "normalized_sensitivity",
+    "elastic_update",
+    "momentum_update_",
+]
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Returns the dtype a running weighted sum of ``dtype`` tensors is kept in.
+
+    float32, float64 and complex stay as they are; float16 and bfloat16 widen to float32 (their
+    sums lose precision fast); integers and bool widen to float64, which holds every int32 and
+    every int64 below 2**53 exactly.
+    """
+    if dtype in (torch.float32, torch.float64, torch.complex64, torch.complex128):
+        return dtype
+    if dtype.is_complex:
+        return torch.complex64
+    if dtype.is_floating_point:
+        return torch.float32
+    return torch.float64
+
+
+def accumulate_(acc: torch.Tensor, x: torch.Tensor, weight: float) -> torch.Tensor:
+    """Adds ``weight * x`` to ``acc`` in place and returns ``acc``.
+
+    ``x`` may have any dtype that casts to ``acc``'s; no temporary the size of ``x`` is made,
+    which is why this beats ``acc += weight * x`` and stacking uploads.
+    """
+    return acc.add_(x, alpha=weight)
+
+
+def finish_mean(acc: torch.Tensor, total_weight: float, dtype: torch.dtype) -> torch.Tensor:
+    """Turns a weighted sum into a fresh weighted-mean tensor of ``dtype``.
+
+    Integer dtypes get the mean rounded to the nearest integer (halves to even, as
+    :func:`torch.round`); bool gets ``mean >= 0.5``, so a tie keeps ``True``; floating and complex
+    dtypes get a plain cast.
+
+    Args:
+        acc: sum of ``weight * value`` over the uploads; not modified.
+        total_weight: sum of the weights; must be positive.
+        dtype: dtype of the result.
+    """
+    mean = acc / total_weight
+    if dtype == torch.bool:
+        return mean >= 0.5
+    if dtype.is_floating_point or dtype.is_complex:
+        return mean.to(dtype)
+    return mean.round_().to(dtype)
+
+
+def normalized_sensitivity(sensitivity: torch.Tensor) -> torch.Tensor:
+    """Returns ``zeta = sensitivity / max(sensitivity)``, the max taken over the whole tensor.
+
+    Where that max is 0 (nothing was tracked), ``zeta`` is 0 everywhere.
+
+    Args:
+        sensitivity: non-negative parameter sensitivities of one tensor.
+    """
+    if sensitivity.numel() == 0:
+        return sensitivity.clone()
+    peak = sensitivity.amax()
+    if peak <= 0:
+        return torch.zeros_like(sensitivity)
+    return sensitivity / peak
+
+
+def elastic_update(
+    current: torch.Tensor, average: torch.Tensor, sensitivity: torch.Tensor, tau: float
+) -> torch.Tensor:
+    """Returns ``current - (1 + tau - zeta) * (current - average)``, the Elastic Aggregation step.
+
+    ``zeta`` is :func:`normalized_sensitivity` of ``sensitivity``. This is the server step of
+    Elastic Aggregation (Chen et al., CVPR 2023): parameters the clients' outputs are sensitive
+    to (``zeta`` near 1) move by only ``tau`` of the averaged update, insensitive ones (``zeta``
+    near 0) by up to ``1 + tau`` of it.
+
+    Args:
+        current: the global parameter before this round.
+        average: weighted average of the clients' parameters.
+        sensitivity: weighted average of the clients' sensitivities, same shape.
+        tau: the expansion, in ``[0, 1]``.
+    """
+    zeta = normalized_sensitivity(sensitivity)
+    return current - (1 + tau - zeta) * (current - average)
+
+
+def momentum_update_(running: torch.Tensor, x: torch.Tensor, momentum: float) -> torch.Tensor:
+    """Sets ``running = momentum * running + (1 - momentum) * |x|`` in place and returns it."""
+    return running.mul_(momentum).add_(x.abs(), alpha=1 - momentum)

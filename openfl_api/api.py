@@ -1,0 +1,432 @@
+"""API: one object per process that becomes the backend (rank 0) or a frontend (rank > 0).
+
+The same script runs on every rank::
+
+    api = ofl.API(frontend=args.rank > 0)
+    api.set_aggregate_triggers(ofl.AggregateCount(count=2))
+    api.build_connection(address=ofl.Address(args=args))
+    api.set_aggregator_and_optimizer(aggregate.AverageAggregator(net.parameters()), optimizer)
+    api.set_state_dict(net.state_dict(keep_vars=True))
+    with api:
+        api.run()                    # backend: serve until a stop step fires; frontend: returns
+        while api.download():        # backend: False at once; frontend: False once it ended
+            train_one_round(net, optimizer)
+            if not api.upload():
+                break
+            api.update_version()
+    api.finish()
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+
+import torch
+from torch.utils.hooks import RemovableHandle
+
+from openfl_api.address import Address, load_address_file
+from openfl_api.backend import Server, Timeouts
+from openfl_api.errors import AddressError, ConfigurationError, RoleError, StepError
+from openfl_api.frontend import Client, check_upload_meta
+from openfl_api.logger import bind
+from openfl_api.state import SharedState
+from openfl_api.step import BACKEND, FRONTEND, Event, Step
+from openfl_api.transport.rendezvous import Peer, token_from
+
+__all__ = ["API"]
+
+
+class API:
+    """The federation seen from one process: backend (aggregator) or frontend (client).
+
+    Args:
+        frontend: True for a frontend, False for the backend, None to decide by the rank of the
+            address given to :meth:`build_connection` (rank 0 is the backend).
+        token: the shared admission token; default ``OPENFL_API_TOKEN`` (the launcher sets one
+            per run), else empty (admission then proves nothing; a warning says so).
+        nick_name: a printable name for log lines; default ``"backend"`` or ``"rank<N>"``.
+        timeout: how long a pipe waits for the peer's next message before dropping it.
+        transfer_timeout: how long one message may take once it started.
+        connect_timeout: how long a frontend waits to be admitted.
+        drain: how long the backend's :meth:`finish` waits for frontends to leave.
+        tick: how often an idle serve loop fires ``at_loop``.
+    """
+
+    def __init__(
+        self,
+        frontend: Optional[bool] = None,
+        *,
+        token: Optional[str] = None,
+        nick_name: Optional[str] = None,
+        timeout: timedelta = timedelta(minutes=30),
+        transfer_timeout: timedelta = timedelta(minutes=5),
+        connect_timeout: timedelta = timedelta(minutes=5),
+        drain: timedelta = timedelta(seconds=10),
+        tick: timedelta = timedelta(milliseconds=100),
+    ) -> None:
+        if frontend is not None and not isinstance(frontend, bool):
+            raise ConfigurationError(f"API(frontend=...) must be True, False or None, got {frontend!r}")
+        if token is not None and not isinstance(token, str):
+            raise ConfigurationError(f"API(token=...) must be a str, got {type(token).__name__}")
+        if nick_name is not None and (not isinstance(nick_name, str) or not 0 < len(nick_name) <= 64
+                                      or not nick_name.isprintable()):
+            raise ConfigurationError(f"API(nick_name=...) must be 1-64 printable characters, got {nick_name!r}")
+        self._frontend = frontend
+        self._token = token_from(token)
+        self._nick_name = nick_name
+        self.timeouts = Timeouts(idle=timeout, transfer=transfer_timeout, connect=connect_timeout, drain=drain, tick=tick)
+        self._steps: "collections.OrderedDict[int, Step]" = collections.OrderedDict()
+        self._handlers: Dict[int, Dict[Event, Any]] = {}
+        self._rank: Optional[int] = None
+        self._server: Optional[Server] = None
+        self._client: Optional[Client] = None
+        self._aggregator: Any = None
+        self._optimizer: Optional[torch.optim.Optimizer] = None
+        self._server_optimizer: Optional[torch.optim.Optimizer] = None
+        self._state_dict: Optional[Mapping[str, torch.Tensor]] = None
+        self._state: Optional[SharedState] = None
+        self._thread: Optional[threading.Thread] = None
+        self._thread_error: Optional[BaseException] = None
+        self._ran = False
+        self._finished = False
+        self.log = bind("frontend" if frontend else "backend" if frontend is False else "-")
+
+    # ----------------------------------------------------------------- identity
+    @property
+    def role(self) -> str:
+        """``"backend"`` or ``"frontend"``."""
+        if self._frontend is None:
+            raise RoleError("the role is decided by build_connection(...) when API(frontend=None); call it first")
+        return FRONTEND if self._frontend else BACKEND
+
+    @property
+    def rank(self) -> int:
+        """This process's rank on its address (0 for the backend)."""
+        if self._rank is None:
+            raise RoleError("the rank is known once build_connection(...) was called")
+        return self._rank
+
+    @property
+    def nick_name(self) -> str:
+        """The name used in log lines and reports."""
+        if self._nick_name is not None:
+            return self._nick_name
+        if self._rank is None:
+            return "unconnected"
+        return "backend" if self._rank == 0 else f"rank{self._rank}"
+
+    @property
+    def version(self) -> int:
+        """Backend: the global version. Frontend: the local version."""
+        if self._server is not None:
+            return self._server.version
+        if self._client is not None:
+            return self._client.version
+        return 0
+
+    @property
+    def received(self) -> int:
+        """Backend: uploads accepted since the last aggregation."""
+        return self._require_server("received").received
+
+    @property
+    def loop_count(self) -> int:
+        """Backend: serve-loop iterations so far."""
+        return self._require_server("loop_count").loop_count
+
+    @property
+    def frontends(self) -> List[Peer]:
+        """Backend: the frontends connected now."""
+        return self._require_server("frontends").frontends
+
+    @property
+    def stop_reason(self) -> Optional[str]:
+        """Why the federation stopped, or None while it runs."""
+        if self._server is not None:
+            return self._server.stop_reason
+        if self._client is not None and self._client.ended:
+            return self._client.end_reason
+        return None
+
+    def _require_server(self, what: str) -> Server:
+        if self._server is None:
+            raise RoleError(f"{what} belongs to the backend, and this API is not a connected backend")
+        return self._server
+
+    # ----------------------------------------------------------------- steps
+    def register_step(self, step: Step) -> RemovableHandle:
+        """Attach ``step``; it fires after the steps attached before it.
+
+        Returns:
+            A handle whose ``remove()`` detaches the step.
+
+        Raises:
+            ConfigurationError: not a :class:`Step`, already attached, or a handler's signature
+                does not fit its event.
+        """
+        if not isinstance(step, Step):
+            raise ConfigurationError(f"register_step needs an openfl_api.Step, got {type(step).__name__}")
+        if any(attached is step for attached in self._steps.values()):
+            raise ConfigurationError(f"step {step!r} is attached to this API already")
+        handlers = step.handlers()
+        handle = RemovableHandle(self._steps)
+        self._steps[handle.id] = step
+        self._handlers[handle.id] = handlers
+        return handle
+
+    def set_aggregate_triggers(self, *steps: Step) -> List[RemovableHandle]:
+        """Attach the steps that decide when to aggregate (``AggregateCount``, ``AggregatePeriod``)."""
+        if not steps:
+            raise ConfigurationError("set_aggregate_triggers needs at least one step, e.g. AggregateCount(count=2)")
+        return [self.register_step(step) for step in steps]
+
+    def _fire(self, event: Event, *args: Any) -> None:
+        role = FRONTEND if self._frontend else BACKEND
+        for key, step in list(self._steps.items()):
+            handler = self._handlers.get(key, {}).get(event)
+            if handler is None or role not in step.roles:
+                continue
+            try:
+                handler(self, *args)
+            except Exception as exc:
+                self.stop(f"step {step.name} raised at {event.value}")
+                raise StepError(step.name, event.value, f"{type(exc).__name__}: {exc}") from exc
+
+    # ----------------------------------------------------------------- set-up
+    def build_connection(
+        self,
+        address: Union[Address, Sequence[Address], None] = None,
+        address_file: Union[str, Path, None] = None,
+    ) -> None:
+        """Connect: the backend serves every address (and watches ``address_file``); a frontend joins one.
+
+        Raises:
+            AddressError: no address given, or one that does not fit the role.
+            AdmissionError: the backend refused this frontend.
+            TransportError: the store or the backend could not be reached in time.
+        """
+        if self._server is not None or self._client is not None:
+            raise RoleError("build_connection(...) was called already on this API")
+        if address is None and address_file is None:
+            raise AddressError("build_connection needs address=Address(...) or address_file='federation.json'")
+        addresses = [address] if isinstance(address, Address) else list(address or [])
+        if any(not isinstance(a, Address) for a in addresses):
+            raise AddressError(f"address must be an Address or a list of them, got {address!r}")
+        rank = addresses[0].rank if addresses else Address().rank
+        if self._frontend is None:
+            self._frontend = rank > 0
+        self._rank = rank if self._frontend else 0
+        self.log = bind(self.role, self._rank)
+        if self._frontend:
+            self._connect_frontend(addresses, address_file)
+        else:
+            self._connect_backend(addresses, address_file)
+
+    def _connect_frontend(self, addresses: List[Address], address_file: Union[str, Path, None]) -> None:
+        if address_file is not None:
+            if addresses:
+                raise AddressError("a frontend joins one address: pass address= or address_file=, not both")
+            entries = load_address_file(address_file)
+            if len(entries) != 1:
+                raise AddressError(
+                    f"a frontend joins one address but {address_file} lists {len(entries)}; "
+                    "give each frontend a file with its backend's entry"
+                )
+            entry = entries[0]
+            rank = entry.rank if entry.rank > 0 else Address().rank
+            addresses = [entry.replace(rank=rank)]
+            self._rank = rank
+            self.log = bind(self.role, rank)
+        if len(addresses) != 1:
+            raise AddressError(f"a frontend joins exactly one address, got {len(addresses)}")
+        if addresses[0].rank < 1:
+            raise AddressError(
+                f"a frontend needs rank >= 1 on its address, got {addresses[0].rank}; rank 0 is the backend"
+            )
+        if not self._token:
+            self.log.warning("no admission token (--token or OPENFL_API_TOKEN): any process can join this federation")
+        self._client = Client(self._fire, self.timeouts, self.log)
+        self._client.connect(addresses[0], self._token, self.nick_name)
+
+    def _connect_backend(self, addresses: List[Address], address_file: Union[str, Path, None]) -> None:
+        for address in addresses:
+            if address.rank != 0:
+                raise AddressError(f"the backend serves addresses as rank 0, got rank {address.rank} in {address}")
+        if not self._token:
+            self.log.warning("no admission token (--token or OPENFL_API_TOKEN): any process can join this federation")
+        self._server = Server(self._fire, self.timeouts, self._token, self.nick_name, self.log)
+        for address in addresses:
+            self._server.serve(address)
+        if address_file is not None:
+            self._server.watch(str(address_file))
+
+    def set_aggregator_and_optimizer(
+        self,
+        aggregator: Any,
+        optimizer: Optional[torch.optim.Optimizer] = None,
+        *,
+        server_optimizer: Optional[torch.optim.Optimizer] = None,
+    ) -> None:
+        """Set the aggregator (used by the backend) and the local optimizer (its state may ride along).
+
+        Args:
+            aggregator: an ``openfl_api.aggregate`` aggregator built over the model's parameters.
+            optimizer: the frontend's optimizer; its state travels when the aggregator's
+                ``state_keys`` ask for it. The backend does not step it.
+            server_optimizer: backend only, optional: an optimizer over the global model that
+                applies ``global - aggregate`` as a gradient (FedOpt). Without it the aggregate
+                replaces the global model (FedAvg).
+        """
+        for name in ("params", "bind", "add", "aggregate", "state_keys", "upload_keys", "frontend_extras"):
+            if not hasattr(aggregator, name):
+                raise ConfigurationError(
+                    f"aggregator must be an openfl_api.aggregate.Aggregator, got {type(aggregator).__name__} "
+                    f"(it has no {name!r})"
+                )
+        for label, value in (("optimizer", optimizer), ("server_optimizer", server_optimizer)):
+            if value is not None and not isinstance(value, torch.optim.Optimizer):
+                raise ConfigurationError(f"{label} must be a torch.optim.Optimizer, got {type(value).__name__}")
+        self._aggregator, self._optimizer, self._server_optimizer = aggregator, optimizer, server_optimizer
+        self._state = None
+
+    def set_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Name the tensors to exchange: ``net.state_dict(keep_vars=True)``; downloads are copied into them."""
+        self._state_dict = state_dict
+        self._state = None
+
+    def _shared_state(self) -> SharedState:
+        if self._state is None:
+            if self._state_dict is None:
+                raise RoleError("call set_state_dict(net.state_dict(keep_vars=True)) before run(), download() or upload()")
+            self._state = SharedState(self._state_dict, self._aggregator, self._optimizer)
+        return self._state
+
+    # ----------------------------------------------------------------- running
+    def run(self) -> None:
+        """Backend: serve until a stop step fires (blocking). Frontend: return at once."""
+        if self._frontend:
+            return
+        server = self._require_server("run()")
+        if self._ran:
+            raise RoleError("run() or start() was called already; a serve loop runs once")
+        self._ran = True
+        server.prepare(self._shared_state(), self._server_optimizer)
+        server.run()
+
+    def start(self) -> None:
+        """Backend: run the serve loop in a background thread; :meth:`finish` waits for it."""
+        if self._frontend:
+            return
+        server = self._require_server("start()")
+        if self._ran:
+            raise RoleError("run() or start() was called already; a serve loop runs once")
+        self._ran = True
+        server.prepare(self._shared_state(), self._server_optimizer)
+
+        def serve() -> None:
+            try:
+                server.run()
+            except BaseException as exc:  # re-raised by finish()
+                self._thread_error = exc
+
+        self._thread = threading.Thread(target=serve, name="openfl-serve-loop", daemon=True)
+        self._thread.start()
+
+    def download(self) -> bool:
+        """Frontend: load a global model of version >= the local one in place. False once ended.
+
+        The backend returns False at once, so the same loop runs on every rank.
+        """
+        if not self._frontend:
+            return False
+        client = self._require_client("download()")
+        return client.download(self._shared_state(), self.rank, self.nick_name)
+
+    def upload(self, num_samples: int = 1, metrics: Optional[Mapping[str, float]] = None) -> bool:
+        """Frontend: send the local state tagged with the local version. False once ended.
+
+        Args:
+            num_samples: samples behind this update (FedAvg's weight).
+            metrics: scalar metrics to report, e.g. ``{"loss": 0.3}``.
+        """
+        if not self._frontend:
+            return False
+        meta = check_upload_meta(num_samples, {} if metrics is None else metrics)
+        client = self._require_client("upload()")
+        return client.upload(self._shared_state(), self.rank, self.nick_name, meta["num_samples"], meta["metrics"])
+
+    def update_version(self, version: Optional[int] = None) -> None:
+        """Frontend: advance the local version by one, or set it to ``version``."""
+        if not self._frontend:
+            raise RoleError("update_version() is a frontend method: the backend's version moves only by aggregation")
+        client = self._require_client("update_version()")
+        if version is None:
+            client.version += 1
+        elif isinstance(version, int) and not isinstance(version, bool) and version >= 0:
+            client.version = version
+        else:
+            raise ConfigurationError(f"update_version(version=...) must be an integer >= 0 or None, got {version!r}")
+
+    def _require_client(self, what: str) -> Client:
+        if self._client is None:
+            raise RoleError(f"{what} needs a connection: call build_connection(...) first")
+        return self._client
+
+    # ----------------------------------------------------------------- acting from steps
+    def aggregate(self) -> bool:
+        """Backend: fold accepted uploads into a new version now. False if none was accepted."""
+        return self._require_server("aggregate()").aggregate()
+
+    def stop(self, reason: str) -> None:
+        """End the federation after the event at hand (backend), or stop this frontend's calls."""
+        if self._server is not None:
+            self._server.stop(reason)
+        elif self._client is not None and not self._client.ended:
+            self._client._end(reason)
+
+    def save_checkpoint(self, path: Union[str, Path]) -> None:
+        """Backend: write the global model and version to ``path`` atomically (``torch.load(weights_only=True)``)."""
+        self._require_server("save_checkpoint()").save_checkpoint(str(path))
+
+    # ----------------------------------------------------------------- the end
+    def report(self) -> str:
+        """The Pending / Finished / Discard table of this API's transfers."""
+        owner = self._server or self._client
+        return owner.ledger.table() if owner is not None else "(not connected)"
+
+    def finish(self) -> None:
+        """Close every pipe and log the transfer table. The backend first waits for its serve loop."""
+        if self._finished:
+            return
+        self._finished = True
+        if self._server is not None:
+            if self._thread is not None:
+                self._thread.join(self.timeouts.idle.total_seconds())
+                if self._thread.is_alive():
+                    self._server.stop(f"finish() waited {self.timeouts.idle} for the serve loop")
+                    self._thread.join(5)
+            self._server.finish()
+        elif self._client is not None:
+            self._client.finish()
+        self.log.info(f"finished: {self.nick_name}\n{self.report()}")
+        if self._thread_error is not None:
+            raise self._thread_error
+
+    def __enter__(self) -> "API":
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, traceback: Any) -> None:
+        if exc_type is not None and not self._finished:
+            self.stop(f"{exc_type.__name__} in the training loop")
+            try:
+                self.finish()
+            except Exception as finish_error:
+                self.log.debug(f"finish() after {exc_type.__name__} failed too: {finish_error}")
+
+    def __repr__(self) -> str:
+        role = "undecided" if self._frontend is None else self.role
+        return f"API(role={role}, nick_name={self.nick_name!r}, version={self.version})"

@@ -1,0 +1,177 @@
+"""The frontend's side: join the backend, download the global model in place, upload updates.
+
+Every call is one request and one reply over the frontend's pipe. ``download()`` asks for a
+model whose version is at least the local version (the synchronous rule keeps clients in
+lock-step); the reply is validated against the local schema before it is copied into the user's
+tensors. The end of the federation is not an error: the calls return False.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Dict, Mapping, Optional
+
+import torch
+
+from openfl_api.address import Address
+from openfl_api.errors import ConfigurationError, PayloadError, TransportError
+from openfl_api.payload import MAX_HEADER_BYTES, decode, encode, encode_header, parse_header
+from openfl_api.report import Ledger
+from openfl_api.state import SharedState
+from openfl_api.step import Event, Transfer
+from openfl_api.transport.base import Kind, Limits, Message, Pipe
+from openfl_api.transport.rendezvous import join, open_store
+
+__all__ = ["Client"]
+
+
+class Client:
+    """The frontend of one API: one pipe to the backend and a local version.
+
+    Args:
+        fire: ``fire(event, *args)`` runs the API's steps.
+        timeouts: every wait (see :class:`~openfl_api.backend.Timeouts`).
+        log: a bound logger.
+    """
+
+    def __init__(self, fire: Callable[..., None], timeouts: Any, log: Any) -> None:
+        self._fire = fire
+        self.timeouts = timeouts
+        self.log = log
+        self.ledger = Ledger()
+        self.version = 0
+        self.ended = False
+        self.end_reason = ""
+        self.backend_name = ""
+        self.address: Optional[Address] = None
+        self._pipe: Optional[Pipe] = None
+        self._store: Any = None
+        self._ended_on_store: Callable[[], bool] = lambda: True
+        self._rx = torch.empty(0, dtype=torch.uint8)
+        self._tx: Optional[torch.Tensor] = None
+
+    def connect(self, address: Address, token: bytes, nick_name: str) -> None:
+        """Join the backend at ``address``; blocks until admitted."""
+        self._store = open_store(address, backend=False, timeout=self.timeouts.connect)
+        self._pipe, self.backend_name, self._ended_on_store = join(
+            address, self._store, token, nick_name, self.timeouts.connect
+        )
+        self.address = address
+        self.log.info(f"joined {self.backend_name} at {address.init_method} as rank {address.rank}")
+
+    def _alloc(self, size: int) -> torch.Tensor:
+        if self._rx.numel() < size:
+            self._rx = torch.empty(size, dtype=torch.uint8)
+        return self._rx[:size]
+
+    def _exchange(self, request: Message, limits: Limits) -> Optional[Message]:
+        """Send a request and receive its reply; None once the federation has ended."""
+        try:
+            self._pipe.send(request, self.timeouts.transfer)
+            reply = self._pipe.recv(limits, self.timeouts.idle, self.timeouts.transfer, self._alloc)
+        except TransportError as exc:
+            if self._ended_on_store():
+                self._end(f"the backend closed the pipe ({exc})")
+                return None
+            raise TransportError(
+                f"lost the backend at {self.address.init_method}, which did not record an end: {exc}"
+            ) from exc
+        if reply.kind is Kind.END:
+            self._end(str(_header_or_empty(reply.header).get("reason", "the federation ended")))
+            return None
+        return reply
+
+    def _end(self, reason: str) -> None:
+        self.ended = True
+        self.end_reason = reason
+        self.log.info(f"federation over: {reason}")
+
+    def download(self, state: SharedState, rank: int, nick_name: str) -> bool:
+        """Load a global model whose version is >= the local one; False once it has ended."""
+        if self.ended:
+            return False
+        transfer = Transfer(rank=rank, nick_name=nick_name, version=self.version)
+        self._fire(Event.BEFORE_DOWNLOAD, transfer)
+        request = Message(Kind.DOWNLOAD, encode_header({"version": self.version}))
+        limits = Limits(frozenset({Kind.MODEL, Kind.END}), MAX_HEADER_BYTES, state.download_schema.nbytes)
+        reply = self._exchange(request, limits)
+        if reply is None:
+            return False
+        buffer = reply.payload if reply.payload is not None else torch.empty(0, dtype=torch.uint8)
+        try:
+            payload = decode(reply.header, buffer, state.download_schema, kind="model")
+        except PayloadError as exc:
+            raise PayloadError(f"the backend sent an invalid model; nothing was loaded: {exc}") from exc
+        state.apply(payload.tensors)
+        self.version = transfer.version = payload.version
+        self.ledger.add(self.backend_name, "downloads")
+        self.log.debug(f"downloaded version {payload.version}")
+        self._fire(Event.AFTER_DOWNLOAD, transfer)
+        return True
+
+    def upload(
+        self, state: SharedState, rank: int, nick_name: str, num_samples: int, metrics: Mapping[str, float]
+    ) -> bool:
+        """Send the local state tagged with the local version; False once the federation ended."""
+        if self.ended:
+            return False
+        transfer = Transfer(rank=rank, nick_name=nick_name, version=self.version,
+                            num_samples=num_samples, metrics=dict(metrics))
+        self._fire(Event.BEFORE_UPLOAD, transfer)
+        schema = state.upload_schema
+        if self._tx is None or self._tx.numel() < schema.nbytes:
+            self._tx = torch.zeros(schema.nbytes, dtype=torch.uint8)
+        header, buffer = encode(
+            state.upload_tensors(), schema, kind="update", version=self.version, sender=nick_name,
+            meta={"num_samples": num_samples, "metrics": dict(metrics)}, out=self._tx,
+        )
+        reply = self._exchange(Message(Kind.UPLOAD, header, buffer),
+                               Limits(frozenset({Kind.ACK, Kind.END}), MAX_HEADER_BYTES, 0))
+        if reply is None:
+            return False
+        ack = _header_or_empty(reply.header)
+        transfer.accepted = bool(ack.get("accepted"))
+        transfer.reason = str(ack.get("reason", ""))[:500]
+        if transfer.accepted:
+            self.ledger.add(self.backend_name, "uploads")
+            self.log.debug(f"uploaded an update trained from version {self.version}")
+        else:
+            self.ledger.discard(self.backend_name, transfer.reason or "discarded")
+            self.log.warning(f"the backend discarded this upload: {transfer.reason}")
+        self._fire(Event.AFTER_UPLOAD, transfer)
+        return True
+
+    def finish(self) -> None:
+        """Say goodbye to the backend and release the pipe."""
+        if self._pipe is None:
+            return
+        try:
+            self._pipe.send(Message(Kind.BYE), self.timeouts.transfer)
+        except TransportError:
+            pass
+        self._pipe.close()
+        self._pipe = None
+        self._store = None
+
+
+def _header_or_empty(raw: bytes) -> Dict[str, Any]:
+    try:
+        return parse_header(raw)
+    except PayloadError:
+        return {}
+
+
+def check_upload_meta(num_samples: Any, metrics: Any) -> Dict[str, Any]:
+    """Validate ``upload()``'s arguments before anything is sent."""
+    if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
+        raise ConfigurationError(f"upload(num_samples=...) must be an integer >= 1, got {num_samples!r}")
+    if not isinstance(metrics, Mapping):
+        raise ConfigurationError(f"upload(metrics=...) must be a dict of str to float, got {type(metrics).__name__}")
+    clean = {}
+    for key, value in metrics.items():
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        if not isinstance(key, str) or not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            raise ConfigurationError(f"upload(metrics=...) entry {key!r} must map a str to a finite number, got {value!r}")
+        clean[key] = float(value)
+    return {"num_samples": num_samples, "metrics": clean}

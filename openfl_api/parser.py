@@ -1,0 +1,69 @@
+"""Command-line arguments every openfl_api script understands, with environment fallbacks.
+
+``openfl_api.parser.parse_args()`` reads ``--rank``, ``--world_size``, ``--init_method``, ... and
+falls back to the variables the launcher sets (``RANK``, ``WORLD_SIZE``, ``OPENFL_INIT_METHOD``,
+``MASTER_ADDR``/``MASTER_PORT``, ``OPENFL_API_TOKEN``). Scripts with arguments of their own extend
+the parser::
+
+    parser = ofl.parser.build_parser()
+    parser.add_argument("--epochs", type=int, default=1)
+    args = parser.parse_args()
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Mapping, Optional, Sequence
+
+__all__ = ["build_parser", "parse_args", "default_init_method"]
+
+DEFAULT_PORT = 29500
+
+
+def default_init_method(environ: Mapping[str, str] = os.environ) -> str:
+    """Return the init method the environment implies: OPENFL_INIT_METHOD, then MASTER_ADDR/PORT."""
+    if environ.get("OPENFL_INIT_METHOD"):
+        return environ["OPENFL_INIT_METHOD"]
+    host = environ.get("MASTER_ADDR", "localhost")
+    port = environ.get("MASTER_PORT", str(DEFAULT_PORT))
+    return f"tcp://{host}:{port}"
+
+
+def _int_env(environ: Mapping[str, str], name: str, default: int) -> int:
+    value = environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        from openfl_api.errors import ConfigurationError
+
+        raise ConfigurationError(f"environment variable {name} must be an integer, got {value!r}") from None
+
+
+def build_parser(environ: Optional[Mapping[str, str]] = None) -> argparse.ArgumentParser:
+    """Return an ArgumentParser with openfl_api's options; defaults come from ``environ``."""
+    env = os.environ if environ is None else environ
+    parser = argparse.ArgumentParser(description="openfl_api federated training")
+    parser.add_argument("--backend", default="gloo", help="torch.distributed backend of the pipes (gloo)")
+    parser.add_argument("--init_method", "--init-method", default=default_init_method(env),
+                        help="tcp://host:port, file:///path or memory://name (env OPENFL_INIT_METHOD)")
+    parser.add_argument("--world_size", "--world-size", type=int, default=_int_env(env, "WORLD_SIZE", 2),
+                        help="backend plus frontends of this address (env WORLD_SIZE)")
+    parser.add_argument("--rank", type=int, default=_int_env(env, "RANK", 0),
+                        help="0 is the backend, > 0 a frontend (env RANK)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=_int_env(env, "LOCAL_RANK", 0),
+                        help="rank on this node (env LOCAL_RANK)")
+    parser.add_argument("--group_name", "--group-name", default=env.get("OPENFL_GROUP_NAME", "openfl_api"),
+                        help="name of the federation on this address (env OPENFL_GROUP_NAME)")
+    parser.add_argument("--token", default=None,
+                        help="shared admission token (env OPENFL_API_TOKEN; the launcher sets one)")
+    parser.add_argument("--address_file", "--address-file", default=None,
+                        help="JSON address file to serve (backend) or join (frontend)")
+    return parser
+
+
+def parse_args(args: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Parse openfl_api's options from ``args`` (default: ``sys.argv[1:]``)."""
+    return build_parser().parse_args(args)

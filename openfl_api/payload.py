@@ -1,0 +1,360 @@
+"""Payload: a small JSON header plus one contiguous byte buffer holding every tensor.
+
+Nothing on the wire is pickled. The header names each tensor with its dtype, shape, byte offset
+and size; the buffer holds the raw bytes, each tensor starting at a 64-byte boundary so the
+receiver can view it in place. The receiver checks the header against a :class:`Schema` (names,
+dtypes, shapes, sizes, offsets, finite values) before it copies anything anywhere: a payload is
+either valid as a whole or rejected with a :class:`~openfl_api.errors.PayloadError`.
+
+Header (JSON object)::
+
+    {"format": 1, "kind": "model" | "update", "version": 3, "sender": "rank1",
+     "nbytes": 4096, "meta": {...},
+     "tensors": [{"name": "0.weight", "dtype": "float32", "shape": [2, 3], "offset": 0,
+                  "nbytes": 24}, ...]}
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
+
+import torch
+
+from openfl_api.errors import ConfigurationError, PayloadError
+
+__all__ = [
+    "FORMAT",
+    "ALIGN",
+    "MAX_HEADER_BYTES",
+    "TensorSpec",
+    "Schema",
+    "Payload",
+    "encode",
+    "decode",
+    "encode_header",
+    "parse_header",
+    "validate_meta",
+]
+
+FORMAT = 1
+ALIGN = 64
+MAX_HEADER_BYTES = 8 * 1024 * 1024
+MAX_METRICS = 64
+MAX_NAME_CHARS = 256
+
+DTYPES: Dict[str, torch.dtype] = {
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "uint8": torch.uint8,
+    "int8": torch.int8,
+    "int16": torch.int16,
+    "int32": torch.int32,
+    "int64": torch.int64,
+    "bool": torch.bool,
+}
+_DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+KINDS = ("model", "update")
+
+
+def _aligned(offset: int) -> int:
+    return (offset + ALIGN - 1) // ALIGN * ALIGN
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """Return the wire name of ``dtype``; raise ConfigurationError for dtypes that cannot travel."""
+    try:
+        return _DTYPE_NAMES[dtype]
+    except KeyError:
+        raise ConfigurationError(
+            f"dtype {dtype} cannot be sent; supported dtypes are {sorted(DTYPES)}. "
+            "Cast the tensor or leave it out of the state_dict."
+        ) from None
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """What one tensor of a payload must look like: its name, dtype and shape."""
+
+    name: str
+    dtype: torch.dtype
+    shape: Tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        """Size of the tensor's data in bytes."""
+        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+
+
+class Schema:
+    """The ordered set of tensors a receiver expects, with the canonical buffer layout.
+
+    Args:
+        specs: one :class:`TensorSpec` per tensor; names must be unique.
+    """
+
+    def __init__(self, specs: Iterable[TensorSpec]) -> None:
+        self.specs: Tuple[TensorSpec, ...] = tuple(specs)
+        self.by_name: Dict[str, TensorSpec] = {}
+        for spec in self.specs:
+            if spec.name in self.by_name:
+                raise ConfigurationError(f"tensor name {spec.name!r} appears twice in a schema")
+            dtype_name(spec.dtype)
+            self.by_name[spec.name] = spec
+        offsets = []
+        offset = 0
+        for spec in self.specs:
+            offsets.append(offset)
+            offset = _aligned(offset + spec.nbytes)
+        self.offsets: Tuple[int, ...] = tuple(offsets)
+        self.nbytes = offset
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, torch.Tensor]) -> "Schema":
+        """Build the schema that describes ``tensors`` (name, dtype, shape), in mapping order."""
+        return cls(TensorSpec(name, t.dtype, tuple(t.shape)) for name, t in tensors.items())
+
+    def __len__(self) -> int:
+        return len(self.specs)
+
+    def __repr__(self) -> str:
+        return f"Schema({len(self.specs)} tensors, {self.nbytes} bytes)"
+
+
+@dataclass
+class Payload:
+    """A decoded, validated payload: the header fields and zero-copy views into the buffer."""
+
+    kind: str
+    version: int
+    sender: str
+    meta: Dict[str, Any]
+    tensors: Dict[str, torch.Tensor]
+
+
+def encode_header(header: Mapping[str, Any]) -> bytes:
+    """Serialise a header dictionary to compact JSON bytes."""
+    return json.dumps(header, separators=(",", ":"), allow_nan=False).encode("utf-8")
+
+
+def parse_header(raw: bytes, limit: int = MAX_HEADER_BYTES) -> Dict[str, Any]:
+    """Parse untrusted JSON header bytes into a dictionary, or raise PayloadError."""
+    if len(raw) > limit:
+        raise PayloadError(f"header is {len(raw)} bytes; at most {limit} are allowed")
+    try:
+        header = json.loads(bytes(raw).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise PayloadError(f"header is not valid UTF-8 JSON ({exc.__class__.__name__}: {exc})") from None
+    if not isinstance(header, dict):
+        raise PayloadError(f"header must be a JSON object, got {type(header).__name__}")
+    return header
+
+
+def encode(
+    tensors: Mapping[str, torch.Tensor],
+    schema: Schema,
+    *,
+    kind: str,
+    version: int,
+    sender: str,
+    meta: Optional[Mapping[str, Any]] = None,
+    out: Optional[torch.Tensor] = None,
+) -> Tuple[bytes, torch.Tensor]:
+    """Encode ``tensors`` laid out by ``schema`` into a header and one flat uint8 buffer.
+
+    Args:
+        tensors: a tensor for every name in ``schema``, with the schema's dtype and shape.
+        schema: the layout; build it once with :meth:`Schema.from_tensors` and reuse it.
+        kind: ``"model"`` (backend to frontend) or ``"update"`` (frontend to backend).
+        version: the global version this payload carries or was trained from.
+        sender: a printable name of the sender, for log lines.
+        meta: JSON-serialisable metadata (number of samples, metrics, ...).
+        out: a uint8 buffer of at least ``schema.nbytes`` bytes to fill instead of allocating.
+
+    Returns:
+        ``(header_bytes, buffer)``; ``buffer`` is ``out[:schema.nbytes]`` when ``out`` is given.
+    """
+    if kind not in KINDS:
+        raise ConfigurationError(f"kind must be one of {KINDS}, got {kind!r}")
+    if out is None:
+        buffer = torch.zeros(schema.nbytes, dtype=torch.uint8)
+    else:
+        if out.dtype != torch.uint8 or out.dim() != 1 or out.numel() < schema.nbytes:
+            raise ConfigurationError(
+                f"out must be a 1-D uint8 tensor of at least {schema.nbytes} bytes, "
+                f"got {out.dtype} of shape {tuple(out.shape)}"
+            )
+        buffer = out[: schema.nbytes]
+    entries: List[Dict[str, Any]] = []
+    with torch.no_grad():
+        for spec, offset in zip(schema.specs, schema.offsets):
+            source = tensors.get(spec.name)
+            if source is None:
+                raise ConfigurationError(f"tensor {spec.name!r} of the schema is missing from the tensors to encode")
+            if source.dtype != spec.dtype or tuple(source.shape) != spec.shape:
+                raise ConfigurationError(
+                    f"tensor {spec.name!r} is {source.dtype} {tuple(source.shape)} but the schema "
+                    f"says {spec.dtype} {spec.shape}; rebuild the schema after changing the model"
+                )
+            _view(buffer, offset, spec).copy_(source.detach())
+            entries.append(
+                {
+                    "name": spec.name,
+                    "dtype": dtype_name(spec.dtype),
+                    "shape": list(spec.shape),
+                    "offset": offset,
+                    "nbytes": spec.nbytes,
+                }
+            )
+    header = {
+        "format": FORMAT,
+        "kind": kind,
+        "version": int(version),
+        "sender": sender,
+        "nbytes": schema.nbytes,
+        "meta": dict(meta or {}),
+        "tensors": entries,
+    }
+    return encode_header(header), buffer
+
+
+def _view(buffer: torch.Tensor, offset: int, spec: TensorSpec) -> torch.Tensor:
+    region = buffer[offset : offset + spec.nbytes]
+    return region.view(spec.dtype).view(spec.shape)
+
+
+def decode(
+    header: Mapping[str, Any] | bytes,
+    buffer: torch.Tensor,
+    schema: Schema,
+    *,
+    kind: str,
+    check_finite: bool = True,
+) -> Payload:
+    """Validate a received payload against ``schema`` and return views into ``buffer``.
+
+    Nothing is copied: the returned tensors are views that stay valid while ``buffer`` is not
+    reused. Every check runs before the caller can touch a value.
+
+    Raises:
+        PayloadError: the header is malformed, names/dtypes/shapes/sizes/offsets do not match
+            the schema, the buffer size is wrong, or a floating tensor holds NaN or Inf.
+    """
+    fields = parse_header(header) if isinstance(header, (bytes, bytearray, memoryview)) else dict(header)
+    _expect_field(fields, "format", int)
+    if fields["format"] != FORMAT:
+        raise PayloadError(f"payload format {fields['format']} is not supported; this build reads format {FORMAT}")
+    if fields.get("kind") != kind:
+        raise PayloadError(f"expected a {kind!r} payload, got kind {fields.get('kind')!r}")
+    version = _expect_field(fields, "version", int)
+    if version < 0:
+        raise PayloadError(f"version must be >= 0, got {version}")
+    sender = _expect_field(fields, "sender", str)
+    meta = _expect_field(fields, "meta", dict)
+    total = _expect_field(fields, "nbytes", int)
+    if buffer.dtype != torch.uint8 or buffer.dim() != 1:
+        raise PayloadError(f"payload buffer must be 1-D uint8, got {buffer.dtype} {tuple(buffer.shape)}")
+    if total != buffer.numel():
+        raise PayloadError(f"header says the buffer has {total} bytes but {buffer.numel()} arrived")
+    entries = _expect_field(fields, "tensors", list)
+    views = _check_entries(entries, buffer, schema)
+    if check_finite:
+        for name, view in views.items():
+            if not _all_finite(view):
+                raise PayloadError(f"tensor {name!r} holds NaN or Inf values; the payload was rejected")
+    return Payload(kind=kind, version=version, sender=sender, meta=meta, tensors=views)
+
+
+def _expect_field(fields: Mapping[str, Any], key: str, kind: type) -> Any:
+    if key not in fields:
+        raise PayloadError(f"header has no {key!r} field")
+    value = fields[key]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise PayloadError(f"header field {key!r} must be {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _check_entries(entries: List[Any], buffer: torch.Tensor, schema: Schema) -> Dict[str, torch.Tensor]:
+    if len(entries) != len(schema):
+        names = {e.get("name") for e in entries if isinstance(e, dict)}
+        missing = sorted(set(schema.by_name) - names)[:5]
+        extra = sorted(str(n) for n in names - set(schema.by_name))[:5]
+        raise PayloadError(
+            f"payload has {len(entries)} tensors but {len(schema)} are expected "
+            f"(missing: {missing}, unexpected: {extra})"
+        )
+    views: Dict[str, torch.Tensor] = {}
+    spans: List[Tuple[int, int, str]] = []
+    size = buffer.numel()
+    for entry in entries:
+        if not isinstance(entry, dict):
+            raise PayloadError(f"each tensor entry must be a JSON object, got {type(entry).__name__}")
+        name = _expect_field(entry, "name", str)
+        spec = schema.by_name.get(name)
+        if spec is None:
+            raise PayloadError(f"unexpected tensor {name[:MAX_NAME_CHARS]!r}; expected names are the receiver's state_dict keys")
+        if name in views:
+            raise PayloadError(f"tensor {name!r} appears twice")
+        dtype = _expect_field(entry, "dtype", str)
+        if DTYPES.get(dtype) != spec.dtype:
+            raise PayloadError(f"tensor {name!r} has dtype {dtype[:32]!r}, expected {dtype_name(spec.dtype)}")
+        shape = _expect_field(entry, "shape", list)
+        if shape != list(spec.shape):
+            raise PayloadError(f"tensor {name!r} has shape {shape[:8]}, expected {list(spec.shape)}")
+        offset = _expect_field(entry, "offset", int)
+        nbytes = _expect_field(entry, "nbytes", int)
+        if nbytes != spec.nbytes:
+            raise PayloadError(f"tensor {name!r} declares {nbytes} bytes, its dtype and shape need {spec.nbytes}")
+        itemsize = torch.empty((), dtype=spec.dtype).element_size()
+        if offset < 0 or offset % itemsize or offset + nbytes > size:
+            raise PayloadError(
+                f"tensor {name!r} at offset {offset} with {nbytes} bytes does not fit an aligned "
+                f"place in the {size}-byte buffer"
+            )
+        spans.append((offset, offset + nbytes, name))
+        views[name] = _view(buffer, offset, spec)
+    spans.sort()
+    for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
+        if start < end:
+            raise PayloadError(f"tensors {first!r} and {second!r} overlap in the buffer")
+    return views
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return True
+    # A sum is finite only if every element is; overflow can make a finite tensor's sum
+    # infinite, so only a non-finite sum pays for the exact element-wise check.
+    accumulate = torch.float32 if tensor.element_size() < 4 else tensor.dtype
+    if math.isfinite(tensor.sum(dtype=accumulate).item()):
+        return True
+    return bool(torch.isfinite(tensor).all())
+
+
+def validate_meta(meta: Mapping[str, Any]) -> Dict[str, Any]:
+    """Check upload metadata from a peer: ``num_samples`` and a flat ``metrics`` dictionary.
+
+    Returns:
+        ``{"num_samples": int, "metrics": {str: float}}``.
+
+    Raises:
+        PayloadError: a field is missing, of the wrong type, out of range, or not finite.
+    """
+    num_samples = meta.get("num_samples")
+    if not isinstance(num_samples, int) or isinstance(num_samples, bool) or not 1 <= num_samples <= 2**53:
+        raise PayloadError(f"meta 'num_samples' must be an integer in [1, 2**53], got {num_samples!r}"[:200])
+    metrics = meta.get("metrics", {})
+    if not isinstance(metrics, dict) or len(metrics) > MAX_METRICS:
+        raise PayloadError(f"meta 'metrics' must be an object with at most {MAX_METRICS} entries")
+    clean: Dict[str, float] = {}
+    for key, value in metrics.items():
+        if len(key) > MAX_NAME_CHARS or not key.isprintable():
+            raise PayloadError(f"metric name {key[:40]!r} must be printable and at most {MAX_NAME_CHARS} characters")
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            raise PayloadError(f"metric {key!r} must be a finite number, got {value!r}"[:200])
+        clean[key] = float(value)
+    return {"num_samples": num_samples, "metrics": clean}

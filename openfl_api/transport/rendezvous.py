@@ -1,0 +1,365 @@
+"""Rendezvous and admission over an address's store, then one pipe per admitted frontend.
+
+The store is the control plane only (keys under ``openfl_api/<group_name>/``):
+
+1. The backend writes a fresh ``session`` id. A frontend reads it, takes a join number ``n`` with
+   ``add(<session>/joins, 1)`` and writes ``<session>/join/<n>/hello`` (rank, nick name, nonce).
+2. The backend answers ``.../challenge`` with a random challenge and its own proof of the token
+   (an HMAC of the frontend's nonce). The frontend answers ``.../response`` with an HMAC of the
+   challenge, its rank and its nonce, keyed by the shared token.
+3. The backend checks the HMAC, the rank range and that the rank is not already connected, and
+   writes ``.../verdict``. If admitted, both sides build the pipe under ``<session>/pipe/<n>``.
+
+A session id per backend start means a stale file store from an earlier run is never mistaken for
+the live one: a frontend that joined a dead session re-reads ``session`` and joins again.
+Nothing read from the store is unpickled; every value is size-limited JSON.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional, Tuple
+
+from torch.distributed import FileStore, HashStore, PrefixStore, Store, TCPStore
+
+from openfl_api.address import Address
+from openfl_api.errors import AddressError, AdmissionError, TransportError
+from openfl_api.logger import bind
+from openfl_api.transport.base import Pipe
+from openfl_api.transport.gloo import open_gloo_pipe
+from openfl_api.transport.memory import open_memory_pipe
+
+__all__ = ["Peer", "open_store", "Lobby", "join", "token_from", "PROTOCOL"]
+
+PROTOCOL = 1
+MAX_VALUE = 4096
+_POLL = timedelta(seconds=0.5)
+_RETRY = timedelta(seconds=3)
+_memory_stores: Dict[str, HashStore] = {}
+_memory_lock = threading.Lock()
+
+
+@dataclass(frozen=True)
+class Peer:
+    """An admitted frontend as the backend knows it."""
+
+    rank: int
+    nick_name: str
+    address: Address
+    join: int
+
+
+def token_from(token: Optional[str]) -> bytes:
+    """Return the admission token: the argument, else ``OPENFL_API_TOKEN``, else empty."""
+    value = token if token is not None else os.environ.get("OPENFL_API_TOKEN", "")
+    return value.encode("utf-8")
+
+
+def _mac(token: bytes, *parts: Any) -> str:
+    return hmac.new(token, "|".join(str(p) for p in parts).encode("utf-8"), hashlib.sha256).hexdigest()
+
+
+def open_store(address: Address, backend: bool, timeout: timedelta) -> Store:
+    """Open the address's store: host it (tcp, backend), connect to it, or open the file.
+
+    Returns:
+        A ``PrefixStore`` scoped to the address's group name.
+
+    Raises:
+        TransportError: the store cannot be hosted or reached within ``timeout``.
+    """
+    scheme = address.scheme
+    try:
+        if scheme == "tcp":
+            base: Store = TCPStore(
+                address.host, address.port, None, backend, timeout=timeout, wait_for_workers=False
+            )
+        elif scheme == "file":
+            path = Path(address.path)
+            if not path.parent.is_dir():
+                raise AddressError(f"{address}: the folder {path.parent} of the file store does not exist; create it")
+            base = FileStore(str(path), -1)
+        else:
+            with _memory_lock:
+                base = _memory_stores.setdefault(address.init_method, HashStore())
+    except RuntimeError as exc:
+        role = "host" if backend else "reach"
+        raise TransportError(
+            f"could not {role} the store of {address.init_method} within {timeout}: {str(exc).splitlines()[0]}"
+        ) from exc
+    return PrefixStore(f"openfl_api/{address.group_name}", base)
+
+
+def _open_pipe(address: Address, store: Store, prefix: str, rank: int, timeout: timedelta) -> Pipe:
+    if address.scheme == "memory":
+        return open_memory_pipe(f"{address.init_method}/{address.group_name}/{prefix}", rank)
+    return open_gloo_pipe(store, prefix, rank, timeout, address.host)
+
+
+def _read_json(store: Store, key: str) -> Dict[str, Any]:
+    raw = store.get(key)
+    if len(raw) > MAX_VALUE:
+        raise AdmissionError(f"store value {key!r} is {len(raw)} bytes; at most {MAX_VALUE} are allowed")
+    try:
+        value = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise AdmissionError(f"store value {key!r} is not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise AdmissionError(f"store value {key!r} must be a JSON object")
+    return value
+
+
+def _wait(store: Store, key: str, timeout: timedelta) -> bool:
+    """Wait up to ``timeout`` for ``key``; True if it exists.
+
+    ``check`` is polled with a short back-off instead of ``Store.wait``: a timed-out wait makes
+    TCPStore log a warning and holds the client's connection, delaying other threads' requests.
+    """
+    deadline = time.monotonic() + timeout.total_seconds()
+    delay = 0.002
+    while True:
+        if store.check([key]):
+            return True
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        time.sleep(min(delay, left))
+        delay = min(delay * 2, 0.05)
+
+
+class Lobby:
+    """The backend's side of one address: hands out a session, admits frontends, builds pipes.
+
+    Args:
+        address: the address to serve.
+        store: its store, from :func:`open_store`.
+        token: the shared admission token.
+        timeout: how long a joining frontend may take to answer and to build its pipe half.
+        on_admit: ``on_admit(pipe, peer)``, called from a handshake thread.
+        on_refuse: ``on_refuse(rank_or_None, reason)``, called from a handshake thread.
+        nick_name: the backend's name, told to frontends.
+    """
+
+    def __init__(
+        self,
+        address: Address,
+        store: Store,
+        token: bytes,
+        timeout: timedelta,
+        on_admit: Callable[[Pipe, Peer], None],
+        on_refuse: Callable[[Optional[int], str], None],
+        nick_name: str,
+        log: Any = None,
+    ) -> None:
+        self.address = address
+        self.store = store
+        self._token = token
+        self._timeout = timeout
+        self._on_admit = on_admit
+        self._on_refuse = on_refuse
+        self._nick_name = nick_name
+        self._log = log or bind("backend", 0)
+        self._ranks: set = set()
+        self._ranks_lock = threading.Lock()
+        self._stop = threading.Event()
+        self.session = secrets.token_hex(8)
+        self.store.set("session", self.session)
+        self._thread = threading.Thread(target=self._run, name=f"openfl-lobby-{address.group_name}", daemon=True)
+        self._thread.start()
+
+    def release(self, rank: int) -> None:
+        """Free ``rank`` so a restarted frontend can join with it."""
+        with self._ranks_lock:
+            self._ranks.discard(rank)
+
+    def end(self, reason: str) -> None:
+        """Record in the store that the federation ended, for frontends whose pipe broke."""
+        try:
+            self.store.set(f"{self.session}/ended", reason)
+        except RuntimeError:
+            pass
+
+    def close(self) -> None:
+        """Stop admitting frontends."""
+        self._stop.set()
+        self._thread.join(timeout=2 * _POLL.total_seconds() + 1)
+
+    def _run(self) -> None:
+        index = 1
+        missing_since: Optional[float] = None
+        while not self._stop.is_set():
+            key = f"{self.session}/join/{index}/hello"
+            if not _wait(self.store, key, _POLL):
+                # A frontend that died between taking a number and writing its hello must not
+                # block those after it: skip its number once later ones exist and it is overdue.
+                try:
+                    taken = self.store.add(f"{self.session}/joins", 0)
+                except RuntimeError:
+                    continue
+                if taken > index:
+                    missing_since = missing_since or time.monotonic()
+                    if time.monotonic() - missing_since > self._timeout.total_seconds():
+                        self._log.warning(f"join {index} on {self.address.init_method} never said hello; skipped")
+                        index, missing_since = index + 1, None
+                continue
+            missing_since = None
+            threading.Thread(
+                target=self._handshake, args=(index,), name=f"openfl-join-{index}", daemon=True
+            ).start()
+            index += 1
+
+    def _handshake(self, index: int) -> None:
+        base = f"{self.session}/join/{index}"
+        rank: Optional[int] = None
+        challenged = False
+        try:
+            hello = _read_json(self.store, f"{base}/hello")
+            rank, nick_name, nonce = _check_hello(hello, self.address)
+            challenge = secrets.token_hex(16)
+            proof = _mac(self._token, "backend", self.session, index, nonce)
+            self.store.set(f"{base}/challenge", json.dumps({"challenge": challenge, "proof": proof}))
+            challenged = True
+            if not _wait(self.store, f"{base}/response", self._timeout):
+                raise AdmissionError(f"rank {rank} did not answer the challenge within {self._timeout}")
+            answer = _read_json(self.store, f"{base}/response").get("mac")
+            expected = _mac(self._token, "frontend", self.session, index, rank, nonce, challenge)
+            if not isinstance(answer, str) or not hmac.compare_digest(answer, expected):
+                raise AdmissionError(
+                    f"rank {rank} ({nick_name}) answered with a wrong token; give every rank the same "
+                    "token (--token or OPENFL_API_TOKEN)"
+                )
+            with self._ranks_lock:
+                if rank in self._ranks:
+                    raise AdmissionError(
+                        f"rank {rank} is already connected on {self.address.init_method}; a second frontend "
+                        "cannot claim it: give each frontend its own rank"
+                    )
+                self._ranks.add(rank)
+        except AdmissionError as exc:
+            self._refuse(base, rank, str(exc), challenged)
+            return
+        except RuntimeError as exc:  # the store went away: the backend is closing
+            self._log.debug(f"join {index} abandoned: {exc}")
+            return
+        prefix = f"{self.session}/pipe/{index}"
+        self.store.set(f"{base}/verdict", json.dumps({"ok": True, "pipe": prefix, "backend": self._nick_name}))
+        try:
+            pipe = _open_pipe(self.address, self.store, prefix, 0, self._timeout)
+        except TransportError as exc:
+            self.release(rank)
+            self._on_refuse(rank, f"rank {rank} was admitted but its pipe failed: {exc}")
+            return
+        self._on_admit(pipe, Peer(rank=rank, nick_name=nick_name, address=self.address, join=index))
+
+    def _refuse(self, base: str, rank: Optional[int], reason: str, challenged: bool) -> None:
+        # Before the challenge the frontend waits on the challenge key, after it on the verdict.
+        key = f"{base}/verdict" if challenged else f"{base}/challenge"
+        value = {"ok": False, "reason": reason} if challenged else {"refused": reason}
+        try:
+            self.store.set(key, json.dumps(value))
+        except RuntimeError:
+            pass
+        self._on_refuse(rank, reason)
+
+
+def _check_hello(hello: Dict[str, Any], address: Address) -> Tuple[int, str, str]:
+    if hello.get("protocol") != PROTOCOL:
+        raise AdmissionError(f"peer speaks protocol {hello.get('protocol')!r}; this backend speaks {PROTOCOL}")
+    rank, nick_name, nonce = hello.get("rank"), hello.get("nick_name"), hello.get("nonce")
+    if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank < address.world_size:
+        raise AdmissionError(
+            f"frontend rank must be in [1, {address.world_size}) on {address.init_method}, got {rank!r}; "
+            "raise world_size or fix the rank"
+        )
+    if not isinstance(nick_name, str) or not 0 < len(nick_name) <= 64 or not nick_name.isprintable():
+        raise AdmissionError(f"nick name must be 1-64 printable characters, got {str(nick_name)[:70]!r}")
+    if not isinstance(nonce, str) or len(nonce) != 32:
+        raise AdmissionError("hello carries no valid nonce")
+    return rank, nick_name, nonce
+
+
+def join(
+    address: Address,
+    store: Store,
+    token: bytes,
+    nick_name: str,
+    timeout: timedelta,
+) -> Tuple[Pipe, str, Callable[[], bool]]:
+    """Join the backend at ``address`` as frontend ``address.rank``; blocks until admitted.
+
+    Returns:
+        ``(pipe, backend_nick_name, ended)`` where ``ended()`` tells whether the backend has
+        recorded the end of the federation (True also when the store cannot be reached).
+
+    Raises:
+        AdmissionError: the backend refused this frontend; the message says why.
+        TransportError: no backend answered within ``timeout``.
+    """
+    deadline = time.monotonic() + timeout.total_seconds()
+
+    def remaining(cap: Optional[timedelta] = None) -> timedelta:
+        left = timedelta(seconds=max(0.0, deadline - time.monotonic()))
+        return min(left, cap) if cap is not None else left
+
+    while True:
+        if not _wait(store, "session", remaining()):
+            raise TransportError(
+                f"no backend at {address.init_method} (group {address.group_name!r}) within {timeout}; "
+                "start rank 0 or check the address"
+            )
+        session = store.get("session").decode()
+        index = store.add(f"{session}/joins", 1)
+        base = f"{session}/join/{index}"
+        nonce = secrets.token_hex(16)
+        hello = {"protocol": PROTOCOL, "rank": address.rank, "nick_name": nick_name, "nonce": nonce}
+        store.set(f"{base}/hello", json.dumps(hello))
+        answered = False
+        while remaining() > timedelta(0):
+            if _wait(store, f"{base}/challenge", remaining(_RETRY)):
+                answered = True
+                break
+            if store.get("session").decode() != session:
+                break  # the backend restarted: join its new session
+        if not answered:
+            if remaining() > timedelta(0):
+                continue
+            raise TransportError(f"the backend at {address.init_method} did not answer within {timeout}")
+        challenge = _read_json(store, f"{base}/challenge")
+        if "refused" in challenge:
+            _raise_refused({"reason": challenge["refused"]})
+        mac = _mac(token, "frontend", session, index, address.rank, nonce, challenge.get("challenge"))
+        store.set(f"{base}/response", json.dumps({"mac": mac}))
+        if not _wait(store, f"{base}/verdict", remaining()):
+            raise TransportError(f"the backend at {address.init_method} gave no verdict within {timeout}")
+        verdict = _read_json(store, f"{base}/verdict")
+        if verdict.get("ok") is not True:
+            _raise_refused(verdict)
+        proof = challenge.get("proof")
+        if not isinstance(proof, str) or not hmac.compare_digest(proof, _mac(token, "backend", session, index, nonce)):
+            raise AdmissionError("the backend could not prove it holds the token; refusing to send it anything")
+        prefix = verdict.get("pipe")
+        if prefix != f"{session}/pipe/{index}":
+            raise AdmissionError(f"the backend named an unexpected pipe {str(prefix)[:80]!r}")
+        pipe = _open_pipe(address, store, prefix, 1, remaining())
+
+        def ended() -> bool:
+            try:
+                return store.check([f"{session}/ended"])
+            except RuntimeError:
+                return True
+
+        return pipe, str(verdict.get("backend", "backend"))[:64], ended
+
+
+def _raise_refused(verdict: Dict[str, Any]) -> None:
+    reason = str(verdict.get("reason", "no reason given"))[:500]
+    raise AdmissionError(f"the backend refused this frontend: {reason}")
