@@ -352,16 +352,17 @@ class Server:
             self._fire(Event.ON_LEAVE, worker.peer)
 
     def _change_addresses(self, added: List[Address], removed: List[Address]) -> None:
+        reason = "this address was removed from the address file"
         for address in removed:
-            lobby = self._lobbies.pop(address.key, None)
-            if lobby is None:
+            if address.key not in self._lobbies:
                 continue
-            lobby.end("this address was removed from the address file")
-            lobby.close()
             for worker in list(self._workers.values()):
                 if worker.peer.address.key == address.key:
                     worker.closing = True
-                    self._answer_held(worker, "this address was removed from the address file")
+                    self._answer_held(worker, reason)
+            lobby = self._lobbies.pop(address.key)
+            lobby.end(reason)
+            lobby.close()
             self.log.info(f"closed {address.init_method} (group {address.group_name!r}): removed from the address file")
         for address in added:
             try:

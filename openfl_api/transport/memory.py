@@ -27,9 +27,11 @@ _lock = threading.Lock()
 def open_memory_pipe(key: str, rank: int) -> "MemoryPipe":
     """Return this side (rank 0: backend, 1: frontend) of the in-memory pipe named ``key``."""
     with _lock:
-        pair = _registry.setdefault(key, (queue.Queue(), queue.Queue()))
-        if rank == 1:
-            del _registry[key]
+        # Whichever side comes second takes the pair out of the registry.
+        if key in _registry:
+            pair = _registry.pop(key)
+        else:
+            pair = _registry[key] = (queue.Queue(), queue.Queue())
     inbox, outbox = (pair[0], pair[1]) if rank == 0 else (pair[1], pair[0])
     return MemoryPipe(inbox, outbox)
 

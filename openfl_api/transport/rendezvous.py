@@ -42,7 +42,7 @@ __all__ = ["Peer", "open_store", "Lobby", "join", "token_from", "PROTOCOL"]
 
 PROTOCOL = 1
 MAX_VALUE = 4096
-_POLL = timedelta(seconds=0.5)
+_POLL = timedelta(seconds=0.1)
 _RETRY = timedelta(seconds=3)
 _memory_stores: Dict[str, HashStore] = {}
 _memory_lock = threading.Lock()

@@ -1,0 +1,319 @@
+"""The API in one process over memory:// pipes: versions, discards, payload checks, aggregation."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from datetime import timedelta
+
+import pytest
+import torch
+
+import openfl_api as ofl
+from openfl_api import aggregate
+from openfl_api.payload import MAX_HEADER_BYTES, encode, parse_header
+from openfl_api.state import SharedState
+from openfl_api.transport.base import Kind, Limits, Message
+
+from conftest import WAIT, Federation, Model, fast_api, memory_address, train_loop
+
+
+def upload_constant(value: float, num_samples: int):
+    """A frontend body that downloads once, sets every parameter to ``value`` and uploads it."""
+
+    def body(api, model, opt):
+        assert api.download()
+        with torch.no_grad():
+            model.weight.fill_(value)
+            model.bias.fill_(value)
+        assert api.upload(num_samples=num_samples)
+        api.update_version()
+        assert api.download()
+        return model.weight.detach().clone()
+
+    return body
+
+
+def test_sync_rounds_reach_max_version_and_end_the_loop(federation):
+    federation.backend.set_aggregate_triggers(ofl.AggregateCount(count=2))
+    federation.backend.register_step(ofl.StopAtVersion(max_version=3))
+    federation.connect_backend()
+    seen = {1: [], 2: []}
+    federation.frontend(1, train_loop(seen[1]))
+    federation.frontend(2, train_loop(seen[2]))
+    federation.backend.run()
+    federation.join()
+    assert federation.backend.version == 3
+    assert seen[1] == [0, 1, 2] and seen[2] == [0, 1, 2]
+    assert federation.results == {1: 3, 2: 3}
+
+
+def test_fedavg_of_known_tensors_equals_the_hand_computed_weighted_average(federation):
+    federation.backend.set_aggregate_triggers(ofl.AggregateCount(count=2))
+    federation.connect_backend()
+    federation.frontend(1, upload_constant(1.0, num_samples=1))
+    federation.frontend(2, upload_constant(3.0, num_samples=3))
+    federation.backend.start()
+    federation.join()
+    federation.backend.stop("test over")
+    federation.backend.finish()
+    # (1 * 1.0 + 3 * 3.0) / (1 + 3) = 2.5, by hand.
+    assert torch.equal(federation.model.weight.detach(), torch.full((2, 3), 2.5))
+    assert torch.equal(federation.results[1], torch.full((2, 3), 2.5))
+
+
+def test_a_stale_upload_is_discarded_and_counted(federation):
+    federation.backend.set_aggregate_triggers(ofl.AggregateCount(count=1))
+    federation.connect_backend()
+    federation.backend.start()
+    downloaded = threading.Event()
+    aggregated = threading.Event()
+    replies = {}
+
+    def stale(api, model, opt):
+        assert api.download()  # version 0
+        downloaded.set()
+        assert aggregated.wait(WAIT)
+        assert api.upload()  # still tagged 0, but the global version is 1 now
+        replies["stale"] = api._client.ledger.totals()
+
+    def fresh(api, model, opt):
+        assert downloaded.wait(WAIT)
+        assert api.download()
+        assert api.upload()
+        api.update_version()
+        assert api.download()  # returns once version 1 exists
+        aggregated.set()
+
+    federation.frontend(1, stale)
+    federation.frontend(2, fresh)
+    federation.join()
+    federation.backend.stop("test over")
+    federation.backend.finish()
+    totals = federation.backend._server.ledger.totals()
+    assert totals["Discard"] == 1
+    assert federation.backend._server.ledger.discard_reasons == {"stale": 1}
+    assert replies["stale"]["Discard"] == 1
+    assert federation.backend.version == 1
+
+
+def test_an_upload_from_a_future_version_is_discarded(federation):
+    federation.backend.set_aggregate_triggers(ofl.AggregateCount(count=1))
+    federation.connect_backend()
+    federation.backend.start()
+
+    def future(api, model, opt):
+        assert api.download()
+        api.update_version(5)
+        assert api.upload()
+
+    federation.frontend(1, future)
+    federation.join()
+    federation.backend.stop("test over")
+    federation.backend.finish()
+    assert federation.backend._server.ledger.discard_reasons == {"future": 1}
+    assert federation.backend.version == 0
+
+
+def _bad_payloads():
+    """(name, header bytes, buffer) of uploads that must be rejected; built from a valid one."""
+    model = Model(1.0)
+    state = SharedState(model.state_dict(keep_vars=True),
+                                aggregate.AverageAggregator(model.parameters()), None)
+    header, buffer = encode(state.upload_tensors(), state.upload_schema, kind="update", version=0,
+                            sender="rogue", meta={"num_samples": 1, "metrics": {}})
+    fields = parse_header(header)
+
+    def edited(change):
+        copy = json.loads(json.dumps(fields))
+        change(copy)
+        return json.dumps(copy).encode()
+
+    nan = buffer.clone()
+    nan[:4].view(torch.float32)[0] = float("nan")
+    return [
+        ("wrong shape", edited(lambda h: h["tensors"][0].update(shape=[3, 2])), buffer),
+        ("wrong dtype", edited(lambda h: h["tensors"][0].update(dtype="float64")), buffer),
+        ("wrong size", header, buffer[:-64]),
+        ("nan", header, nan),
+        ("garbage header", b"\x00\xffnot json", buffer),
+        ("bad num_samples", edited(lambda h: h["meta"].update(num_samples=-3)), buffer),
+    ]
+
+
+@pytest.mark.parametrize("name,header,buffer", _bad_payloads(), ids=[c[0] for c in _bad_payloads()])
+def test_a_tampered_payload_is_rejected_and_the_model_is_unchanged(federation, name, header, buffer):
+    federation.backend.set_aggregate_triggers(ofl.AggregateCount(count=1))
+    federation.connect_backend()
+    federation.backend.start()
+    replies = {}
+
+    def rogue(api, model, opt):
+        assert api.download()
+        before = model.weight.detach().clone()
+        client = api._client
+        reply = client._exchange(Message(Kind.UPLOAD, header, buffer),
+                                 Limits(frozenset({Kind.ACK, Kind.END}), MAX_HEADER_BYTES, 0))
+        replies["ack"] = parse_header(reply.header)
+        assert api.download()
+        replies["unchanged"] = torch.equal(model.weight.detach(), before)
+        assert api.upload()  # the federation goes on: a valid upload is accepted
+        replies["after"] = client.ledger.totals()
+
+    federation.frontend(1, rogue)
+    federation.join()
+    federation.backend.stop("test over")
+    federation.backend.finish()
+    assert replies["ack"]["accepted"] is False
+    assert "invalid payload" in replies["ack"]["reason"]
+    assert replies["unchanged"]
+    assert federation.backend._server.ledger.discard_reasons == {"invalid payload": 1}
+    assert federation.backend.version == 1
+
+
+def test_optimizer_state_rides_along_when_the_aggregator_asks_for_it(federation):
+    federation.backend.set_aggregate_triggers(ofl.AggregateCount(count=2))
+    federation.connect_backend(state_keys=("momentum_buffer",))
+
+    def momentum(value):
+        def body(api, model, opt):
+            assert api.download()
+            opt.state[model.weight]["momentum_buffer"] = torch.full((2, 3), value)
+            opt.state[model.bias]["momentum_buffer"] = torch.full((2,), value)
+            assert api.upload(num_samples=1)
+            api.update_version()
+            assert api.download()
+            return opt.state[model.weight]["momentum_buffer"].clone()
+        return body
+
+    federation.frontend(1, momentum(2.0), state_keys=("momentum_buffer",))
+    federation.frontend(2, momentum(4.0), state_keys=("momentum_buffer",))
+    federation.backend.start()
+    federation.join()
+    federation.backend.stop("test over")
+    federation.backend.finish()
+    assert torch.equal(federation.results[1], torch.full((2, 3), 3.0))
+
+
+def test_a_server_optimizer_applies_the_aggregate_as_a_gradient(federation):
+    federation.backend.set_aggregate_triggers(ofl.AggregateCount(count=1))
+    server_sgd = torch.optim.SGD(federation.model.parameters(), lr=0.5)
+    federation.connect_backend(server_optimizer=server_sgd)
+    federation.frontend(1, upload_constant(4.0, num_samples=1))
+    federation.backend.start()
+    federation.join()
+    federation.backend.stop("test over")
+    federation.backend.finish()
+    # global 0 - 0.5 * (0 - 4) = 2
+    assert torch.equal(federation.model.weight.detach(), torch.full((2, 3), 2.0))
+
+
+def test_checkpoints_are_written_per_version_and_load_with_weights_only(federation, tmp_path):
+    federation.backend.set_aggregate_triggers(ofl.AggregateCount(count=1, checkpoint=tmp_path / "ckpt"))
+    federation.connect_backend()
+    federation.frontend(1, upload_constant(2.0, num_samples=1))
+    federation.backend.start()
+    federation.join()
+    federation.backend.stop("test over")
+    federation.backend.finish()
+    saved = torch.load(tmp_path / "ckpt.1", weights_only=True)
+    assert saved["version"] == 1
+    assert torch.equal(saved["state_dict"]["weight"], torch.full((2, 3), 2.0))
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.1"]
+
+
+def test_aggregate_period_aggregates_what_arrived(federation):
+    federation.backend.set_aggregate_triggers(ofl.AggregatePeriod(timedelta(milliseconds=50)))
+    federation.connect_backend()
+    federation.frontend(1, upload_constant(1.0, num_samples=1))
+    federation.backend.start()
+    federation.join()
+    federation.backend.stop("test over")
+    federation.backend.finish()
+    assert federation.backend.version == 1
+
+
+def test_stop_at_loop_ends_an_idle_backend(federation):
+    federation.backend.register_step(ofl.StopAtLoop(max_loop=5))
+    federation.connect_backend()
+    federation.backend.run()
+    assert federation.backend.loop_count == 5
+    assert federation.backend.stop_reason == "loop 5 reached max_loop=5"
+
+
+def test_a_wrong_token_is_refused(federation):
+    federation.connect_backend()
+    federation.backend.start()
+    rogue = fast_api(True, token="not-the-token")
+    with pytest.raises(ofl.AdmissionError, match="wrong token"):
+        rogue.build_connection(address=memory_address(federation.name, 1))
+    federation.backend.stop("test over")
+    federation.backend.finish()
+    assert len(federation.backend._server.ledger.refused) == 1
+
+
+def test_the_backend_returns_false_at_once_and_refuses_frontend_calls(federation):
+    federation.connect_backend()
+    assert federation.backend.download() is False
+    assert federation.backend.upload() is False
+    with pytest.raises(ofl.RoleError, match="frontend method"):
+        federation.backend.update_version()
+    federation.backend.finish()
+
+
+def test_frontend_calls_before_connecting_explain_what_is_missing():
+    api = fast_api(True)
+    with pytest.raises(ofl.RoleError, match="build_connection"):
+        api.download()
+    with pytest.raises(ofl.ConfigurationError, match="num_samples"):
+        api.upload(num_samples=0)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(), "needs address="),
+    (dict(address=ofl.Address(init_method="memory://x", world_size=3, rank=0)), "rank >= 1"),
+])
+def test_build_connection_validates_the_address_for_the_role(kwargs, match):
+    with pytest.raises(ofl.AddressError, match=match):
+        fast_api(True).build_connection(**kwargs)
+
+
+def test_api_arguments_are_validated():
+    with pytest.raises(ofl.ConfigurationError, match="positive datetime.timedelta"):
+        ofl.API(frontend=True, timeout=5)
+    with pytest.raises(ofl.ConfigurationError, match="True, False or None"):
+        ofl.API(frontend=1)
+
+
+def test_run_without_an_aggregator_says_what_to_call(federation):
+    federation.backend.build_connection(address=memory_address(federation.name, 0))
+    federation.backend.set_state_dict(federation.model.state_dict(keep_vars=True))
+    with pytest.raises(ofl.ConfigurationError, match="set_aggregator_and_optimizer"):
+        federation.backend.run()
+    federation.backend.finish()
+
+
+def test_an_address_added_to_a_watched_file_is_served_and_a_removed_one_closed(federation, tmp_path):
+    path = tmp_path / "federation.json"
+    first = ofl.Address(init_method=f"memory://{federation.name}-a", world_size=3, rank=0, group_name="a")
+    second = ofl.Address(init_method=f"memory://{federation.name}-b", world_size=3, rank=0, group_name="b")
+    ofl.dump_address_file(path, [first])
+    federation.backend.build_connection(address_file=path)
+    federation.backend.set_aggregator_and_optimizer(aggregate.AverageAggregator(federation.model.parameters()))
+    federation.backend.set_state_dict(federation.model.state_dict(keep_vars=True))
+    federation.backend.start()
+    ofl.dump_address_file(path, [first, second])
+    late = fast_api(True)
+    late.build_connection(address=second.replace(rank=1))  # admitted only if the backend serves b
+    late.set_state_dict(Model().state_dict(keep_vars=True))
+    assert late.download()
+    ofl.dump_address_file(path, [first])
+    deadline = time.monotonic() + WAIT
+    while second.key in federation.backend._server._lobbies and time.monotonic() < deadline:
+        time.sleep(0.01)  # polling the backend's own state, not waiting for another rank
+    assert late.download() is False  # the backend closed b: the next request gets END
+    assert "removed" in late.stop_reason
+    late.finish()
+    federation.backend.stop("test over")
+    federation.backend.finish()
