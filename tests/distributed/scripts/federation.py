@@ -1,0 +1,125 @@
+"""A configurable federation script for the multi-process tests; run on every rank by the launcher.
+
+Frontends train a 2-parameter model, or (--rogue) send tampered uploads first, or (--die_rank)
+SIGKILL themselves mid-run. The backend can write its final model and ledger to --result.
+"""
+
+import json
+import os
+import signal
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+
+import openfl_api as ofl
+from openfl_api import aggregate
+
+parser = ofl.parser.build_parser()
+parser.add_argument("--count", type=int, default=2)
+parser.add_argument("--max_version", type=int, default=3)
+parser.add_argument("--die_rank", type=int, default=-1)
+parser.add_argument("--rogue", action="store_true")
+parser.add_argument("--constant", type=float, default=None)
+parser.add_argument("--result", default=None)
+parser.add_argument("--wait_for", default=None)
+args = parser.parse_args()
+ofl.logger.log_level("DEBUG" if args.rogue else "INFO")
+
+api = ofl.API(frontend=args.rank > 0, timeout=timedelta(seconds=60), connect_timeout=timedelta(seconds=60),
+              transfer_timeout=timedelta(seconds=30), drain=timedelta(seconds=5))
+api.set_aggregate_triggers(ofl.AggregateCount(count=args.count))
+api.register_step(ofl.StopAtVersion(max_version=args.max_version))
+if args.address_file and args.rank == 0:
+    api.build_connection(address_file=args.address_file)
+else:
+    api.build_connection(address=ofl.Address(args=args))
+
+torch.manual_seed(0)
+net = torch.nn.Linear(3, 1)
+optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+api.set_aggregator_and_optimizer(aggregate.AverageAggregator(net.parameters()), optimizer)
+api.set_state_dict(net.state_dict(keep_vars=True))
+
+
+def wait_for_file(path):
+    deadline = time.monotonic() + 60
+    while not Path(path).exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} did not appear within 60 s")
+        time.sleep(0.05)
+
+
+def send_tampered(api):
+    """Send bad uploads through the real pipe; check each is refused and the model is unchanged."""
+    from openfl_api.payload import MAX_HEADER_BYTES, encode, parse_header
+    from openfl_api.transport.base import Kind, Limits, Message
+
+    state = api._shared_state()
+    assert api.download()
+    before = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    header, buffer = encode(state.upload_tensors(), state.upload_schema, kind="update", version=0,
+                            sender="rogue", meta={"num_samples": 1, "metrics": {}})
+    fields = parse_header(header)
+
+    def edited(**change):
+        copy = json.loads(json.dumps(fields))
+        copy["tensors"][0].update(change)
+        return json.dumps(copy).encode()
+
+    nan = buffer.clone()
+    nan[:4].view(torch.float32)[0] = float("nan")
+    cases = {
+        "shape": (edited(shape=[3, 1]), buffer),
+        "dtype": (edited(dtype="float16"), buffer),
+        "size": (header, buffer[:-64]),
+        "nan": (header, nan),
+        "garbage": (b"{\"format\": 1, \"kind\": ", buffer),
+    }
+    outcome = {}
+    for name, (bad_header, bad_buffer) in cases.items():
+        reply = api._client._exchange(Message(Kind.UPLOAD, bad_header, bad_buffer),
+                                      Limits(frozenset({Kind.ACK, Kind.END}), MAX_HEADER_BYTES, 0))
+        ack = parse_header(reply.header)
+        assert api.download()
+        unchanged = all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+        outcome[name] = {"accepted": ack["accepted"], "reason": ack["reason"], "unchanged": unchanged}
+    return outcome
+
+
+with api:
+    api.run()
+    rounds = 0
+    report = {}
+    if args.rogue and args.rank > 0:
+        report = send_tampered(api)
+    if args.wait_for and args.rank > 0 and args.rank != args.die_rank:
+        wait_for_file(args.wait_for)
+    while api.download():
+        if args.constant is not None:
+            with torch.no_grad():
+                for p in net.parameters():
+                    p.fill_(args.constant)
+        else:
+            optimizer.zero_grad()
+            net(torch.randn(16, 3)).pow(2).mean().backward()
+            optimizer.step()
+        if not api.upload(num_samples=16):
+            break
+        rounds += 1
+        if args.rank == args.die_rank and rounds == 1:
+            if args.wait_for:
+                Path(args.wait_for).touch()
+            os.kill(os.getpid(), signal.SIGKILL)
+        api.update_version()
+api.finish()
+
+if args.result:
+    if args.rank == 0:
+        result = {"version": api.version, "weight": net.weight.detach().tolist(),
+                  "bias": net.bias.detach().tolist(), "totals": api._server.ledger.totals(),
+                  "reasons": dict(api._server.ledger.discard_reasons)}
+    else:
+        result = {"rounds": rounds, "tampered": report}
+    Path(f"{args.result}.{args.rank}").write_text(json.dumps(result))
