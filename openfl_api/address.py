@@ -209,7 +209,7 @@ def _parse_file(text: str, path: str) -> List[Address]:
             f"address file {path}: must be a JSON object with exactly the keys 'schema' and 'addresses', "
             f"got {sorted(document) if isinstance(document, dict) else type(document).__name__}"
         )
-    if document["schema"] != SCHEMA_VERSION:
+    if type(document["schema"]) is not int or document["schema"] != SCHEMA_VERSION:
         raise AddressError(f"address file {path}: schema {document['schema']!r} is not supported; use {SCHEMA_VERSION}")
     entries = document["addresses"]
     if not isinstance(entries, list):

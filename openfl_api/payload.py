@@ -180,6 +180,10 @@ def encode(
     """
     if kind not in KINDS:
         raise ConfigurationError(f"kind must be one of {KINDS}, got {kind!r}")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+        raise ConfigurationError(f"version must be an integer >= 0, got {version!r}")
+    if not isinstance(sender, str):
+        raise ConfigurationError(f"sender must be a str, got {type(sender).__name__}")
     if out is None:
         buffer = torch.zeros(schema.nbytes, dtype=torch.uint8)
     else:
@@ -280,7 +284,7 @@ def _expect_field(fields: Mapping[str, Any], key: str, kind: type) -> Any:
 
 def _check_entries(entries: List[Any], buffer: torch.Tensor, schema: Schema) -> Dict[str, torch.Tensor]:
     if len(entries) != len(schema):
-        names = {e.get("name") for e in entries if isinstance(e, dict)}
+        names = {e["name"] for e in entries if isinstance(e, dict) and isinstance(e.get("name"), str)}
         missing = sorted(set(schema.by_name) - names)[:5]
         extra = sorted(str(n) for n in names - set(schema.by_name))[:5]
         raise PayloadError(
@@ -354,7 +358,11 @@ def validate_meta(meta: Mapping[str, Any]) -> Dict[str, Any]:
     for key, value in metrics.items():
         if len(key) > MAX_NAME_CHARS or not key.isprintable():
             raise PayloadError(f"metric name {key[:40]!r} must be printable and at most {MAX_NAME_CHARS} characters")
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-            raise PayloadError(f"metric {key!r} must be a finite number, got {value!r}"[:200])
-        clean[key] = float(value)
+        try:
+            number = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+        except OverflowError:
+            number = math.inf
+        if not math.isfinite(number):
+            raise PayloadError(f"metric {key!r} must be a finite number, got {str(value)[:40]}")
+        clean[key] = number
     return {"num_samples": num_samples, "metrics": clean}

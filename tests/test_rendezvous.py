@@ -1,0 +1,324 @@
+"""Tests of openfl_api.transport.rendezvous over memory:// addresses: admission, refusals, pipes.
+
+Everything runs in this process: the Lobby's threads play the backend, the test thread (or a thread
+of its own) the frontend. Every wait is bounded by TIMEOUT.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import uuid
+from datetime import timedelta
+from typing import Any, Callable, Iterator, List, Optional, Tuple
+
+import pytest
+import torch
+
+from openfl_api.address import Address
+from openfl_api.errors import AdmissionError, TransportError
+from openfl_api.transport import rendezvous
+from openfl_api.transport.base import REPLIES, REQUESTS, Kind, Limits, Message, Pipe
+from openfl_api.transport.rendezvous import Lobby, Peer, join, open_store, token_from
+
+TIMEOUT = timedelta(seconds=5)
+WAIT = TIMEOUT.total_seconds()
+TOKEN = b"shared-secret"
+GROUP = "site"
+
+
+def alloc(size: int) -> torch.Tensor:
+    return torch.empty(size, dtype=torch.uint8)
+
+
+class Backend:
+    """A Lobby on a fresh memory:// address that queues what it admits and refuses."""
+
+    def __init__(self, name: str, world_size: int = 3, token: bytes = TOKEN) -> None:
+        self.address = Address(init_method=f"memory://{name}", world_size=world_size, rank=0, group_name=GROUP)
+        self.admitted: "queue.Queue[Tuple[Pipe, Peer]]" = queue.Queue()
+        self.refused: "queue.Queue[Tuple[Optional[int], str]]" = queue.Queue()
+        self.lobby = Lobby(
+            self.address,
+            open_store(self.address, backend=True, timeout=TIMEOUT),
+            token,
+            TIMEOUT,
+            on_admit=lambda pipe, peer: self.admitted.put((pipe, peer)),
+            on_refuse=lambda rank, reason: self.refused.put((rank, reason)),
+            nick_name="the-backend",
+        )
+
+    def next_admitted(self) -> Tuple[Pipe, Peer]:
+        try:
+            return self.admitted.get(timeout=WAIT)
+        except queue.Empty:
+            pytest.fail(f"the backend admitted nobody within {WAIT} s")
+
+    def next_refused(self) -> Tuple[Optional[int], str]:
+        try:
+            return self.refused.get(timeout=WAIT)
+        except queue.Empty:
+            pytest.fail(f"the backend refused nobody within {WAIT} s")
+
+
+class Harness:
+    """A unique memory:// name per test, and the lobbies and pipes to close after it."""
+
+    def __init__(self) -> None:
+        self.name = f"rdv-{uuid.uuid4().hex[:12]}"
+        self.backends: List[Backend] = []
+        self.pipes: List[Pipe] = []
+
+    def backend(self, **kwargs: Any) -> Backend:
+        backend = Backend(self.name, **kwargs)
+        self.backends.append(backend)
+        return backend
+
+    def frontend_address(self, rank: int, world_size: int = 3) -> Address:
+        return Address(init_method=f"memory://{self.name}", world_size=world_size, rank=rank, group_name=GROUP)
+
+    def join(self, rank: int, token: bytes = TOKEN, world_size: int = 3, store: Any = None) -> Tuple[Pipe, str, Callable[[], bool]]:
+        address = self.frontend_address(rank, world_size)
+        store = store if store is not None else open_store(address, backend=False, timeout=TIMEOUT)
+        pipe, backend_name, ended = join(address, store, token, f"client-{rank}", TIMEOUT)
+        self.pipes.append(pipe)
+        return pipe, backend_name, ended
+
+    def close(self) -> None:
+        for pipe in self.pipes:
+            pipe.close()
+        for backend in self.backends:
+            backend.lobby.close()
+            while not backend.admitted.empty():
+                backend.admitted.get_nowait()[0].close()
+
+
+@pytest.fixture
+def harness() -> Iterator[Harness]:
+    h = Harness()
+    yield h
+    h.close()
+
+
+# --- admission ---------------------------------------------------------------------------------
+
+
+def test_a_frontend_with_the_right_token_is_admitted(harness: Harness) -> None:
+    backend = harness.backend()
+    harness.join(rank=2)
+    _, peer = backend.next_admitted()
+    assert (peer.rank, peer.nick_name, peer.address, peer.join) == (2, "client-2", backend.address, 1)
+
+
+def test_the_frontend_learns_the_backend_nick_name(harness: Harness) -> None:
+    harness.backend()
+    _, backend_name, _ = harness.join(rank=1)
+    assert backend_name == "the-backend"
+
+
+def test_ended_tells_when_the_backend_recorded_the_end(harness: Harness) -> None:
+    backend = harness.backend()
+    _, _, ended = harness.join(rank=1)
+    before = ended()
+    backend.lobby.end("all versions done")
+    assert (before, ended()) == (False, True)
+
+
+def test_a_request_travels_from_frontend_to_backend(harness: Harness) -> None:
+    backend = harness.backend()
+    frontend_pipe, _, _ = harness.join(rank=1)
+    backend_pipe, _ = backend.next_admitted()
+    payload = torch.arange(100, dtype=torch.uint8)
+    frontend_pipe.send(Message(Kind.UPLOAD, b'{"version": 0}', payload), TIMEOUT)
+    received = backend_pipe.recv(Limits(REQUESTS, max_header=64, max_payload=100), TIMEOUT, TIMEOUT, alloc)
+    assert (received.kind, received.header, received.payload.tolist()) == (Kind.UPLOAD, b'{"version": 0}', payload.tolist())
+
+
+def test_a_reply_travels_from_backend_to_frontend(harness: Harness) -> None:
+    backend = harness.backend()
+    frontend_pipe, _, _ = harness.join(rank=1)
+    backend_pipe, _ = backend.next_admitted()
+    frontend_pipe.send(Message(Kind.DOWNLOAD, b'{"version": 1}'), TIMEOUT)
+    backend_pipe.recv(Limits(REQUESTS, 64, 0), TIMEOUT, TIMEOUT, alloc)
+    backend_pipe.send(Message(Kind.MODEL, b'{"version": 1}', torch.full((64,), 7, dtype=torch.uint8)), TIMEOUT)
+    reply = frontend_pipe.recv(Limits(REPLIES, 64, 64), TIMEOUT, TIMEOUT, alloc)
+    assert (reply.kind, reply.header, reply.payload.tolist()) == (Kind.MODEL, b'{"version": 1}', [7] * 64)
+
+
+def test_the_pipe_works_when_the_frontend_opens_its_side_first(harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The backend writes the verdict before it opens its side of the pipe, so a quick frontend may
+    # open first; the two sides must still be connected.
+    real_open_pipe = rendezvous._open_pipe
+    frontend_opened = threading.Event()
+
+    def frontend_first(address: Address, store: Any, prefix: str, rank: int, timeout: timedelta) -> Pipe:
+        if rank == 0:
+            frontend_opened.wait(WAIT)
+            return real_open_pipe(address, store, prefix, rank, timeout)
+        pipe = real_open_pipe(address, store, prefix, rank, timeout)
+        frontend_opened.set()
+        return pipe
+
+    monkeypatch.setattr(rendezvous, "_open_pipe", frontend_first)
+    backend = harness.backend()
+    frontend_pipe, _, _ = harness.join(rank=1)
+    backend_pipe, _ = backend.next_admitted()
+    frontend_pipe.send(Message(Kind.BYE), TIMEOUT)
+    received = backend_pipe.recv(Limits(REQUESTS, 0, 0), timedelta(seconds=1), timedelta(seconds=1), alloc)
+    assert received.kind == Kind.BYE
+
+
+def test_two_frontends_are_admitted_with_their_own_pipes(harness: Harness) -> None:
+    backend = harness.backend()
+    pipes = {rank: harness.join(rank=rank)[0] for rank in (1, 2)}
+    backend_pipes = dict((peer.rank, pipe) for pipe, peer in (backend.next_admitted(), backend.next_admitted()))
+    for rank in (1, 2):
+        pipes[rank].send(Message(Kind.UPLOAD, f'"from {rank}"'.encode()), TIMEOUT)
+    headers = {rank: backend_pipes[rank].recv(Limits(REQUESTS, 64, 0), TIMEOUT, TIMEOUT, alloc).header for rank in (1, 2)}
+    assert headers == {1: b'"from 1"', 2: b'"from 2"'}
+
+
+# --- refusals ----------------------------------------------------------------------------------
+
+
+def test_a_wrong_token_is_refused_at_the_frontend(harness: Harness) -> None:
+    harness.backend()
+    with pytest.raises(AdmissionError, match="wrong token"):
+        harness.join(rank=1, token=b"not-the-secret")
+
+
+def test_a_wrong_token_is_reported_to_on_refuse(harness: Harness) -> None:
+    backend = harness.backend()
+    with pytest.raises(AdmissionError):
+        harness.join(rank=1, token=b"not-the-secret")
+    rank, reason = backend.next_refused()
+    assert rank == 1 and "wrong token" in reason
+
+
+def test_a_wrong_token_is_not_admitted(harness: Harness) -> None:
+    backend = harness.backend()
+    with pytest.raises(AdmissionError):
+        harness.join(rank=1, token=b"not-the-secret")
+    backend.next_refused()  # the handshake is over: it refused, so it must not also admit
+    assert backend.admitted.empty()
+
+
+def test_a_second_frontend_on_a_connected_rank_is_refused(harness: Harness) -> None:
+    backend = harness.backend()
+    harness.join(rank=1)
+    backend.next_admitted()
+    with pytest.raises(AdmissionError, match="rank 1 is already connected"):
+        harness.join(rank=1)
+
+
+def test_a_duplicate_rank_is_reported_to_on_refuse(harness: Harness) -> None:
+    backend = harness.backend()
+    harness.join(rank=1)
+    with pytest.raises(AdmissionError):
+        harness.join(rank=1)
+    rank, reason = backend.next_refused()
+    assert rank == 1 and "already connected" in reason
+
+
+def test_a_rank_beyond_the_backend_world_size_is_refused(harness: Harness) -> None:
+    harness.backend(world_size=3)
+    with pytest.raises(AdmissionError, match=r"frontend rank must be in \[1, 3\)"):
+        harness.join(rank=3, world_size=4)  # the frontend believes in a larger federation
+
+
+def test_a_rank_beyond_the_world_size_is_reported_without_a_rank(harness: Harness) -> None:
+    backend = harness.backend(world_size=3)
+    with pytest.raises(AdmissionError):
+        harness.join(rank=5, world_size=8)
+    rank, reason = backend.next_refused()
+    assert rank is None and "frontend rank must be in [1, 3)" in reason
+
+
+def test_rank_zero_cannot_join_as_a_frontend(harness: Harness) -> None:
+    harness.backend()
+    with pytest.raises(AdmissionError, match=r"frontend rank must be in \[1, 3\) on memory://\S+, got 0"):
+        harness.join(rank=0)
+
+
+def test_after_release_the_rank_can_join_again(harness: Harness) -> None:
+    backend = harness.backend()
+    harness.join(rank=1)
+    backend.next_admitted()
+    backend.lobby.release(1)
+    harness.join(rank=1)
+    _, peer = backend.next_admitted()
+    assert (peer.rank, peer.join) == (1, 2)
+
+
+def test_a_refused_rank_stays_free(harness: Harness) -> None:
+    backend = harness.backend()
+    with pytest.raises(AdmissionError):
+        harness.join(rank=1, token=b"not-the-secret")
+    harness.join(rank=1)
+    _, peer = backend.next_admitted()
+    assert peer.rank == 1
+
+
+# --- timing ------------------------------------------------------------------------------------
+
+
+class WatchedStore:
+    """Passes every call to a store; sets ``looked_for_session`` when ``session`` was checked and absent."""
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+        self.looked_for_session = threading.Event()
+
+    def check(self, keys: List[str]) -> bool:
+        found = self._store.check(keys)
+        if keys == ["session"] and not found:
+            self.looked_for_session.set()
+        return found
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+
+def test_a_frontend_that_joins_before_the_backend_waits_and_is_admitted(harness: Harness) -> None:
+    store = WatchedStore(open_store(harness.frontend_address(1), backend=False, timeout=TIMEOUT))
+    outcome: "queue.Queue[object]" = queue.Queue()
+
+    def frontend() -> None:
+        try:
+            outcome.put(harness.join(rank=1, store=store))
+        except BaseException as exc:  # handed to the test thread
+            outcome.put(exc)
+
+    thread = threading.Thread(target=frontend, name="early-frontend", daemon=True)
+    thread.start()
+    assert store.looked_for_session.wait(WAIT), "the frontend never looked for a backend"
+    backend = harness.backend()
+    result = outcome.get(timeout=WAIT)
+    thread.join(WAIT)
+    assert not isinstance(result, BaseException), result
+    assert backend.next_admitted()[1].rank == 1
+
+
+def test_no_backend_is_a_transport_error(harness: Harness) -> None:
+    address = harness.frontend_address(1)
+    store = open_store(address, backend=False, timeout=TIMEOUT)
+    with pytest.raises(TransportError, match="no backend at memory://rdv-"):
+        join(address, store, TOKEN, "client-1", timedelta(milliseconds=100))
+
+
+# --- token_from --------------------------------------------------------------------------------
+
+
+def test_token_from_prefers_the_argument(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPENFL_API_TOKEN", "from-env")
+    assert token_from("given") == b"given"
+
+
+def test_token_from_falls_back_to_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPENFL_API_TOKEN", "from-env")
+    assert token_from(None) == b"from-env"
+
+
+def test_token_from_defaults_to_empty(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OPENFL_API_TOKEN", raising=False)
+    assert token_from(None) == b""
