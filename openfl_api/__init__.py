@@ -2,11 +2,16 @@
 
 Rank 0 becomes the backend (aggregator), every other rank a frontend (client); they exchange
 versioned state_dicts through torch.distributed pipes. See ``docs/`` and ``demo.py``.
+
+Public names are imported on first use, so ``python -m openfl_api.launch`` starts without
+importing torch.
 """
 
-from openfl_api import aggregate, logger, parser, utils
-from openfl_api.address import Address, AddressFileWatcher, dump_address_file, load_address_file
-from openfl_api.api import API
+from __future__ import annotations
+
+import importlib
+from typing import Any, List
+
 from openfl_api.errors import (
     AddressError,
     AdmissionError,
@@ -17,33 +22,28 @@ from openfl_api.errors import (
     StepError,
     TransportError,
 )
-from openfl_api.step import (
-    AggregateCount,
-    AggregatePeriod,
-    Event,
-    Step,
-    StepAt,
-    StopAtLoop,
-    StopAtVersion,
-    Transfer,
-)
 
 __version__ = "0.1.0"
 
+_LAZY = {
+    "API": "openfl_api.api",
+    "Address": "openfl_api.address",
+    "AddressFileWatcher": "openfl_api.address",
+    "load_address_file": "openfl_api.address",
+    "dump_address_file": "openfl_api.address",
+    "Step": "openfl_api.step",
+    "StepAt": "openfl_api.step",
+    "Event": "openfl_api.step",
+    "Transfer": "openfl_api.step",
+    "AggregateCount": "openfl_api.step",
+    "AggregatePeriod": "openfl_api.step",
+    "StopAtVersion": "openfl_api.step",
+    "StopAtLoop": "openfl_api.step",
+}
+_SUBMODULES = ("aggregate", "logger", "parser", "utils")
+
 __all__ = [
-    "API",
-    "Address",
-    "AddressFileWatcher",
-    "load_address_file",
-    "dump_address_file",
-    "Step",
-    "StepAt",
-    "Event",
-    "Transfer",
-    "AggregateCount",
-    "AggregatePeriod",
-    "StopAtVersion",
-    "StopAtLoop",
+    *_LAZY,
     "OpenFLError",
     "ConfigurationError",
     "AddressError",
@@ -52,9 +52,21 @@ __all__ = [
     "AdmissionError",
     "TransportError",
     "StepError",
-    "aggregate",
-    "logger",
-    "parser",
-    "utils",
+    *_SUBMODULES,
     "__version__",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f"openfl_api.{name}")
+    else:
+        raise AttributeError(f"module 'openfl_api' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> List[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -28,7 +28,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 import torch
 from torch.utils.hooks import RemovableHandle
 
-from openfl_api.address import Address, load_address_file
+from openfl_api.address import Address, _env_int, load_address_file
 from openfl_api.backend import Server, Timeouts
 from openfl_api.errors import AddressError, ConfigurationError, RoleError, StepError
 from openfl_api.frontend import Client, check_upload_meta
@@ -38,6 +38,10 @@ from openfl_api.step import BACKEND, FRONTEND, Event, Step
 from openfl_api.transport.rendezvous import Peer, token_from
 
 __all__ = ["API"]
+
+
+def _env_rank() -> int:
+    return _env_int("RANK", 0)
 
 
 class API:
@@ -192,6 +196,8 @@ class API:
                 continue
             try:
                 handler(self, *args)
+            except StepError:
+                raise  # a nested step (fired by api.aggregate() inside this one) already named itself
             except Exception as exc:
                 self.stop(f"step {step.name} raised at {event.value}")
                 raise StepError(step.name, event.value, f"{type(exc).__name__}: {exc}") from exc
@@ -216,7 +222,7 @@ class API:
         addresses = [address] if isinstance(address, Address) else list(address or [])
         if any(not isinstance(a, Address) for a in addresses):
             raise AddressError(f"address must be an Address or a list of them, got {address!r}")
-        rank = addresses[0].rank if addresses else Address().rank
+        rank = addresses[0].rank if addresses else _env_rank()
         if self._frontend is None:
             self._frontend = rank > 0
         self._rank = rank if self._frontend else 0
@@ -237,7 +243,7 @@ class API:
                     "give each frontend a file with its backend's entry"
                 )
             entry = entries[0]
-            rank = entry.rank if entry.rank > 0 else Address().rank
+            rank = entry.rank if entry.rank > 0 else _env_rank()
             addresses = [entry.replace(rank=rank)]
             self._rank = rank
             self.log = bind(self.role, rank)

@@ -127,6 +127,10 @@ class _Worker:
         timeouts = self.server.timeouts
         reason = "closed"
         try:
+            # The request limits (largest upload) are known once the backend has its state_dict.
+            while not self.server.prepared.wait(timeouts.tick.total_seconds()):
+                if self.server.ended or self.closing:
+                    return
             while True:
                 message = self.pipe.recv(self.server.request_limits, timeouts.idle, timeouts.transfer, self._alloc)
                 if message.kind is Kind.BYE:
@@ -175,6 +179,7 @@ class Server:
         self.server_optimizer: Optional[torch.optim.Optimizer] = None
         self.optim_state: Dict[str, torch.Tensor] = {}
         self.request_limits = Limits(REQUESTS, MAX_HEADER_BYTES, 0)
+        self.prepared = threading.Event()
         self._events: "queue.Queue[Any]" = queue.Queue()
         self._lock = threading.Lock()
         self._lobbies: Dict[Tuple[str, str], Lobby] = {}
@@ -244,6 +249,7 @@ class Server:
         self.optim_state = state.initial_optim_state()
         self.request_limits = Limits(REQUESTS, MAX_HEADER_BYTES, state.upload_schema.nbytes)
         self._cache = None
+        self.prepared.set()
 
     def _encoded(self) -> Tuple[bytes, torch.Tensor]:
         if self._cache is None or self._cache[0] != self.version:

@@ -409,7 +409,6 @@ class _Rank:
     """One started rank: its process and what the launcher did to it."""
 
     rank: int
-    local_rank: int
     process: subprocess.Popen[bytes]
     tee: Optional[threading.Thread] = None
     stopped_by_launcher: bool = False
@@ -477,7 +476,7 @@ class _Supervisor:
             command = [sys.executable, "-u", config.script, *config.script_args]
 
         if config.logdir is None:
-            return _Rank(rank, local_rank, subprocess.Popen(command, env=env, start_new_session=True))
+            return _Rank(rank, subprocess.Popen(command, env=env, start_new_session=True))
         log = (config.logdir / f"rank_{rank}.log").open("wb")
         tee_to_console = rank == 0 and config.server_output
         try:
@@ -493,11 +492,11 @@ class _Supervisor:
             raise
         if not tee_to_console:
             log.close()
-            return _Rank(rank, local_rank, process)
+            return _Rank(rank, process)
         assert process.stdout is not None  # stdout=PIPE above
         tee = threading.Thread(target=_tee, args=(process.stdout, log), name="rank-0-output", daemon=True)
         tee.start()
-        return _Rank(rank, local_rank, process, tee=tee)
+        return _Rank(rank, process, tee=tee)
 
     def supervise(self) -> None:
         """Return once every local rank has exited, walking the shutdown steps on the way."""

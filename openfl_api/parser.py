@@ -2,7 +2,8 @@
 
 ``openfl_api.parser.parse_args()`` reads ``--rank``, ``--world_size``, ``--init_method``, ... and
 falls back to the variables the launcher sets (``RANK``, ``WORLD_SIZE``, ``OPENFL_INIT_METHOD``,
-``MASTER_ADDR``/``MASTER_PORT``, ``OPENFL_API_TOKEN``). Scripts with arguments of their own extend
+``MASTER_ADDR``/``MASTER_PORT``). The admission token is not an option, so it never shows in a
+process list: pass ``API(token=...)`` or set ``OPENFL_API_TOKEN`` (the launcher sets one per run). Scripts with arguments of their own extend
 the parser::
 
     parser = ofl.parser.build_parser()
@@ -57,8 +58,6 @@ def build_parser(environ: Optional[Mapping[str, str]] = None) -> argparse.Argume
                         help="rank on this node (env LOCAL_RANK)")
     parser.add_argument("--group_name", "--group-name", default=env.get("OPENFL_GROUP_NAME", "openfl_api"),
                         help="name of the federation on this address (env OPENFL_GROUP_NAME)")
-    parser.add_argument("--token", default=None,
-                        help="shared admission token (env OPENFL_API_TOKEN; the launcher sets one)")
     parser.add_argument("--address_file", "--address-file", default=None,
                         help="JSON address file to serve (backend) or join (frontend)")
     return parser

@@ -97,6 +97,7 @@ def federation() -> Federation:
     fed = Federation()
     yield fed
     fed.backend.stop("test over")
+    fed.backend.finish()
 
 
 def train_loop(rounds_seen: List[int]) -> Callable:

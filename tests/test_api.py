@@ -317,3 +317,98 @@ def test_an_address_added_to_a_watched_file_is_served_and_a_removed_one_closed(f
     late.finish()
     federation.backend.stop("test over")
     federation.backend.finish()
+
+
+class Boom(ofl.Step):
+    roles = frozenset({"backend"})
+
+    def after_aggregate(self, api):
+        raise ValueError("boom")
+
+
+def test_a_raising_step_stops_the_loop_and_is_named_even_when_fired_by_another_step(federation):
+    federation.backend.set_aggregate_triggers(ofl.AggregateCount(count=1))
+    federation.backend.register_step(Boom())
+    federation.connect_backend()
+    ended = {}
+
+    def body(api, model, opt):
+        assert api.download()
+        assert api.upload()
+        api.update_version()
+        ended["download"] = api.download()
+
+    federation.frontend(1, body)
+    with pytest.raises(ofl.StepError, match="step 'Boom' raised at after_aggregate: ValueError: boom") as info:
+        federation.backend.run()
+    assert isinstance(info.value.__cause__, ValueError)
+    federation.join()
+    assert ended["download"] is False
+    federation.backend.finish()
+
+
+def test_a_frontend_admitted_before_run_can_upload_first(federation):
+    federation.backend.set_aggregate_triggers(ofl.AggregateCount(count=1))
+    federation.backend.register_step(ofl.StopAtVersion(max_version=1))
+    federation.connect_backend()
+    joined = threading.Event()
+
+    def upload_first(api, model, opt):
+        joined.set()
+        return api.upload()
+
+    federation.frontend(1, upload_first)
+    assert joined.wait(WAIT)
+    federation.backend.run()
+    federation.join()
+    assert federation.results[1] is True
+    assert federation.backend.version == 1
+
+
+class Recorder(ofl.Step):
+    def __init__(self, name, calls):
+        self.label, self.calls = name, calls
+
+    def on_join(self, api, peer):
+        self.calls.append((self.label, "on_join"))
+
+    def before_download(self, api, transfer):
+        self.calls.append((self.label, "before_download"))
+
+    def after_download(self, api, transfer):
+        self.calls.append((self.label, "after_download"))
+
+    def before_upload(self, api, transfer):
+        self.calls.append((self.label, "before_upload"))
+
+    def after_upload(self, api, transfer):
+        self.calls.append((self.label, f"after_upload accepted={transfer.accepted}"))
+
+    def after_aggregate(self, api):
+        self.calls.append((self.label, f"after_aggregate v{api.version}"))
+
+
+def test_custom_steps_fire_in_attach_order_at_each_event(federation):
+    calls = []
+    with ofl.StepAt(federation.backend):
+        Recorder("first", calls)
+        ofl.AggregateCount(count=1)
+        Recorder("second", calls)
+    federation.connect_backend()
+    federation.frontend(1, upload_constant(1.0, num_samples=1))
+    federation.backend.start()
+    federation.join()
+    federation.backend.stop("test over")
+    federation.backend.finish()
+    assert calls == [
+        ("first", "on_join"), ("second", "on_join"),
+        ("first", "before_download"), ("second", "before_download"),
+        ("first", "after_download"), ("second", "after_download"),
+        ("first", "before_upload"), ("second", "before_upload"),
+        ("first", "after_upload accepted=True"),
+        # AggregateCount, attached between the recorders, aggregates here:
+        ("first", "after_aggregate v1"), ("second", "after_aggregate v1"),
+        ("second", "after_upload accepted=True"),
+        ("first", "before_download"), ("second", "before_download"),
+        ("first", "after_download"), ("second", "after_download"),
+    ]

@@ -27,7 +27,7 @@ def test_defaults_from_an_empty_environment() -> None:
         "rank": 0,
         "local_rank": 0,
         "group_name": "openfl_api",
-        "token": None,
+        
         "address_file": None,
     }
 
@@ -80,9 +80,9 @@ def test_both_spellings_of_an_option(separator: str, option: str, value: str, fi
     assert getattr(args, field) == expected
 
 
-def test_token_and_backend_options() -> None:
-    args = build_parser(environ={}).parse_args(["--token", "s3cret", "--backend", "gloo"])
-    assert (args.token, args.backend) == ("s3cret", "gloo")
+def test_the_token_is_not_an_option_so_it_never_shows_in_a_process_list() -> None:
+    with pytest.raises(SystemExit):
+        build_parser(environ={}).parse_args(["--token", "s3cret"])
 
 
 @pytest.mark.parametrize("argv", [["--rank", "one"], ["--world_size", "2.5"]])

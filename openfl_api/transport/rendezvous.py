@@ -17,8 +17,10 @@ Nothing read from the store is unpickled; every value is size-limited JSON.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import hmac
+import weakref
 import json
 import os
 import secrets
@@ -45,6 +47,15 @@ MAX_VALUE = 4096
 _POLL = timedelta(seconds=0.1)
 _RETRY = timedelta(seconds=3)
 _memory_stores: Dict[str, HashStore] = {}
+_live_lobbies: "weakref.WeakSet[Lobby]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_lobbies() -> None:
+    # A lobby thread still polling its store while the interpreter tears torch down can abort the
+    # process; an API that was never finished must not make the program's exit fail.
+    for lobby in list(_live_lobbies):
+        lobby.close()
 _memory_lock = threading.Lock()
 
 
@@ -175,6 +186,7 @@ class Lobby:
         self.store.set("session", self.session)
         self._thread = threading.Thread(target=self._run, name=f"openfl-lobby-{address.group_name}", daemon=True)
         self._thread.start()
+        _live_lobbies.add(self)
 
     def release(self, rank: int) -> None:
         """Free ``rank`` so a restarted frontend can join with it."""

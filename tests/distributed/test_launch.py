@@ -1,0 +1,428 @@
+"""``python -m openfl_api.launch`` as users run it: real processes running tiny throwaway scripts.
+
+Every script gets the test's ``tmp_path`` as its first argument and reports through files there,
+written atomically (write, then rename). Tests wait on those files with a deadline, never a bare
+sleep, and every launcher and rank is reaped in a ``finally``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from textwrap import dedent
+from typing import Callable, Iterator, Mapping, Optional
+
+import pytest
+
+from openfl_api import launch
+
+REPO = Path(__file__).resolve().parents[2]
+TIMEOUT_S = 60.0  # generous: the launcher imports the whole package, torch included
+TOKEN = "0123456789abcdef0123456789abcdef"
+
+PRELUDE = '''\
+import json, os, pathlib, signal, sys, time
+OUT = pathlib.Path(sys.argv[1])
+RANK = int(os.environ["RANK"])
+
+def publish(name, text):
+    tmp = OUT / f".{name}.tmp"
+    tmp.write_text(text)
+    tmp.rename(OUT / name)
+
+def publish_pid():
+    publish(f"pid_{RANK}", str(os.getpid()))
+
+def wait_until(predicate, seconds=15):
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        if time.monotonic() > deadline:
+            sys.exit(9)
+        time.sleep(0.02)
+
+def reaped(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+'''
+
+DUMP_ENV = """
+names = ["RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+         "OPENFL_API_TOKEN", "OPENFL_INIT_METHOD"]
+publish(f"env_{RANK}.json", json.dumps({name: os.environ.get(name) for name in names}))
+"""
+
+SLEEP = """
+publish_pid()
+time.sleep(60)
+"""
+
+
+def _script(tmp_path: Path, *parts: str) -> Path:
+    path = tmp_path / "rank.py"
+    path.write_text(PRELUDE + "".join(dedent(part) for part in parts))
+    return path
+
+
+def _env(extra: Optional[Mapping[str, str]] = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENFL_API_TOKEN", "OPENFL_INIT_METHOD")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env.update(extra or {})
+    return env
+
+
+def _pids(tmp_path: Path) -> list[int]:
+    return [int(path.read_text()) for path in tmp_path.glob("pid_*")]
+
+
+def _alive(pid: int) -> bool:
+    """True until ``pid`` has exited and been reaped."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _wait_for(predicate: Callable[[], bool], what: str, timeout: float = TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+
+
+def _reap(launcher: subprocess.Popen[str], tmp_path: Path) -> None:
+    """Stop the launcher (which forwards to its ranks), then kill whatever is left."""
+    if launcher.poll() is None:
+        os.killpg(launcher.pid, signal.SIGTERM)
+        try:
+            launcher.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            os.killpg(launcher.pid, signal.SIGKILL)
+            launcher.wait(timeout=5)
+    for pid in _pids(tmp_path):  # ranks lead process groups of their own
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        launcher.communicate(timeout=5)
+
+
+@contextlib.contextmanager
+def _launcher(
+    tmp_path: Path, *args: str, env: Optional[Mapping[str, str]] = None
+) -> Iterator[subprocess.Popen[str]]:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "openfl_api.launch", *args],
+        cwd=tmp_path,
+        env=_env(env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        yield process
+    finally:
+        _reap(process, tmp_path)
+
+
+def _run(tmp_path: Path, *args: str, env: Optional[Mapping[str, str]] = None) -> tuple[int, str, str]:
+    """Run the launcher to its end; return its exit code, stdout and stderr."""
+    with _launcher(tmp_path, *args, env=env) as process:
+        out, err = process.communicate(timeout=TIMEOUT_S)
+    return process.returncode, out, err
+
+
+def _signal_after_ranks_started(
+    tmp_path: Path, process: subprocess.Popen[str], nproc: int, sig: signal.Signals
+) -> None:
+    _wait_for(lambda: len(_pids(tmp_path)) == nproc, f"{nproc} ranks to write their pid")
+    process.send_signal(sig)
+
+
+@dataclass(frozen=True)
+class Launched:
+    """A finished launcher run: its exit code and output, and the folder its ranks reported to."""
+
+    code: int
+    out: str
+    err: str
+    folder: Path
+
+    def env(self, rank: int) -> dict[str, Optional[str]]:
+        return json.loads((self.folder / f"env_{rank}.json").read_text())
+
+
+def _launched(folder: Path, body: str, *args: str, env: Optional[Mapping[str, str]] = None) -> Launched:
+    script = _script(folder, body)
+    code, out, err = _run(folder, *args, str(script), str(folder), env=env)
+    return Launched(code, out, err, folder)
+
+
+# A launch costs seconds (the launcher's `import openfl_api` loads torch), so tests that only read
+# what one run left behind share that run.
+@pytest.fixture(scope="module")
+def three_ranks(tmp_path_factory: pytest.TempPathFactory) -> Launched:
+    """Three ranks dumping their environment; the shell holds a stale OPENFL_INIT_METHOD."""
+    return _launched(tmp_path_factory.mktemp("three_ranks"), DUMP_ENV, "--nproc_per_node", "3",
+                     env={"OPENFL_INIT_METHOD": "tcp://stale:1"})
+
+
+@pytest.fixture(scope="module")
+def second_node(tmp_path_factory: pytest.TempPathFactory) -> Launched:
+    """Node 1 of two, two ranks each, with the token exported as multi-node runs require."""
+    return _launched(tmp_path_factory.mktemp("second_node"), DUMP_ENV, "--nnodes", "2", "--node_rank", "1",
+                     "--nproc_per_node", "2", "--master_port", "29555", env={"OPENFL_API_TOKEN": TOKEN})
+
+
+PRINT_RANK = """
+print(f"out {RANK}")
+print(f"err {RANK}", file=sys.stderr)
+"""
+
+
+@pytest.fixture(scope="module")
+def logged(tmp_path_factory: pytest.TempPathFactory) -> Launched:
+    """Two ranks printing to stdout and stderr with --logdir and --server_output over stale logs."""
+    folder = tmp_path_factory.mktemp("logged")
+    (folder / "logs").mkdir()
+    for rank in range(2):
+        (folder / "logs" / f"rank_{rank}.log").write_text("stale output of an earlier run\n")
+    return _launched(folder, PRINT_RANK, "--nproc_per_node", "2", "--logdir", "logs", "--server_output")
+
+
+def test_each_rank_gets_its_rank_and_the_federation_in_its_environment(three_ranks: Launched) -> None:
+    assert three_ranks.code == 0, three_ranks.err
+    envs = [three_ranks.env(rank) for rank in range(3)]
+    port = envs[0]["MASTER_PORT"]
+    assert [(e["RANK"], e["LOCAL_RANK"], e["WORLD_SIZE"], e["LOCAL_WORLD_SIZE"], e["MASTER_ADDR"],
+             e["MASTER_PORT"]) for e in envs] == [
+        (str(rank), str(rank), "3", "3", "127.0.0.1", port) for rank in range(3)
+    ]
+
+
+def test_free_port_is_chosen_when_none_is_given(three_ranks: Launched) -> None:
+    port = three_ranks.env(0)["MASTER_PORT"] or ""
+
+    assert port.isdigit() and 1 <= int(port) <= 65535, port
+
+
+def test_ranks_share_one_generated_token(three_ranks: Launched) -> None:
+    tokens = {three_ranks.env(rank)["OPENFL_API_TOKEN"] for rank in range(3)}
+
+    assert len(tokens) == 1 and re.fullmatch(r"[0-9a-f]{32}", tokens.pop() or ""), tokens
+
+
+def test_stale_init_method_from_the_shell_is_not_passed_on(three_ranks: Launched) -> None:
+    assert [three_ranks.env(rank)["OPENFL_INIT_METHOD"] for rank in range(3)] == [None] * 3
+
+
+def test_second_node_numbers_its_ranks_after_the_first(second_node: Launched) -> None:
+    assert second_node.code == 0, second_node.err
+    envs = [second_node.env(rank) for rank in (2, 3)]
+    assert [(e["RANK"], e["LOCAL_RANK"], e["WORLD_SIZE"], e["LOCAL_WORLD_SIZE"]) for e in envs] == [
+        ("2", "0", "4", "2"), ("3", "1", "4", "2")
+    ]
+
+
+def test_token_set_in_the_environment_is_kept(second_node: Launched) -> None:
+    assert [second_node.env(rank)["OPENFL_API_TOKEN"] for rank in (2, 3)] == [TOKEN, TOKEN]
+
+
+def test_init_method_reaches_every_rank(tmp_path: Path) -> None:
+    url = f"file://{tmp_path / 'federation'}"
+
+    launched = _launched(tmp_path, DUMP_ENV, "--nproc_per_node", "2", "--init_method", url)
+
+    assert [launched.env(rank)["OPENFL_INIT_METHOD"] for rank in range(2)] == [url, url], launched.err
+
+
+def test_options_accept_hyphens_as_well_as_underscores(tmp_path: Path) -> None:
+    # The other tests spell every option with underscores.
+    url = f"file://{tmp_path / 'federation'}"
+
+    launched = _launched(
+        tmp_path, DUMP_ENV, "--nproc-per-node", "2", "--node-rank", "0", "--master-addr", "127.0.0.1",
+        "--master-port", "29556", "--init-method", url, "--logdir", "logs", "--server-output",
+    )
+
+    assert [(e["WORLD_SIZE"], e["MASTER_PORT"], e["OPENFL_INIT_METHOD"])
+            for e in (launched.env(0), launched.env(1))] == [("2", "29556", url)] * 2, launched.err
+    assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == ["rank_0.log", "rank_1.log"]
+
+
+def test_logdir_holds_each_ranks_output_in_its_own_fresh_file(logged: Launched) -> None:
+    logs = [set((logged.folder / "logs" / f"rank_{rank}.log").read_text().splitlines()) for rank in range(2)]
+
+    assert logs == [{"out 0", "err 0"}, {"out 1", "err 1"}], logged.err
+
+
+def test_server_output_echoes_rank_0_and_only_rank_0_to_the_console(logged: Launched) -> None:
+    assert set(logged.out.splitlines()) == {"out 0", "err 0"}, logged.err
+
+
+def test_crashed_frontend_does_not_stop_the_others(tmp_path: Path) -> None:
+    # Rank 1 exits 3; the others finish only once the launcher has reaped it, so a launcher that
+    # stopped the federation on that crash would have stopped them before they could finish.
+    script = _script(tmp_path, """
+        if RANK == 1:
+            publish_pid()
+            sys.exit(3)
+        wait_until(lambda: (OUT / "pid_1").exists())
+        wait_until(lambda: reaped(int((OUT / "pid_1").read_text())))
+        publish(f"done_{RANK}", "")
+    """)
+
+    code, _, err = _run(tmp_path, "--nproc_per_node", "3", str(script), str(tmp_path))
+
+    assert (code, sorted(p.name for p in tmp_path.glob("done_*"))) == (0, ["done_0", "done_2"]), err
+    assert re.search(r"rank 1 exited with code 3\n", err), err
+    assert re.search(r"failed ranks: 1\n", err), err
+
+
+@pytest.mark.parametrize(
+    ("exit_statement", "expected"),
+    [("sys.exit(5)", 5), ("os.kill(os.getpid(), signal.SIGKILL)", 128 + signal.SIGKILL)],
+    ids=["code", "signal"],
+)
+def test_backend_status_becomes_the_launchers_exit_code(
+    tmp_path: Path, exit_statement: str, expected: int
+) -> None:
+    script = _script(tmp_path, f"""
+        if RANK == 0:
+            {exit_statement}
+    """)
+
+    code, _, err = _run(tmp_path, "--nproc_per_node", "2", str(script), str(tmp_path))
+
+    assert code == expected, err
+
+
+def test_sigterm_to_the_launcher_stops_and_reaps_every_rank(tmp_path: Path) -> None:
+    script = _script(tmp_path, SLEEP)
+
+    with _launcher(tmp_path, "--nproc_per_node", "3", "--grace", "10", str(script), str(tmp_path)) as process:
+        _signal_after_ranks_started(tmp_path, process, 3, signal.SIGTERM)
+        _, err = process.communicate(timeout=TIMEOUT_S)
+
+        assert process.returncode == 128 + signal.SIGTERM, err
+        _wait_for(lambda: not any(_alive(pid) for pid in _pids(tmp_path)), "every rank to be gone")
+
+
+def test_ranks_ignoring_sigint_and_sigterm_are_killed_after_grace(tmp_path: Path) -> None:
+    script = _script(tmp_path, """
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    """, SLEEP)
+
+    with _launcher(tmp_path, "--nproc_per_node", "2", "--grace", "0.3", str(script), str(tmp_path)) as process:
+        _signal_after_ranks_started(tmp_path, process, 2, signal.SIGTERM)
+        _, err = process.communicate(timeout=TIMEOUT_S)
+
+    assert re.findall(r"rank \d exited with code -9 \(SIGKILL\)\n", err) == [
+        "rank 0 exited with code -9 (SIGKILL)\n", "rank 1 exited with code -9 (SIGKILL)\n"
+    ], err
+
+
+def test_second_ctrl_c_escalates_at_once(tmp_path: Path) -> None:
+    # The ranks survive SIGINT and note it; with a 60 s grace only the second Ctrl-C can end them
+    # within the test's timeout, by sending SIGTERM straight away.
+    script = _script(tmp_path, """
+        signal.signal(signal.SIGINT, lambda signum, frame: publish(f"sigint_{RANK}", ""))
+    """, SLEEP)
+
+    with _launcher(tmp_path, "--nproc_per_node", "2", "--grace", "60", str(script), str(tmp_path)) as process:
+        _signal_after_ranks_started(tmp_path, process, 2, signal.SIGINT)
+        _wait_for(lambda: len(list(tmp_path.glob("sigint_*"))) == 2, "both ranks to get SIGINT")
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=TIMEOUT_S)
+
+    assert (process.returncode, re.findall(r"rank \d exited with code (.*)\n", err)) == (
+        128 + signal.SIGINT, ["-15 (SIGTERM)", "-15 (SIGTERM)"]
+    ), err
+
+
+def test_frontends_are_stopped_grace_after_the_backend_exited(tmp_path: Path) -> None:
+    script = _script(tmp_path, """
+        if RANK == 0:
+            sys.exit(0)
+    """, SLEEP)
+
+    code, _, err = _run(tmp_path, "--nproc_per_node", "3", "--grace", "0.3", str(script), str(tmp_path))
+
+    assert (code, re.findall(r"rank \d exited with code (.*)\n", err)) == (
+        0, ["-15 (SIGTERM)", "-15 (SIGTERM)"]
+    ), err
+
+
+def test_frontends_finishing_within_grace_after_the_backend_are_not_stopped(tmp_path: Path) -> None:
+    script = _script(tmp_path, """
+        publish_pid()
+        if RANK > 0:
+            wait_until(lambda: (OUT / "pid_0").exists())
+            wait_until(lambda: reaped(int((OUT / "pid_0").read_text())))
+    """)
+
+    code, _, err = _run(tmp_path, "--nproc_per_node", "3", "--grace", "15", str(script), str(tmp_path))
+
+    assert (code, "SIGTERM" in err, "no rank failed" in err) == (0, False, True), err
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (["--nproc_per_node", "0", "SCRIPT"], {}, r"nproc_per_node must be >= 1, got 0"),
+        (["--nnodes", "2", "--node_rank", "2", "--master_port", "29500", "SCRIPT"],
+         {"OPENFL_API_TOKEN": TOKEN}, r"node_rank must satisfy 0 <= node_rank < nnodes, got node_rank 2"),
+        (["missing.py"], {}, r"script 'missing\.py' does not exist"),
+        (["--nnodes", "2", "SCRIPT"], {"OPENFL_API_TOKEN": TOKEN},
+         r"--master_port is required when nnodes > 1"),
+        (["--nnodes", "2", "--master_port", "29500", "SCRIPT"], {},
+         r"OPENFL_API_TOKEN must be set when nnodes > 1"),
+        (["--master_port", "70000", "SCRIPT"], {}, r"master_port must be in 1\.\.65535, got 70000"),
+        (["--nproc_per_node", "2", "--init_method", "memory://x", "SCRIPT"], {},
+         r"connects ranks inside one process only"),
+        (["--init_method", "udp://host:1", "SCRIPT"], {}, r"init_method must start with tcp:// or file://"),
+        (["--server_output", "SCRIPT"], {}, r"--server_output .* needs --logdir"),
+    ],
+    ids=["nproc-0", "node-rank-out-of-range", "missing-script", "nnodes-without-port",
+         "nnodes-without-token", "port-out-of-range", "memory-init-method", "unknown-scheme",
+         "server-output-without-logdir"],
+)
+def test_usage_errors_exit_2_with_a_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    args: list[str], env: dict[str, str], message: str,
+) -> None:
+    # In-process: parse_args is exactly what `python -m openfl_api.launch` runs before any rank
+    # starts; the test below proves the command line reaches it.
+    script = _script(tmp_path, SLEEP)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("OPENFL_API_TOKEN", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+
+    with pytest.raises(SystemExit) as exited:
+        launch.parse_args([str(script) if a == "SCRIPT" else a for a in args])
+
+    assert (exited.value.code, bool(re.search(message, capsys.readouterr().err))) == (2, True)
+
+
+def test_usage_error_on_the_command_line_exits_2_before_starting_a_rank(tmp_path: Path) -> None:
+    script = _script(tmp_path, SLEEP)
+
+    code, _, err = _run(tmp_path, "--nproc_per_node", "0", str(script), str(tmp_path))
+
+    assert (code, bool(re.search(r"error: nproc_per_node must be >= 1, got 0", err)), _pids(tmp_path)) == (
+        2, True, []
+    ), err
