@@ -6,22 +6,19 @@ caller), so they never race. They act through the API (``api.aggregate()``, ``ap
 ``api.save_checkpoint(path)``) and through the :class:`Transfer` they are given
 (``transfer.discard(reason)``), never through return values.
 
-======================  ==========================================  ======================================
-event (method)          backend: fires when                         frontend: fires when
-======================  ==========================================  ======================================
-``at_loop(api)``        every serve-loop iteration (each message     never
-                        handled, or every ``tick`` when idle)
-``on_join(api, peer)``  a frontend was admitted                      never
-``on_leave(api, peer)`` a frontend's pipe closed (bye, crash,        never
-                        timeout, address removed)
-``before_download``     a download request is about to be served     ``api.download()`` is about to ask
-``after_download``      the model was handed to the pipe             the model was loaded into the tensors
-``before_upload``       a valid upload arrived, before the version   ``api.upload()`` is about to send
-                        rule decides; ``transfer.discard()`` drops it
-``after_upload``        the upload was accepted or discarded         the backend acknowledged the upload
-                        (``transfer.accepted``, ``transfer.reason``)
-``after_aggregate``     a new global version exists                  never
-======================  ==========================================  ======================================
+- ``at_loop(api)``: backend, every serve-loop iteration (each message handled, or every
+  ``tick`` when idle). Never on a frontend.
+- ``on_join(api, peer)`` / ``on_leave(api, peer)``: backend, a frontend was admitted / its pipe
+  closed (goodbye, crash, timeout, address removed).
+- ``before_download(api, transfer)``: backend, a download is about to be served; frontend,
+  ``api.download()`` is about to ask.
+- ``after_download(api, transfer)``: backend, the model was handed to the pipe; frontend, the
+  model was loaded into the tensors.
+- ``before_upload(api, transfer)``: backend, a valid upload arrived and the version rule has not
+  decided yet (``transfer.discard(reason)`` drops it); frontend, ``api.upload()`` is about to send.
+- ``after_upload(api, transfer)``: backend, the upload was accepted or discarded
+  (``transfer.accepted``, ``transfer.reason``); frontend, the backend acknowledged it.
+- ``after_aggregate(api)``: backend, a new global version exists. Never on a frontend.
 
 Transfer events are called as ``method(api, transfer)``. After ``api.stop()`` the loop finishes the
 event at hand (its remaining steps still fire), then no further event fires. A step that raises
