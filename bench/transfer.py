@@ -1,0 +1,393 @@
+"""Transfer benchmark: download + upload of a ResNet-18-sized state_dict through the API, against
+raw gloo send/recv of the same bytes in the same run.
+
+    python bench/transfer.py                  # 3 repeats x 15 timed rounds per phase, ~1 minute
+    python bench/transfer.py --rounds 30 --repeats 5
+
+What one round is:
+
+- **raw gloo** (the reference): a two-rank ``ProcessGroupGloo`` on a ``TCPStore`` at 127.0.0.1, with
+  the device ``openfl_api/transport/gloo.py`` uses on loopback. Rank 0 sends the state_dict's bytes
+  as one flat uint8 tensor to rank 1, rank 1 sends them back into a preallocated buffer. Timed on
+  rank 0, from the send to the end of the receive.
+- **API**: the backend (rank 0, ``API(frontend=False)``) and one frontend (rank 1) over
+  ``tcp://127.0.0.1:<port>``. The frontend's round is ``api.download()`` then
+  ``api.upload(num_samples=1)``, timed with ``time.perf_counter`` around both. The backend
+  aggregates only after ``AggregateCount(count=10**9)`` uploads, i.e. never, and the frontend
+  never calls ``update_version()``, so every round is served version 0: the backend encodes the
+  model once (in the warm-up) and serves that cached buffer; each upload is validated and added
+  into the ``AverageAggregator``'s running sum, as any accepted upload is.
+
+The model is a ``torch.nn.Module`` with ResNet-18's state_dict written out by hand (no
+torchvision): 62 parameters (11,689,512 float32) and 60 batch-norm buffers (running mean and
+variance, float32, and ``num_batches_tracked``, int64), 46.8 MB (44.6 MiB). Both phases move
+exactly the state_dict's bytes; the API adds its frames, JSON headers and 64-byte alignment.
+
+Each phase runs in two fresh processes (``subprocess``, this file with a hidden ``--child``
+argument), warms up for 2 rounds and times ``--rounds`` rounds. The phases alternate
+``--repeats`` times (raw/API, API/raw, ...) so drift on the machine hits both. Reported per phase:
+the median round (ms) and throughput (GB/s = 1e9 B/s, counting 2 x the state_dict bytes per round),
+and the min-max band of the per-repeat medians; then the ratio API / raw throughput, the median
+of the per-repeat (paired) ratios, against the target of 0.8.
+
+Every child runs under a wall-clock limit (``--timeout``) and is killed when the parent leaves,
+whatever the reason. A child that fails prints its stderr. Exit status: 0 when the run completed
+(whatever the ratio), 1 when a child failed or timed out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+WARMUP = 2
+TARGET = 0.8
+TOKEN = "bench-transfer-0123456789abcdef"
+
+
+# ----------------------------------------------------------------- the model
+
+
+def resnet18_entries() -> List[Tuple[str, Tuple[int, ...], torch.dtype]]:
+    """Return ResNet-18's state_dict as ``(key, shape, dtype)``, in torchvision's order."""
+    entries: List[Tuple[str, Tuple[int, ...], torch.dtype]] = []
+
+    def bn(prefix: str, channels: int) -> None:
+        entries.extend(
+            [
+                (f"{prefix}.weight", (channels,), torch.float32),
+                (f"{prefix}.bias", (channels,), torch.float32),
+                (f"{prefix}.running_mean", (channels,), torch.float32),
+                (f"{prefix}.running_var", (channels,), torch.float32),
+                (f"{prefix}.num_batches_tracked", (), torch.int64),
+            ]
+        )
+
+    entries.append(("conv1.weight", (64, 3, 7, 7), torch.float32))
+    bn("bn1", 64)
+    in_channels = 64
+    for layer, channels in enumerate((64, 128, 256, 512), start=1):
+        for block in range(2):
+            prefix = f"layer{layer}.{block}"
+            first = in_channels if block == 0 else channels
+            entries.append((f"{prefix}.conv1.weight", (channels, first, 3, 3), torch.float32))
+            bn(f"{prefix}.bn1", channels)
+            entries.append((f"{prefix}.conv2.weight", (channels, channels, 3, 3), torch.float32))
+            bn(f"{prefix}.bn2", channels)
+            if block == 0 and first != channels:
+                entries.append((f"{prefix}.downsample.0.weight", (channels, first, 1, 1), torch.float32))
+                bn(f"{prefix}.downsample.1", channels)
+        in_channels = channels
+    entries.append(("fc.weight", (1000, 512), torch.float32))
+    entries.append(("fc.bias", (1000,), torch.float32))
+    return entries
+
+
+_BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def build_model(seed: int) -> torch.nn.Module:
+    """A module whose ``state_dict()`` has ResNet-18's keys, shapes and dtypes, filled from ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    root = torch.nn.Module()
+    for key, shape, dtype in resnet18_entries():
+        *path, leaf = key.split(".")
+        module = root
+        for part in path:
+            if not hasattr(module, part):
+                module.add_module(part, torch.nn.Module())
+            module = getattr(module, part)
+        if dtype.is_floating_point:
+            value = torch.randn(shape, generator=generator, dtype=dtype) * 0.05
+        else:
+            value = torch.zeros(shape, dtype=dtype)
+        if leaf in _BUFFER_SUFFIXES:
+            module.register_buffer(leaf, value)
+        else:
+            module.register_parameter(leaf, torch.nn.Parameter(value))
+    return root
+
+
+def state_nbytes(model: torch.nn.Module) -> int:
+    """The bytes of every tensor of ``model.state_dict()``, without padding."""
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+def flat_bytes(model: torch.nn.Module) -> torch.Tensor:
+    """The state_dict's bytes concatenated into one uint8 tensor."""
+    return torch.cat([t.detach().reshape(-1).view(torch.uint8) for t in model.state_dict().values()])
+
+
+# ----------------------------------------------------------------- children
+
+
+def _publish(path: str, record: Dict) -> None:
+    temporary = Path(path).with_suffix(".tmp")
+    temporary.write_text(json.dumps(record))
+    os.replace(temporary, path)
+
+
+def child_raw(rank: int, port: int, rounds: int, out: str, timeout: float) -> None:
+    """One rank of the reference: ping-pong the flat state_dict bytes over raw gloo."""
+    from torch.distributed import ProcessGroupGloo, TCPStore
+
+    wait = timedelta(seconds=timeout)
+    store = TCPStore("127.0.0.1", port, 2, rank == 0, timeout=wait)
+    options = ProcessGroupGloo._Options()
+    options._devices = [ProcessGroupGloo.create_device(hostname="127.0.0.1")]
+    options._timeout = wait
+    group = ProcessGroupGloo(store, rank, 2, options)
+    source = flat_bytes(build_model(seed=0))
+    inbox = torch.empty_like(source)
+    times: List[float] = []
+    for _ in range(WARMUP + rounds):
+        if rank == 0:
+            start = time.perf_counter()
+            group.send([source], 1, 0).wait(wait)
+            group.recv([inbox], 1, 0).wait(wait)
+            times.append(time.perf_counter() - start)
+        else:
+            group.recv([inbox], 0, 0).wait(wait)
+            group.send([inbox], 0, 0).wait(wait)
+    if rank == 0:
+        if not torch.equal(inbox, source):
+            raise SystemExit("raw gloo: the bytes that came back differ from those sent")
+        _publish(out, {"round_s": times[WARMUP:]})
+    else:
+        _publish(out, {})
+    group.barrier().wait(wait)
+    group.shutdown()
+
+
+def _stop_when_frontend_leaves():
+    """A backend step that stops the serve loop once the frontend leaves (openfl_api imported here,
+    so the parent process never imports it)."""
+    import openfl_api as ofl
+
+    class StopWhenFrontendLeaves(ofl.Step):
+        roles = frozenset({"backend"})
+
+        def on_leave(self, api, peer):
+            api.stop("bench done: the frontend left")
+
+    return StopWhenFrontendLeaves()
+
+
+def child_api(rank: int, port: int, rounds: int, out: str, timeout: float) -> None:
+    """One rank of the API phase: the backend serves, the frontend times download + upload."""
+    import openfl_api as ofl
+    from openfl_api import aggregate
+
+    ofl.logger.log_level("WARNING")
+    wait = timedelta(seconds=timeout)
+    api = ofl.API(frontend=rank > 0, timeout=wait, transfer_timeout=wait, connect_timeout=wait)
+    api.set_aggregate_triggers(ofl.AggregateCount(count=10**9))
+    api.register_step(_stop_when_frontend_leaves())
+    api.build_connection(address=ofl.Address(init_method=f"tcp://127.0.0.1:{port}", world_size=2, rank=rank))
+    # The frontend starts from other values, so a download that loaded nothing shows below.
+    net = build_model(seed=0 if rank == 0 else 1)
+    api.set_aggregator_and_optimizer(aggregate.AverageAggregator(net.parameters()))
+    api.set_state_dict(net.state_dict(keep_vars=True))
+    times: List[float] = []
+    downloads: List[float] = []
+    with api:
+        api.run()
+        for _ in range(WARMUP + rounds):
+            start = time.perf_counter()
+            if not api.download():
+                break
+            middle = time.perf_counter()
+            if not api.upload(num_samples=1):
+                break
+            end = time.perf_counter()
+            times.append(end - start)
+            downloads.append(middle - start)
+    if rank > 0:
+        expected = build_model(seed=0).state_dict()
+        same = all(torch.equal(t, expected[k]) for k, t in net.state_dict().items())
+        if len(times) != WARMUP + rounds or not same:
+            api.finish()
+            raise SystemExit(f"API: {len(times)} of {WARMUP + rounds} rounds ran, model loaded: {same}")
+        _publish(out, {"round_s": times[WARMUP:], "download_s": downloads[WARMUP:], "version": api.version})
+    else:
+        _publish(out, {"version": api.version, "stop_reason": api.stop_reason})
+    api.finish()
+
+
+# ----------------------------------------------------------------- the parent
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ChildFailed(RuntimeError):
+    """A child process failed, timed out or wrote no result."""
+
+
+def run_phase(phase: str, rounds: int, timeout: float, threads: int, workdir: Path) -> Tuple[Dict, Dict]:
+    """Run one phase in two fresh processes; return the records of rank 0 and rank 1."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENFL_INIT_METHOD", "RANK", "WORLD_SIZE")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env["OPENFL_API_TOKEN"] = TOKEN
+    procs: List[subprocess.Popen] = []
+    logs = []
+    outs = [workdir / f"{phase}_{port}_rank{rank}.json" for rank in (0, 1)]
+    try:
+        for rank in (0, 1):
+            log = open(workdir / f"{phase}_{port}_rank{rank}.log", "w+")
+            logs.append(log)
+            command = [sys.executable, str(Path(__file__).resolve()), "--child", phase, "--rank", str(rank),
+                       "--port", str(port), "--rounds", str(rounds), "--out", str(outs[rank]),
+                       "--timeout", str(timeout), "--threads", str(threads)]
+            procs.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT))
+        deadline = time.monotonic() + timeout
+        for rank, proc in enumerate(procs):
+            try:
+                code = proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                raise ChildFailed(f"{phase} rank {rank} did not finish within {timeout:.0f} s") from None
+            if code != 0 or not outs[rank].exists():
+                raise ChildFailed(f"{phase} rank {rank} exited with {code}")
+        return tuple(json.loads(path.read_text()) for path in outs)
+    except ChildFailed as exc:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+        details = []
+        for rank, log in enumerate(logs):
+            log.seek(0)
+            details.append(f"--- {phase} rank {rank} output (last 3000 chars) ---\n{log.read()[-3000:]}")
+        raise ChildFailed(f"{exc}\n" + "\n".join(details)) from None
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                pass
+        for log in logs:
+            log.close()
+
+
+def _band(values: Sequence[float]) -> str:
+    low, high = min(values), max(values)
+    return f"{low:.2f}-{high:.2f}"
+
+
+def _spread(values: Sequence[float]) -> float:
+    """Band width in % of the median."""
+    return 100.0 * (max(values) - min(values)) / statistics.median(values)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Download + upload of a ResNet-18-sized state_dict (46.8 MB) through openfl_api "
+        "between two processes, against raw gloo send/recv of the same bytes; prints both and the ratio "
+        f"(target >= {TARGET}).",
+    )
+    parser.add_argument("--rounds", type=int, default=15, help="timed rounds per phase and repeat (default 15), after 2 warm-up rounds")
+    parser.add_argument("--repeats", type=int, default=3, help="fresh-process repeats of each phase, alternating (default 3)")
+    parser.add_argument("--timeout", type=float, default=90.0, help="seconds one phase may take before its processes are killed (default 90)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch.set_num_threads in every child process; 0 keeps torch's default (default 0)")
+    parser.add_argument("--child", choices=("raw", "api"), help=argparse.SUPPRESS)
+    parser.add_argument("--rank", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.rounds < 1 or args.repeats < 1 or args.timeout <= 0 or args.threads < 0:
+        parser.error("--rounds and --repeats must be >= 1, --timeout > 0 and --threads >= 0")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.child is not None:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        child = child_raw if args.child == "raw" else child_api
+        child(args.rank, args.port, args.rounds, args.out, args.timeout)
+        return 0
+
+    model = build_model(seed=0)
+    state = model.state_dict()
+    nbytes = state_nbytes(model)
+    params = sum(p.numel() for p in model.parameters())
+    moved = 2 * nbytes
+    threads = args.threads or torch.get_num_threads()
+    print(f"state_dict: {len(state)} tensors ({len(list(model.parameters()))} parameters, {params:,} float32 "
+          f"parameter values), {nbytes:,} bytes = {nbytes / 1e6:.1f} MB = {nbytes / 2**20:.1f} MiB")
+    print(f"round: one download + one upload = {moved:,} bytes; {WARMUP} warm-up + {args.rounds} timed rounds, "
+          f"{args.repeats} repeats per phase; torch {torch.__version__}, {threads} torch threads per process, "
+          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start")
+    print("API phase: AggregateCount(count=10**9), so no aggregation runs and the version stays 0: "
+          "the backend serves its cached encoding; each upload is validated and added to the running sum")
+    print()
+
+    medians: Dict[str, List[float]] = {"raw": [], "api": []}
+    best: Dict[str, List[float]] = {"raw": [], "api": []}
+    downloads: List[float] = []
+    ratios: List[float] = []
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="openfl-bench-") as tmp:
+        try:
+            for repeat in range(args.repeats):
+                for phase in ("raw", "api") if repeat % 2 == 0 else ("api", "raw"):
+                    backend, frontend = run_phase(phase, args.rounds, args.timeout, args.threads, Path(tmp))
+                    rounds = (backend if phase == "raw" else frontend)["round_s"]
+                    medians[phase].append(statistics.median(rounds))
+                    best[phase].append(min(rounds))
+                    line = (f"repeat {repeat + 1} {phase:>3}: median round {medians[phase][-1] * 1e3:6.1f} ms, "
+                            f"{moved / medians[phase][-1] / 1e9:4.2f} GB/s (rounds {min(rounds) * 1e3:.1f}-"
+                            f"{max(rounds) * 1e3:.1f} ms)")
+                    if phase == "api":
+                        downloads.append(statistics.median(frontend["download_s"]))
+                        line += (f"; download {downloads[-1] * 1e3:.1f} ms (median); versions: frontend "
+                                 f"{frontend['version']}, backend {backend['version']}; backend stopped: "
+                                 f"{backend['stop_reason']!r}")
+                    print(line, flush=True)
+                ratios.append(medians["raw"][-1] / medians["api"][-1])
+        except ChildFailed as exc:
+            print(f"FAILED: {exc}", file=sys.stderr)
+            return 1
+
+    print()
+    for phase, label in (("raw", "raw gloo send/recv"), ("api", "API download+upload")):
+        ms = [m * 1e3 for m in medians[phase]]
+        rates = [moved / m / 1e9 for m in medians[phase]]
+        print(f"{label:>20}: median round {statistics.median(ms):6.1f} ms (band {_band(ms)}), "
+              f"{statistics.median(rates):.2f} GB/s (band {_band(rates)}); best round {min(best[phase]) * 1e3:.1f} ms")
+    print(f"{'':>20}  API round = download {statistics.median(downloads) * 1e3:.1f} ms + upload "
+          f"{(statistics.median(medians['api']) - statistics.median(downloads)) * 1e3:.1f} ms (medians)")
+    ratio = statistics.median(ratios)
+    print(f"{'ratio API / raw':>20}: {ratio:.2f} (throughput, median of the {len(ratios)} paired repeats; band "
+          f"{_band(ratios)}); ratio of best rounds {min(best['raw']) / min(best['api']):.2f}")
+    print(f"{'target':>20}: >= {TARGET}: {'PASS' if ratio >= TARGET else 'BELOW'}")
+    print(f"noise: per-repeat medians spread {_spread(medians['raw']):.0f}% (raw) and {_spread(medians['api']):.0f}% "
+          f"(API) of their median, paired ratios {_spread(ratios):.0f}%; load average {os.getloadavg()[0]:.1f} at "
+          f"the end ({os.cpu_count()} CPUs). Differences inside that spread are noise; a load average near or "
+          "above the CPU count means other processes shared the CPUs and the figures are not a baseline.")
+    print(f"wall time {time.monotonic() - started:.0f} s")
+    return 0
+
+if __name__ == "__main__":
+    sys.exit(main())
