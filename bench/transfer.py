@@ -1,8 +1,9 @@
 """Transfer benchmark: download + upload of a ResNet-18-sized state_dict through the API, against
 raw gloo send/recv of the same bytes in the same run.
 
-    python bench/transfer.py                  # 3 repeats x 15 timed rounds per phase, ~1 minute
+    python bench/transfer.py                  # 3 repeats x 15 timed rounds per phase, 30-70 s
     python bench/transfer.py --rounds 30 --repeats 5
+    python bench/transfer.py --threads 1      # one torch thread per process: steadier on a busy box
 
 What one round is:
 
@@ -30,8 +31,15 @@ the median round (ms) and throughput (GB/s = 1e9 B/s, counting 2 x the state_dic
 and the min-max band of the per-repeat medians; then the ratio API / raw throughput, the median
 of the per-repeat (paired) ratios, against the target of 0.8.
 
+Noise: on a 2-CPU machine the two processes already fill both CPUs during a transfer (each
+side's gloo thread copies to or from the kernel), so anything else running shows up at once. The
+run prints the load average at its start and end and the spread of the per-repeat medians; read
+a ratio only against that spread. With torch's default two threads per process, a busy machine
+inflates the API's tensor work (copies, sums) far more than raw gloo, whose hot path runs no
+torch operator; ``--threads 1`` shows how much of a gap is that.
+
 Every child runs under a wall-clock limit (``--timeout``) and is killed when the parent leaves,
-whatever the reason. A child that fails prints its stderr. Exit status: 0 when the run completed
+whatever the reason. When a child fails, the tail of each child's output is printed. Exit status: 0 when the run completed
 (whatever the ratio), 1 when a child failed or timed out.
 """
 
@@ -172,10 +180,9 @@ def child_raw(rank: int, port: int, rounds: int, out: str, timeout: float) -> No
     group.shutdown()
 
 
-def _stop_when_frontend_leaves():
-    """A backend step that stops the serve loop once the frontend leaves (openfl_api imported here,
-    so the parent process never imports it)."""
-    import openfl_api as ofl
+def _stop_when_frontend_leaves() -> object:
+    """Build a backend step that stops the serve loop once the frontend leaves."""
+    import openfl_api as ofl  # here, not at the top: the parent process never imports openfl_api
 
     class StopWhenFrontendLeaves(ofl.Step):
         roles = frozenset({"backend"})
@@ -268,24 +275,27 @@ def run_phase(phase: str, rounds: int, timeout: float, threads: int, workdir: Pa
                 raise ChildFailed(f"{phase} rank {rank} exited with {code}")
         return tuple(json.loads(path.read_text()) for path in outs)
     except ChildFailed as exc:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
+        _reap(procs)
         details = []
         for rank, log in enumerate(logs):
             log.seek(0)
             details.append(f"--- {phase} rank {rank} output (last 3000 chars) ---\n{log.read()[-3000:]}")
         raise ChildFailed(f"{exc}\n" + "\n".join(details)) from None
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                pass
+        _reap(procs)
         for log in logs:
             log.close()
+
+
+def _reap(procs: Sequence[subprocess.Popen]) -> None:
+    """Kill the children that still run (only these, by their own handles) and wait for them."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
 
 
 def _band(values: Sequence[float]) -> str:
@@ -304,9 +314,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "between two processes, against raw gloo send/recv of the same bytes; prints both and the ratio "
         f"(target >= {TARGET}).",
     )
-    parser.add_argument("--rounds", type=int, default=15, help="timed rounds per phase and repeat (default 15), after 2 warm-up rounds")
-    parser.add_argument("--repeats", type=int, default=3, help="fresh-process repeats of each phase, alternating (default 3)")
-    parser.add_argument("--timeout", type=float, default=90.0, help="seconds one phase may take before its processes are killed (default 90)")
+    parser.add_argument("--rounds", type=int, default=15,
+                        help="timed rounds per phase and repeat, after 2 warm-up rounds (default 15)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="fresh-process repeats of each phase, in alternating order (default 3)")
+    parser.add_argument("--timeout", type=float, default=90.0,
+                        help="seconds one phase may take before its processes are killed (default 90)")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch.set_num_threads in every child process; 0 keeps torch's default (default 0)")
     parser.add_argument("--child", choices=("raw", "api"), help=argparse.SUPPRESS)
