@@ -87,7 +87,7 @@ class TensorSpec:
     @property
     def nbytes(self) -> int:
         """Size of the tensor's data in bytes."""
-        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 class Schema:
@@ -313,7 +313,7 @@ def _check_entries(entries: List[Any], buffer: torch.Tensor, schema: Schema) -> 
         nbytes = _expect_field(entry, "nbytes", int)
         if nbytes != spec.nbytes:
             raise PayloadError(f"tensor {name!r} declares {nbytes} bytes, its dtype and shape need {spec.nbytes}")
-        itemsize = torch.empty((), dtype=spec.dtype).element_size()
+        itemsize = spec.dtype.itemsize
         if offset < 0 or offset % itemsize or offset + nbytes > size:
             raise PayloadError(
                 f"tensor {name!r} at offset {offset} with {nbytes} bytes does not fit an aligned "

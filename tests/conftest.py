@@ -84,6 +84,13 @@ class Federation:
         thread.start()
         self.threads.append(thread)
 
+    def serve_until_frontends_finish(self) -> None:
+        """Run the serve loop in the background until every frontend thread is done, then finish."""
+        self.backend.start()
+        self.join()
+        self.backend.stop("test over")
+        self.backend.finish()
+
     def join(self) -> None:
         for thread in self.threads:
             thread.join(WAIT)

@@ -54,10 +54,7 @@ def test_fedavg_of_known_tensors_equals_the_hand_computed_weighted_average(feder
     federation.connect_backend()
     federation.frontend(1, upload_constant(1.0, num_samples=1))
     federation.frontend(2, upload_constant(3.0, num_samples=3))
-    federation.backend.start()
-    federation.join()
-    federation.backend.stop("test over")
-    federation.backend.finish()
+    federation.serve_until_frontends_finish()
     # (1 * 1.0 + 3 * 3.0) / (1 + 3) = 2.5, by hand.
     assert torch.equal(federation.model.weight.detach(), torch.full((2, 3), 2.5))
     assert torch.equal(federation.results[1], torch.full((2, 3), 2.5))
@@ -189,10 +186,7 @@ def test_optimizer_state_rides_along_when_the_aggregator_asks_for_it(federation)
 
     federation.frontend(1, momentum(2.0), state_keys=("momentum_buffer",))
     federation.frontend(2, momentum(4.0), state_keys=("momentum_buffer",))
-    federation.backend.start()
-    federation.join()
-    federation.backend.stop("test over")
-    federation.backend.finish()
+    federation.serve_until_frontends_finish()
     assert torch.equal(federation.results[1], torch.full((2, 3), 3.0))
 
 
@@ -201,10 +195,7 @@ def test_a_server_optimizer_applies_the_aggregate_as_a_gradient(federation):
     server_sgd = torch.optim.SGD(federation.model.parameters(), lr=0.5)
     federation.connect_backend(server_optimizer=server_sgd)
     federation.frontend(1, upload_constant(4.0, num_samples=1))
-    federation.backend.start()
-    federation.join()
-    federation.backend.stop("test over")
-    federation.backend.finish()
+    federation.serve_until_frontends_finish()
     # global 0 - 0.5 * (0 - 4) = 2
     assert torch.equal(federation.model.weight.detach(), torch.full((2, 3), 2.0))
 
@@ -213,10 +204,7 @@ def test_checkpoints_are_written_per_version_and_load_with_weights_only(federati
     federation.backend.set_aggregate_triggers(ofl.AggregateCount(count=1, checkpoint=tmp_path / "ckpt"))
     federation.connect_backend()
     federation.frontend(1, upload_constant(2.0, num_samples=1))
-    federation.backend.start()
-    federation.join()
-    federation.backend.stop("test over")
-    federation.backend.finish()
+    federation.serve_until_frontends_finish()
     saved = torch.load(tmp_path / "ckpt.1", weights_only=True)
     assert saved["version"] == 1
     assert torch.equal(saved["state_dict"]["weight"], torch.full((2, 3), 2.0))
@@ -227,10 +215,7 @@ def test_aggregate_period_aggregates_what_arrived(federation):
     federation.backend.set_aggregate_triggers(ofl.AggregatePeriod(timedelta(milliseconds=50)))
     federation.connect_backend()
     federation.frontend(1, upload_constant(1.0, num_samples=1))
-    federation.backend.start()
-    federation.join()
-    federation.backend.stop("test over")
-    federation.backend.finish()
+    federation.serve_until_frontends_finish()
     assert federation.backend.version == 1
 
 
@@ -396,10 +381,7 @@ def test_custom_steps_fire_in_attach_order_at_each_event(federation):
         Recorder("second", calls)
     federation.connect_backend()
     federation.frontend(1, upload_constant(1.0, num_samples=1))
-    federation.backend.start()
-    federation.join()
-    federation.backend.stop("test over")
-    federation.backend.finish()
+    federation.serve_until_frontends_finish()
     assert calls == [
         ("first", "on_join"), ("second", "on_join"),
         ("first", "before_download"), ("second", "before_download"),
