@@ -39,6 +39,10 @@ _LAZY = {
     "AggregatePeriod": "openfl_api.step",
     "StopAtVersion": "openfl_api.step",
     "StopAtLoop": "openfl_api.step",
+    "Deadline": "openfl_api.step",
+    "ClientSampling": "openfl_api.step",
+    "ReportSilent": "openfl_api.step",
+    "Asynchronous": "openfl_api.asynchronous",
 }
 _SUBMODULES = ("aggregate", "logger", "parser", "utils")
 

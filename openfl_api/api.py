@@ -29,7 +29,8 @@ import torch
 from torch.utils.hooks import RemovableHandle
 
 from openfl_api.address import Address, _env_int, load_address_file
-from openfl_api.backend import Server, Timeouts
+from openfl_api.asynchronous import Asynchronous
+from openfl_api.backend import Server, Timeouts, newest_checkpoint
 from openfl_api.errors import AddressError, ConfigurationError, RoleError, StepError
 from openfl_api.frontend import Client, check_upload_meta
 from openfl_api.logger import bind
@@ -58,6 +59,15 @@ class API:
         connect_timeout: how long a frontend waits to be admitted.
         drain: how long the backend's :meth:`finish` waits for frontends to leave.
         tick: how often an idle serve loop fires ``at_loop``.
+        asynchronous: backend: an :class:`~openfl_api.Asynchronous` turns on asynchronous mode
+            (``download()`` answered at once, staleness-weighted uploads); None is synchronous.
+        clients: frontend: the ids of the virtual clients this process hosts (ints or str); each
+            upload then names its client, ``upload(client=...)``. None: the frontend is one client.
+        reconnect: frontend: how long to keep trying, with back-off, to reach a backend that
+            went away without ending the federation (a restarted backend); 0 gives up at once.
+        resume: backend: a checkpoint prefix (as given to ``AggregateCount(checkpoint=...)``);
+            the serve loop starts from the newest complete checkpoint ``f"{resume}.{version}"``
+            found, or from the start when there is none.
     """
 
     def __init__(
@@ -71,6 +81,10 @@ class API:
         connect_timeout: timedelta = timedelta(minutes=5),
         drain: timedelta = timedelta(seconds=10),
         tick: timedelta = timedelta(milliseconds=100),
+        asynchronous: Optional[Asynchronous] = None,
+        clients: Optional[Sequence[Union[int, str]]] = None,
+        reconnect: timedelta = timedelta(seconds=60),
+        resume: Union[str, Path, None] = None,
     ) -> None:
         if frontend is not None and not isinstance(frontend, bool):
             raise ConfigurationError(f"API(frontend=...) must be True, False or None, got {frontend!r}")
@@ -79,6 +93,18 @@ class API:
         if nick_name is not None and (not isinstance(nick_name, str) or not 0 < len(nick_name) <= 64
                                       or not nick_name.isprintable()):
             raise ConfigurationError(f"API(nick_name=...) must be 1-64 printable characters, got {nick_name!r}")
+        if asynchronous is not None and not isinstance(asynchronous, Asynchronous):
+            raise ConfigurationError(
+                f"API(asynchronous=...) must be an openfl_api.Asynchronous or None, got {type(asynchronous).__name__}"
+            )
+        if not isinstance(reconnect, timedelta) or reconnect < timedelta(0):
+            raise ConfigurationError(f"API(reconnect=...) must be a datetime.timedelta >= 0, got {reconnect!r}")
+        if resume is not None and (not isinstance(resume, (str, Path)) or not str(resume)):
+            raise ConfigurationError(f"API(resume=...) must be a checkpoint path prefix or None, got {resume!r}")
+        self._hosted = _check_clients(clients)
+        self._asynchronous = asynchronous
+        self._reconnect = reconnect
+        self._resume = None if resume is None else str(resume)
         self._frontend = frontend
         self._token = token_from(token)
         self._nick_name = nick_name
@@ -146,6 +172,31 @@ class API:
     def frontends(self) -> List[Peer]:
         """Backend: the frontends connected now."""
         return self._require_server("frontends").frontends
+
+    @property
+    def clients(self) -> List[str]:
+        """Backend: the ids of the connected clients. Frontend: the hosted clients taking part in
+        the version downloaded last (all hosted ones unless the backend samples)."""
+        if self._server is not None:
+            return self._server.clients
+        if self._client is not None:
+            return list(self._client.selected)
+        return list(self._hosted or [])
+
+    @property
+    def expected(self) -> Optional[List[str]]:
+        """Backend: the clients the current version expects uploads from (see :meth:`expect`), or None."""
+        return self._require_server("expected").expected
+
+    def expect(self, clients: Sequence[str]) -> None:
+        """Backend: declare the clients of the current version; their uploads are accumulated in
+        this order whatever order they arrive in (steps such as ``ClientSampling`` call it)."""
+        self._require_server("expect()").expect(list(clients))
+
+    @property
+    def asynchronous(self) -> Optional[Asynchronous]:
+        """The asynchronous settings, or None in synchronous mode."""
+        return self._asynchronous
 
     @property
     def stop_reason(self) -> Optional[str]:
@@ -255,7 +306,7 @@ class API:
             )
         if not self._token:
             self.log.warning("no admission token (--token or OPENFL_API_TOKEN): any process can join this federation")
-        self._client = Client(self._fire, self.timeouts, self.log)
+        self._client = Client(self._fire, self.timeouts, self.log, clients=self._hosted, reconnect=self._reconnect)
         self._client.connect(addresses[0], self._token, self.nick_name)
 
     def _connect_backend(self, addresses: List[Address], address_file: Union[str, Path, None]) -> None:
@@ -264,7 +315,8 @@ class API:
                 raise AddressError(f"the backend serves addresses as rank 0, got rank {address.rank} in {address}")
         if not self._token:
             self.log.warning("no admission token (--token or OPENFL_API_TOKEN): any process can join this federation")
-        self._server = Server(self._fire, self.timeouts, self._token, self.nick_name, self.log)
+        self._server = Server(self._fire, self.timeouts, self._token, self.nick_name, self.log,
+                              asynchronous=self._asynchronous)
         for address in addresses:
             self._server.serve(address)
         if address_file is not None:
@@ -320,7 +372,7 @@ class API:
         if self._ran:
             raise RoleError("run() or start() was called already; a serve loop runs once")
         self._ran = True
-        server.prepare(self._shared_state(), self._server_optimizer)
+        self._prepare_backend(server)
         server.run()
 
     def start(self) -> None:
@@ -331,7 +383,7 @@ class API:
         if self._ran:
             raise RoleError("run() or start() was called already; a serve loop runs once")
         self._ran = True
-        server.prepare(self._shared_state(), self._server_optimizer)
+        self._prepare_backend(server)
 
         def serve() -> None:
             try:
@@ -352,18 +404,23 @@ class API:
         client = self._require_client("download()")
         return client.download(self._shared_state(), self.rank, self.nick_name)
 
-    def upload(self, num_samples: int = 1, metrics: Optional[Mapping[str, float]] = None) -> bool:
+    def upload(
+        self, num_samples: int = 1, metrics: Optional[Mapping[str, float]] = None,
+        client: Union[int, str, None] = None,
+    ) -> bool:
         """Frontend: send the local state tagged with the local version. False once ended.
 
         Args:
             num_samples: samples behind this update (FedAvg's weight).
             metrics: scalar metrics to report, e.g. ``{"loss": 0.3}``.
+            client: with ``API(clients=[...])``: the virtual client this update belongs to.
         """
         if not self._frontend:
             return False
         meta = check_upload_meta(num_samples, {} if metrics is None else metrics)
-        client = self._require_client("upload()")
-        return client.upload(self._shared_state(), self.rank, self.nick_name, meta["num_samples"], meta["metrics"])
+        owner = self._require_client("upload()")
+        return owner.upload(self._shared_state(), self.rank, self.nick_name, meta["num_samples"], meta["metrics"],
+                            client=None if client is None else str(client))
 
     def update_version(self, version: Optional[int] = None) -> None:
         """Frontend: advance the local version by one, or set it to ``version``."""
@@ -395,8 +452,35 @@ class API:
             self._client._end(reason)
 
     def save_checkpoint(self, path: Union[str, Path]) -> None:
-        """Backend: write the global model and version to ``path`` atomically (``torch.load(weights_only=True)``)."""
-        self._require_server("save_checkpoint()").save_checkpoint(str(path))
+        """Backend: write everything needed to resume to ``path`` atomically: the global model,
+        version, aggregator and server-optimizer state, the steps' state and the random generators
+        (``torch.load(path, weights_only=True)`` reads it).
+
+        Called from a step while the serve loop handles an event, the file is written once every
+        step has seen that event, so the saved state of the steps is consistent."""
+        server = self._require_server("save_checkpoint()")
+        server.checkpoint(str(path), lambda: {key: step.state_dict() for key, step in self._stateful_steps()})
+
+    def _stateful_steps(self) -> List[Any]:
+        """``(key, step)`` for attached steps with ``state_dict``/``load_state_dict``; keys follow attach order."""
+        return [(f"{index}:{step.name}", step) for index, step in enumerate(self._steps.values())
+                if callable(getattr(step, "state_dict", None)) and callable(getattr(step, "load_state_dict", None))]
+
+    def _prepare_backend(self, server: Server) -> None:
+        server.prepare(self._shared_state(), self._server_optimizer)
+        if self._resume is None:
+            return
+        found = newest_checkpoint(self._resume, self.log)
+        if found is None:
+            self.log.info(f"no checkpoint {self._resume}.<version> to resume from; starting at version 0")
+            return
+        source, data = found
+        steps = server.load_checkpoint(data, source)
+        for key, step in self._stateful_steps():
+            if key in steps:
+                step.load_state_dict(steps[key])
+            else:
+                self.log.warning(f"{source} holds no state for step {key}; it starts afresh")
 
     # ----------------------------------------------------------------- the end
     def report(self) -> str:
@@ -436,3 +520,26 @@ class API:
     def __repr__(self) -> str:
         role = "undecided" if self._frontend is None else self.role
         return f"API(role={role}, nick_name={self.nick_name!r}, version={self.version})"
+
+
+def _check_clients(clients: Optional[Sequence[Union[int, str]]]) -> Optional[List[str]]:
+    """Validate ``API(clients=...)``: distinct ids, ints >= 0 or printable str of at most 64 characters."""
+    if clients is None:
+        return None
+    if isinstance(clients, (str, bytes)) or not hasattr(clients, "__iter__"):
+        raise ConfigurationError(f"API(clients=...) must be a sequence of client ids, e.g. range(100); got {clients!r}")
+    ids: List[str] = []
+    for client in clients:
+        if isinstance(client, int) and not isinstance(client, bool) and client >= 0:
+            ids.append(str(client))
+        elif isinstance(client, str) and 0 < len(client) <= 64 and client.isprintable():
+            ids.append(client)
+        else:
+            raise ConfigurationError(
+                f"API(clients=...) holds {client!r}; client ids are ints >= 0 or printable str of 1-64 characters"
+            )
+    if not ids:
+        raise ConfigurationError("API(clients=...) is empty; a frontend hosts at least one client")
+    if len(set(ids)) != len(ids):
+        raise ConfigurationError("API(clients=...) holds the same client id twice; ids must be distinct")
+    return ids

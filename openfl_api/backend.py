@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import queue
+import random
 import threading
 import time
 from dataclasses import dataclass
@@ -18,9 +19,12 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 
 from openfl_api.address import Address, AddressFileWatcher
+from openfl_api.aggregate.functional import mix
+from openfl_api.asynchronous import Asynchronous
 from openfl_api.errors import ConfigurationError, PayloadError, TransportError
 from openfl_api.payload import MAX_HEADER_BYTES, decode, encode, encode_header, parse_header, validate_meta
 from openfl_api.report import Ledger
@@ -29,7 +33,15 @@ from openfl_api.step import Event, Transfer
 from openfl_api.transport.base import REQUESTS, Kind, Limits, Message, Pipe
 from openfl_api.transport.rendezvous import Lobby, Peer, open_store
 
-__all__ = ["Server", "Timeouts"]
+__all__ = ["Server", "Timeouts", "client_order", "newest_checkpoint"]
+
+MAX_CLIENTS = 100_000
+CHECKPOINT_FORMAT = 2
+
+
+def client_order(client: str) -> Tuple[int, int, str]:
+    """Natural order of client ids: numbers by value (``"2"`` before ``"10"``), then names."""
+    return (0, int(client), "") if client.isascii() and client.isdigit() else (1, 0, client)
 
 
 @dataclass(frozen=True)
@@ -43,6 +55,8 @@ class Timeouts:
         connect: how long a frontend waits to be admitted; how long a join may take.
         drain: how long ``finish()`` on the backend waits for frontends to say goodbye.
         tick: how often the idle serve loop wakes up to fire ``at_loop``.
+        heartbeat: how often a pipe whose download is held pings its frontend, so a frontend that
+            died while waiting is noticed (and its rank freed for a restart) within this time.
     """
 
     idle: timedelta = timedelta(minutes=30)
@@ -50,9 +64,10 @@ class Timeouts:
     connect: timedelta = timedelta(minutes=5)
     drain: timedelta = timedelta(seconds=10)
     tick: timedelta = timedelta(milliseconds=100)
+    heartbeat: timedelta = timedelta(seconds=1)
 
     def __post_init__(self) -> None:
-        for name in ("idle", "transfer", "connect", "drain", "tick"):
+        for name in ("idle", "transfer", "connect", "drain", "tick", "heartbeat"):
             value = getattr(self, name)
             if not isinstance(value, timedelta) or value <= timedelta(0):
                 raise ConfigurationError(
@@ -84,6 +99,9 @@ class _AddressChange:
     removed: List[Address]
 
 
+_PING = Message(Kind.PING)
+
+
 def _end_message(reason: str) -> Message:
     return Message(Kind.END, encode_header({"reason": reason}))
 
@@ -97,6 +115,8 @@ class _Worker:
         self.peer = peer
         self.lobby = lobby
         self.label = f"{peer.address.group_name}/rank{peer.rank}"
+        self.clients: Optional[Tuple[str, ...]] = None  # registered with the first request
+        self.hosts_many = False  # True when the frontend named its clients (virtual clients)
         self.closing = False
         self._replies: "queue.Queue[Message]" = queue.Queue()
         self._buffer = torch.empty(0, dtype=torch.uint8)
@@ -116,12 +136,17 @@ class _Worker:
         return self._buffer[:size]
 
     def _await_reply(self) -> Message:
+        timeouts = self.server.timeouts
+        beat = timeouts.heartbeat.total_seconds()
         while True:
             try:
-                return self._replies.get(timeout=0.5)
+                return self._replies.get(timeout=min(0.5, beat))
             except queue.Empty:
                 if self.server.ended and self._replies.empty():
                     return _end_message(self.server.stop_reason or "the federation ended")
+                # The request is held (a download waiting for its version): a ping fails at once
+                # if the frontend died meanwhile, which frees its rank and its held request.
+                self.pipe.send(_PING, timeouts.transfer)
 
     def _run(self) -> None:
         timeouts = self.server.timeouts
@@ -163,8 +188,12 @@ class Server:
         log: a bound logger.
     """
 
-    def __init__(self, fire: Callable[..., None], timeouts: Timeouts, token: bytes, nick_name: str, log: Any) -> None:
+    def __init__(
+        self, fire: Callable[..., None], timeouts: Timeouts, token: bytes, nick_name: str, log: Any,
+        asynchronous: Optional[Asynchronous] = None,
+    ) -> None:
         self._fire = fire
+        self.asynchronous = asynchronous
         self.timeouts = timeouts
         self._token = token
         self.nick_name = nick_name
@@ -188,6 +217,16 @@ class Server:
         self._cache: Optional[Tuple[int, bytes, torch.Tensor]] = None
         self._watcher: Optional[AddressFileWatcher] = None
         self._files: List[Path] = []
+        self._clients: Dict[str, _Worker] = {}  # client id -> the worker hosting it
+        self._uploaded: Dict[str, int] = {}  # client id -> version of its last accepted upload
+        self._mix = [0.0, 0.0]  # asynchronous: sum of staleness-weighted and of plain weights
+        self._expected: Optional[Tuple[int, List[str]]] = None  # (version, accumulation order)
+        self._next = 0  # index into the expected order of the next upload to accumulate
+        self._early: Dict[str, Tuple[Dict[str, torch.Tensor], int, float]] = {}
+        self._in_event = False
+        self._pending_checkpoints: List[Tuple[str, Callable[[], Dict[str, Any]]]] = []
+        self._epoch = 0  # bumped when held downloads must be offered again
+        self._offered = -1
 
     # ----------------------------------------------------------------- addresses and joins
     def serve(self, address: Address) -> None:
@@ -239,6 +278,37 @@ class Server:
         """The frontends connected now."""
         return [w.peer for w in self._workers.values()]
 
+    @property
+    def clients(self) -> List[str]:
+        """The client ids of the connected frontends, in natural order (``"2"`` before ``"10"``)."""
+        return sorted(self._clients, key=client_order)
+
+    @property
+    def expected(self) -> Optional[List[str]]:
+        """The clients whose uploads the current version expects, in accumulation order, or None."""
+        if self._expected is None or self._expected[0] != self.version:
+            return None
+        return list(self._expected[1])
+
+    def expect(self, clients: List[str]) -> None:
+        """Declare the clients taking part in the current version (a sampling step does).
+
+        Their accepted uploads are accumulated in this order whatever order they arrive in, so
+        the aggregate does not depend on timing (floating-point addition is not associative).
+        An upload that arrives before its predecessors is kept aside until they are in.
+        """
+        order = [str(c) for c in clients]
+        if len(set(order)) != len(order):
+            raise ConfigurationError(f"expect(...) needs distinct client ids, got {order[:10]}")
+        if self.received:
+            raise ConfigurationError(
+                f"expect(...) must come before the version's first accepted upload; {self.received} are in already"
+            )
+        self._expected = (self.version, order)
+        self._next = 0
+        self._early.clear()
+        self._epoch += 1
+
     # ----------------------------------------------------------------- the model
     def prepare(self, state: SharedState, server_optimizer: Optional[torch.optim.Optimizer]) -> None:
         """Take the shared state to serve; called before the loop runs."""
@@ -265,8 +335,18 @@ class Server:
         if self.received == 0:
             self.log.info(f"nothing to aggregate at version {self.version}: no upload was accepted")
             return False
+        self._flush_early(final=True)
         model = self.state.model
-        new = self.state.aggregator.aggregate({n: t.detach() for n, t in model.items()})
+        current = {n: t.detach() for n, t in model.items()}
+        new = self.state.aggregator.aggregate(current)
+        note = ""
+        if self.asynchronous is not None:
+            alpha = self.asynchronous.alpha * (self._mix[0] / self._mix[1] if self._mix[1] > 0 else 1.0)
+            alpha = min(max(alpha, 0.0), 1.0)
+            for name, value in new.items():
+                base = current[name] if name in current else self.optim_state[name]
+                new[name] = mix(base, value, alpha)
+            note = f" (asynchronous, mixed with alpha {alpha:.4f})"
         with torch.no_grad():
             if self.server_optimizer is not None:
                 self.server_optimizer.zero_grad(set_to_none=False)
@@ -281,26 +361,111 @@ class Server:
             for wire, tensor in self.optim_state.items():
                 tensor.copy_(new[wire])
         count, self.received = self.received, 0
+        self._mix = [0.0, 0.0]
+        self._expected, self._next = None, 0
         self.version += 1
+        self._epoch += 1
         self._cache = None
-        self.log.info(f"version {self.version}: aggregated {count} uploads")
+        self.log.info(f"version {self.version}: aggregated {count} uploads{note}")
         self._fire(Event.AFTER_AGGREGATE)
         return True
 
-    def save_checkpoint(self, path: str) -> None:
-        """Write the global model, version and exchange state to ``path`` atomically."""
+    def checkpoint(self, path: str, steps: Callable[[], Dict[str, Any]]) -> None:
+        """Save a checkpoint now, or, when asked from a step while the loop handles an event, once
+        every step has seen that event (so the saved step state includes the whole event)."""
+        if self._in_event:
+            self._pending_checkpoints.append((path, steps))
+        else:
+            self.save_checkpoint(path, steps())
+
+    def _write_pending_checkpoints(self) -> None:
+        while self._pending_checkpoints:
+            path, steps = self._pending_checkpoints.pop(0)
+            self.save_checkpoint(path, steps())
+
+    def save_checkpoint(self, path: str, steps: Optional[Dict[str, Any]] = None) -> None:
+        """Write everything needed to continue to ``path`` atomically (temporary file + rename).
+
+        The file holds the global model, the version, the optimizer exchange state, the
+        aggregator's accumulation, the server optimizer, the asynchronous buffer's weights, the
+        steps' state (``steps``), the accepted uploads of the version and the random generators
+        of this process. It loads with ``torch.load(path, weights_only=True)``.
+        """
         target = Path(path)
+        numpy_state = np.random.get_state()
         data = {
-            "format": 1,
+            "format": CHECKPOINT_FORMAT,
             "version": self.version,
             "state_dict": {n: t.detach().clone() for n, t in self.state.model.items()},
             "optim_state": {n: t.clone() for n, t in self.optim_state.items()},
             "aggregator": self.state.aggregator.state_dict(),
+            "server_optimizer": None if self.server_optimizer is None else self.server_optimizer.state_dict(),
+            "received": self.received,
+            "mix": list(self._mix),
+            "uploaded": {c: v for c, v in self._uploaded.items() if v == self.version},
+            "expected": None if self.expected is None else {"order": self.expected, "next": self._next},
+            "early": {c: {"tensors": t, "num_samples": n, "weight": w} for c, (t, n, w) in self._early.items()},
+            "steps": dict(steps or {}),
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "numpy": {"keys": torch.from_numpy(numpy_state[1].astype(np.int64)), "pos": int(numpy_state[2]),
+                          "has_gauss": int(numpy_state[3]), "gauss": float(numpy_state[4])},
+                "python": random.getstate(),
+            },
         }
         temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
         torch.save(data, temporary)
         os.replace(temporary, target)
         self.log.info(f"checkpoint of version {self.version} written to {target}")
+
+    def load_checkpoint(self, data: Dict[str, Any], source: str) -> Dict[str, Any]:
+        """Continue from a checkpoint written by :meth:`save_checkpoint`; returns the steps' state.
+
+        Raises:
+            ConfigurationError: the checkpoint does not fit this model, aggregator or optimizer.
+        """
+        if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
+            raise ConfigurationError(f"{source} is not an openfl_api checkpoint of format {CHECKPOINT_FORMAT}")
+        model = self.state.model
+        saved = data["state_dict"]
+        if set(saved) != set(model) or any(saved[n].shape != model[n].shape or saved[n].dtype != model[n].dtype
+                                           for n in model):
+            raise ConfigurationError(
+                f"{source} holds a model that does not match this state_dict (names, shapes or dtypes differ); "
+                "resume with the same model definition"
+            )
+        if set(data["optim_state"]) != set(self.optim_state):
+            raise ConfigurationError(f"{source} holds optimizer state {sorted(data['optim_state'])[:4]}; "
+                                     f"this backend exchanges {sorted(self.optim_state)[:4]}")
+        if (data["server_optimizer"] is None) != (self.server_optimizer is None):
+            raise ConfigurationError(f"{source} was written {'with' if data['server_optimizer'] is not None else 'without'} "
+                                     "a server optimizer; resume with the same set_aggregator_and_optimizer(...)")
+        with torch.no_grad():
+            for name, tensor in model.items():
+                tensor.copy_(saved[name])
+            for name, tensor in self.optim_state.items():
+                tensor.copy_(data["optim_state"][name])
+        self.state.aggregator.load_state_dict(data["aggregator"])
+        if self.server_optimizer is not None:
+            self.server_optimizer.load_state_dict(data["server_optimizer"])
+        self.version = int(data["version"])
+        self.received = int(data["received"])
+        self._mix = [float(x) for x in data["mix"]]
+        self._uploaded = {str(c): int(v) for c, v in data["uploaded"].items()}
+        expected = data["expected"]
+        self._expected = None if expected is None else (self.version, list(expected["order"]))
+        self._next = 0 if expected is None else int(expected["next"])
+        self._early = {c: (e["tensors"], int(e["num_samples"]), float(e["weight"])) for c, e in data["early"].items()}
+        rng = data["rng"]
+        torch.set_rng_state(rng["torch"])
+        numpy_rng = rng["numpy"]
+        np.random.set_state(("MT19937", numpy_rng["keys"].numpy().astype(np.uint32), numpy_rng["pos"],
+                             numpy_rng["has_gauss"], numpy_rng["gauss"]))
+        random.setstate(rng["python"])
+        self._cache = None
+        self._epoch += 1
+        self.log.info(f"resumed from {source}: version {self.version}, {self.received} uploads accepted")
+        return dict(data["steps"])
 
     def stop(self, reason: str) -> None:
         """Ask the loop to stop after the event at hand."""
@@ -320,13 +485,18 @@ class Server:
                     event = self._events.get(timeout=tick)
                 except queue.Empty:
                     event = None
-                if event is not None:
-                    self._handle(event)
-                self.loop_count += 1
-                if self.stop_reason is None:
-                    self._fire(Event.AT_LOOP)
-                if self.stop_reason is None:
-                    self._release_waiting()
+                self._in_event = True
+                try:
+                    if event is not None:
+                        self._handle(event)
+                    self.loop_count += 1
+                    if self.stop_reason is None:
+                        self._fire(Event.AT_LOOP)
+                    if self.stop_reason is None:
+                        self._release_waiting()
+                finally:
+                    self._in_event = False
+                self._write_pending_checkpoints()
         finally:
             self._end()
 
@@ -349,6 +519,10 @@ class Server:
     def _left(self, worker: _Worker, reason: str) -> None:
         if self._workers.pop(id(worker), None) is None:
             return
+        for client in worker.clients or ():
+            if self._clients.get(client) is worker:
+                del self._clients[client]
+                self._epoch += 1
         for item in [w for w in self._waiting if w[0] is worker]:
             self._waiting.remove(item)
             self.ledger.add(worker.label, "pending", -1)
@@ -382,35 +556,102 @@ class Server:
             self.ledger.add(worker.label, "pending", -1)
             worker.reply(_end_message(reason))
 
+    def _register(self, worker: _Worker, header: Dict[str, Any]) -> Optional[str]:
+        """Record the client ids a frontend hosts (its first request); a reason if refused."""
+        if worker.clients is not None:
+            return None
+        named = header.get("clients")
+        if named is None:
+            clients: Tuple[str, ...] = (worker.label,)
+        else:
+            if (not isinstance(named, list) or not 0 < len(named) <= MAX_CLIENTS
+                    or not all(isinstance(c, str) and 0 < len(c) <= 64 and c.isprintable() for c in named)
+                    or len(set(named)) != len(named)):
+                return (f"'clients' must list 1 to {MAX_CLIENTS} distinct printable ids of at most 64 characters, "
+                        f"got {str(named)[:80]}")
+            clients = tuple(named)
+            worker.hosts_many = True
+        taken = [c for c in clients if c in self._clients]
+        if taken:
+            owner = self._clients[taken[0]]
+            return (f"client id {taken[0]!r} is hosted by {owner.label} already; "
+                    "give each frontend its own client ids")
+        worker.clients = clients
+        for client in clients:
+            self._clients[client] = worker
+        self._epoch += 1
+        if worker.hosts_many:
+            self.log.info(f"{worker.label} hosts {len(clients)} clients")
+        return None
+
+    def _refuse_request(self, worker: _Worker, reason: str) -> None:
+        self.log.warning(f"closing the pipe of {worker.label}: {reason}")
+        self.ledger.refuse(f"{worker.label}: {reason}")
+        worker.closing = True
+        worker.reply(_end_message(f"refused: {reason}"))
+
     def _download(self, worker: _Worker, message: Message) -> None:
         try:
-            version = parse_header(message.header).get("version")
+            header = parse_header(message.header)
+            version = header.get("version")
             if not isinstance(version, int) or isinstance(version, bool) or version < 0:
                 raise PayloadError(f"download request must carry a version >= 0, got {version!r}"[:200])
         except PayloadError as exc:
-            self.log.warning(f"invalid download request from {worker.label}: {exc}; closing its pipe")
-            worker.closing = True
-            worker.reply(_end_message(f"invalid request: {exc}"))
+            self._refuse_request(worker, f"invalid download request: {exc}")
             return
-        transfer = Transfer(rank=worker.peer.rank, nick_name=worker.peer.nick_name, version=version)
-        if version <= self.version:
-            self._serve(worker, transfer)
+        refused = self._register(worker, header)
+        if refused is not None:
+            self._refuse_request(worker, refused)
+            return
+        transfer = Transfer(rank=worker.peer.rank, nick_name=worker.peer.nick_name, version=version,
+                            clients=list(worker.clients))
+        if self.asynchronous is None and version > self.version and not self._took_part(worker):
+            # A frontend asks for the next version but none of its clients has an upload in the
+            # current one: its upload was lost (a restarted backend) or discarded. Serve it the
+            # current version instead of holding it for a version that may need its upload.
+            self.log.info(f"{worker.label} asks for version {version} but has no accepted upload for version "
+                          f"{self.version}; serving version {self.version}")
+            transfer.version = self.version
+        if self.asynchronous is not None or transfer.version <= self.version:
+            self._offer(worker, transfer)
         else:
-            self._waiting.append((worker, transfer))
-            self.ledger.add(worker.label, "pending")
+            self._hold(worker, transfer)
             self.log.debug(f"{worker.label} waits for version {version} (global {self.version})")
 
+    def _took_part(self, worker: _Worker) -> bool:
+        return any(self._uploaded.get(c) == self.version for c in worker.clients or ())
+
+    def _hold(self, worker: _Worker, transfer: Transfer) -> None:
+        self._waiting.append((worker, transfer))
+        self.ledger.add(worker.label, "pending")
+
+    def _offer(self, worker: _Worker, transfer: Transfer) -> None:
+        """Serve a download unless a step holds it (a sampling step holds unsampled clients)."""
+        transfer.held = False
+        self._fire(Event.BEFORE_DOWNLOAD, transfer)
+        if transfer.held:
+            self._hold(worker, transfer)
+            self.log.debug(f"holding the download of {worker.label}: {transfer.reason}")
+            return
+        self._serve(worker, transfer)
+
     def _release_waiting(self) -> None:
-        ready = [item for item in self._waiting if item[1].version <= self.version]
+        if self._offered == self._epoch:
+            return
+        self._offered = self._epoch
+        ready = [item for item in self._waiting if self.asynchronous is not None or item[1].version <= self.version]
         for item in ready:
             self._waiting.remove(item)
             self.ledger.add(item[0].label, "pending", -1)
-            self._serve(*item)
+            self._offer(*item)
 
     def _serve(self, worker: _Worker, transfer: Transfer) -> None:
-        self._fire(Event.BEFORE_DOWNLOAD, transfer)
         header, buffer = self._encoded()
         transfer.version = self.version
+        if worker.hosts_many or transfer.clients != list(worker.clients):
+            fields = parse_header(header)
+            fields["clients"] = list(transfer.clients)
+            header = encode_header(fields)
         worker.reply(Message(Kind.MODEL, header, buffer))
         self.ledger.add(worker.label, "downloads")
         self.log.debug(f"served version {self.version} to {worker.label}")
@@ -423,35 +664,91 @@ class Server:
             payload = decode(header, message.payload if message.payload is not None else empty,
                              self.state.upload_schema, kind="update")
             meta = validate_meta(payload.meta)
+            refused = self._register(worker, payload.meta)
+            client = payload.meta.get("client", worker.clients[0] if worker.clients and not worker.hosts_many else None)
+            if refused is None and (not isinstance(client, str) or client not in (worker.clients or ())):
+                raise PayloadError(f"meta 'client' must name a client this frontend hosts, got {str(client)[:70]!r}")
         except PayloadError as exc:
             self.ledger.discard(worker.label, f"invalid payload: {exc}")
             self.log.warning(f"rejected the upload of {worker.label}: {exc}")
             worker.reply(Message(Kind.ACK, encode_header({"accepted": False, "reason": f"invalid payload: {exc}",
                                                           "version": self.version})))
             return
+        if refused is not None:
+            self._refuse_request(worker, refused)
+            return
+        staleness = self.version - payload.version
         transfer = Transfer(
             rank=worker.peer.rank, nick_name=worker.peer.nick_name, version=payload.version,
-            num_samples=meta["num_samples"], metrics=meta["metrics"], staleness=self.version - payload.version,
+            num_samples=meta["num_samples"], metrics=meta["metrics"], staleness=staleness, client=client,
         )
         self._fire(Event.BEFORE_UPLOAD, transfer)
         if transfer.accepted is None:
-            if payload.version > self.version:
-                transfer.discard(f"future: trained from version {payload.version} but the global version is only {self.version}")
-            elif payload.version < self.version:
-                transfer.discard(f"stale: trained from version {payload.version} but the global version is {self.version}")
-            else:
-                self.state.aggregator.add(payload.tensors, meta["num_samples"])
-                transfer.accepted = True
-                self.received += 1
+            self._judge(transfer, payload.tensors)
+        label = worker.label if not worker.hosts_many else f"{worker.label}:{client}"
         if transfer.accepted:
             self.ledger.add(worker.label, "uploads")
-            self.log.debug(f"accepted the upload of {worker.label} for version {self.version}")
+            if self.asynchronous is not None:
+                self.log.info(f"accepted the upload of {label}: trained from version {payload.version}, "
+                              f"staleness {staleness}, weight {transfer.weight:.4f}")
+            else:
+                self.log.debug(f"accepted the upload of {label} for version {self.version}")
         else:
             self.ledger.discard(worker.label, transfer.reason)
-            self.log.warning(f"discarded the upload of {worker.label}: {transfer.reason}")
+            self.log.warning(f"discarded the upload of {label}: {transfer.reason}")
         worker.reply(Message(Kind.ACK, encode_header(
             {"accepted": bool(transfer.accepted), "reason": transfer.reason, "version": self.version})))
         self._fire(Event.AFTER_UPLOAD, transfer)
+
+    def _judge(self, transfer: Transfer, tensors: Dict[str, torch.Tensor]) -> None:
+        """Apply the version rule to a valid upload, and accumulate it if it passes."""
+        tag, client = transfer.version, transfer.client
+        if tag > self.version:
+            transfer.discard(f"future: trained from version {tag} but the global version is only {self.version}")
+            return
+        if self.asynchronous is not None:
+            bound = self.asynchronous.max_staleness
+            if bound is not None and transfer.staleness > bound:
+                transfer.discard(f"too stale: trained from version {tag}, {transfer.staleness} versions behind "
+                                 f"the global version {self.version}; max_staleness is {bound}")
+                return
+            transfer.weight *= self.asynchronous.weight(transfer.staleness)
+        elif tag < self.version:
+            transfer.discard(f"stale: trained from version {tag} but the global version is {self.version}")
+            return
+        elif self._uploaded.get(client) == self.version:
+            transfer.discard(f"duplicate: client {client} has an accepted upload for version {self.version} already")
+            return
+        self._accept(client, tensors, transfer.num_samples, transfer.weight)
+        transfer.accepted = True
+
+    def _accept(self, client: str, tensors: Dict[str, torch.Tensor], num_samples: int, weight: float) -> None:
+        aggregator = self.state.aggregator
+        self._uploaded[client] = self.version
+        self.received += 1
+        self._mix[0] += aggregator.effective_weight(num_samples, weight)
+        self._mix[1] += aggregator.effective_weight(num_samples, 1.0)
+        order = self.expected
+        if order is None or client not in order or (order[self._next] == client if self._next < len(order) else False):
+            aggregator.add(tensors, num_samples, weight)
+            if order is not None and client in order:
+                self._next += 1
+                self._flush_early(final=False)
+            return
+        # The upload views the pipe's receive buffer, reused for the next message: keep a copy.
+        self._early[client] = ({n: t.clone() for n, t in tensors.items()}, num_samples, weight)
+        self._flush_early(final=False)
+
+    def _flush_early(self, final: bool) -> None:
+        """Accumulate the kept uploads in the expected order; ``final``: skip the missing ones."""
+        order = self.expected
+        if order is None:
+            return
+        while self._next < len(order) and (order[self._next] in self._early or final):
+            kept = self._early.pop(order[self._next], None)
+            if kept is not None:
+                self.state.aggregator.add(*kept)
+            self._next += 1
 
     def _end(self) -> None:
         with self._lock:
@@ -508,3 +805,30 @@ class Server:
         self._lobbies.clear()
         for path in self._files:
             path.unlink(missing_ok=True)
+
+
+def newest_checkpoint(prefix: str, log: Any) -> Optional[Tuple[str, Dict[str, Any]]]:
+    """Find the newest complete checkpoint ``f"{prefix}.{version}"``; None when there is none.
+
+    Checkpoints are written by rename, so a file that exists is complete; one that still fails to
+    load (a disk error, a foreign file) is skipped with a warning and an older one is tried.
+    """
+    base = Path(prefix)
+    folder = base.parent if str(base.parent) else Path(".")
+    if not folder.is_dir():
+        return None
+    found = []
+    for path in folder.iterdir():
+        name, _, number = path.name.rpartition(".")
+        if name == base.name and number.isascii() and number.isdigit():
+            found.append((int(number), path))
+    for version, path in sorted(found, reverse=True):
+        try:
+            data = torch.load(path, weights_only=True)
+        except Exception as exc:  # a damaged file: fall back to an older checkpoint
+            log.warning(f"checkpoint {path} cannot be read ({type(exc).__name__}: {exc}); trying an older one")
+            continue
+        if isinstance(data, dict) and data.get("format") == CHECKPOINT_FORMAT and data.get("version") == version:
+            return str(path), data
+        log.warning(f"{path} is not a complete openfl_api checkpoint of format {CHECKPOINT_FORMAT}; skipped")
+    return None

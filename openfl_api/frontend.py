@@ -9,12 +9,14 @@ tensors. The end of the federation is not an error: the calls return False.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Dict, Mapping, Optional
+import time
+from datetime import timedelta
+from typing import Any, Callable, Dict, List, Mapping, Optional, Union
 
 import torch
 
 from openfl_api.address import Address
-from openfl_api.errors import ConfigurationError, PayloadError, TransportError
+from openfl_api.errors import AdmissionError, ConfigurationError, PayloadError, TransportError
 from openfl_api.payload import MAX_HEADER_BYTES, decode, encode, encode_header, parse_header
 from openfl_api.report import Ledger
 from openfl_api.state import SharedState
@@ -34,8 +36,13 @@ class Client:
         log: a bound logger.
     """
 
-    def __init__(self, fire: Callable[..., None], timeouts: Any, log: Any) -> None:
+    def __init__(self, fire: Callable[..., None], timeouts: Any, log: Any,
+                 clients: Optional[List[str]] = None, reconnect: timedelta = timedelta(0)) -> None:
         self._fire = fire
+        self.hosted = clients  # virtual client ids, or None: this frontend is one client
+        self.selected: List[str] = list(clients or [])
+        self._registered = False
+        self.reconnect = reconnect
         self.timeouts = timeouts
         self.log = log
         self.ledger = Ledger()
@@ -46,36 +53,80 @@ class Client:
         self.address: Optional[Address] = None
         self._pipe: Optional[Pipe] = None
         self._store: Any = None
-        self._ended_on_store: Callable[[], bool] = lambda: True
+        self._ended_on_store: Callable[[], Optional[bool]] = lambda: None
+        self._token = b""
+        self._nick_name = ""
         self._rx = torch.empty(0, dtype=torch.uint8)
         self._tx: Optional[torch.Tensor] = None
 
-    def connect(self, address: Address, token: bytes, nick_name: str) -> None:
+    def connect(self, address: Address, token: bytes, nick_name: str, timeout: Optional[timedelta] = None) -> None:
         """Join the backend at ``address``; blocks until admitted."""
-        self._store = open_store(address, backend=False, timeout=self.timeouts.connect)
-        self._pipe, self.backend_name, self._ended_on_store = join(
-            address, self._store, token, nick_name, self.timeouts.connect
-        )
-        self.address = address
+        timeout = timeout or self.timeouts.connect
+        self._store = open_store(address, backend=False, timeout=timeout)
+        self._pipe, self.backend_name, self._ended_on_store = join(address, self._store, token, nick_name, timeout)
+        self.address, self._token, self._nick_name = address, token, nick_name
+        self._registered = False
         self.log.info(f"joined {self.backend_name} at {address.init_method} as rank {address.rank}")
+
+    def _rejoin(self, cause: TransportError) -> bool:
+        """Join a restarted backend again, with back-off, for up to ``reconnect``; True if joined."""
+        deadline = time.monotonic() + self.reconnect.total_seconds()
+        delay = 0.2
+        self.log.warning(f"lost the backend at {self.address.init_method} ({cause}); "
+                         f"trying to join again for up to {self.reconnect}")
+        if self._pipe is not None:
+            self._pipe.close()
+            self._pipe = None
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            try:
+                self.connect(self.address, self._token, self._nick_name,
+                             timeout=timedelta(seconds=max(0.5, min(left, self.timeouts.connect.total_seconds()))))
+                return True
+            except AdmissionError:
+                raise
+            except (TransportError, RuntimeError) as exc:
+                self.log.debug(f"join again failed: {exc}")
+            time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+            delay = min(2 * delay, 5.0)
 
     def _alloc(self, size: int) -> torch.Tensor:
         if self._rx.numel() < size:
             self._rx = torch.empty(size, dtype=torch.uint8)
         return self._rx[:size]
 
-    def _exchange(self, request: Message, limits: Limits) -> Optional[Message]:
-        """Send a request and receive its reply; None once the federation has ended."""
-        try:
-            self._pipe.send(request, self.timeouts.transfer)
-            reply = self._pipe.recv(limits, self.timeouts.idle, self.timeouts.transfer, self._alloc)
-        except TransportError as exc:
-            if self._ended_on_store():
-                self._end(f"the backend closed the pipe ({exc})")
-                return None
-            raise TransportError(
-                f"lost the backend at {self.address.init_method}, which did not record an end: {exc}"
-            ) from exc
+    def _exchange(self, request: Union[Message, Callable[[], Message]], limits: Limits) -> Optional[Message]:
+        """Send a request (or build it: ``request()``) and receive its reply; None once ended.
+
+        A broken pipe with no end recorded on the store means the backend went away (or dropped
+        this frontend): join again for up to ``reconnect`` and repeat the request.
+        """
+        if isinstance(request, Message):
+            request = (lambda message: lambda: message)(request)
+        limits = Limits(limits.kinds | {Kind.PING}, limits.max_header, limits.max_payload)
+        while True:
+            try:
+                self._pipe.send(request(), self.timeouts.transfer)
+                reply = self._pipe.recv(limits, self.timeouts.idle, self.timeouts.transfer, self._alloc)
+                while reply.kind is Kind.PING:  # the backend holds the request and checks on us
+                    reply = self._pipe.recv(limits, self.timeouts.idle, self.timeouts.transfer, self._alloc)
+                break
+            except TransportError as exc:
+                ended = self._ended_on_store()
+                if ended:
+                    self._end(f"the backend closed the pipe ({exc})")
+                    return None
+                if self.reconnect > timedelta(0) and self._rejoin(exc):
+                    continue
+                if ended is None:
+                    self._end(f"lost the backend at {self.address.init_method} and could not reach it again "
+                              f"within reconnect={self.reconnect}: {exc}")
+                    return None
+                raise TransportError(
+                    f"lost the backend at {self.address.init_method}, which did not record an end: {exc}"
+                ) from exc
         if reply.kind is Kind.END:
             self._end(str(_header_or_empty(reply.header).get("reason", "the federation ended")))
             return None
@@ -92,16 +143,26 @@ class Client:
             return False
         transfer = Transfer(rank=rank, nick_name=nick_name, version=self.version)
         self._fire(Event.BEFORE_DOWNLOAD, transfer)
-        request = Message(Kind.DOWNLOAD, encode_header({"version": self.version}))
+
+        def request() -> Message:
+            fields: Dict[str, Any] = {"version": self.version}
+            if self.hosted is not None and not self._registered:
+                fields["clients"] = self.hosted
+            return Message(Kind.DOWNLOAD, encode_header(fields))
+
         limits = Limits(frozenset({Kind.MODEL, Kind.END}), MAX_HEADER_BYTES, state.download_schema.nbytes)
         reply = self._exchange(request, limits)
         if reply is None:
             return False
+        self._registered = True
         buffer = reply.payload if reply.payload is not None else torch.empty(0, dtype=torch.uint8)
         try:
-            payload = decode(reply.header, buffer, state.download_schema, kind="model")
+            header = parse_header(reply.header)
+            payload = decode(header, buffer, state.download_schema, kind="model")
+            selected = self._check_selected(header.get("clients"))
         except PayloadError as exc:
             raise PayloadError(f"the backend sent an invalid model; nothing was loaded: {exc}") from exc
+        self.selected = transfer.clients = selected
         state.apply(payload.tensors)
         self.version = transfer.version = payload.version
         self.ledger.add(self.backend_name, "downloads")
@@ -109,26 +170,60 @@ class Client:
         self._fire(Event.AFTER_DOWNLOAD, transfer)
         return True
 
+    def _check_selected(self, named: Any) -> List[str]:
+        hosted = self.hosted if self.hosted is not None else []
+        if named is None:
+            return list(hosted)
+        if not isinstance(named, list) or not all(isinstance(c, str) for c in named):
+            raise PayloadError(f"header field 'clients' must be a list of client ids, got {str(named)[:80]}")
+        if self.hosted is not None:
+            unknown = sorted(set(named) - set(hosted))
+            if unknown:
+                raise PayloadError(f"the backend selected clients {unknown[:5]} that this frontend does not host")
+        return list(named)
+
     def upload(
-        self, state: SharedState, rank: int, nick_name: str, num_samples: int, metrics: Mapping[str, float]
+        self, state: SharedState, rank: int, nick_name: str, num_samples: int, metrics: Mapping[str, float],
+        client: Optional[str] = None,
     ) -> bool:
         """Send the local state tagged with the local version; False once the federation ended."""
         if self.ended:
             return False
+        if self.hosted is not None:
+            if client is None:
+                if len(self.hosted) != 1:
+                    raise ConfigurationError(
+                        "this frontend hosts several clients: say whose update this is, upload(client=...)")
+                client = self.hosted[0]
+            elif client not in self.hosted:
+                raise ConfigurationError(f"upload(client={client!r}): this frontend hosts no such client")
+        elif client is not None:
+            raise ConfigurationError("upload(client=...) needs API(clients=[...]) on this frontend")
         transfer = Transfer(rank=rank, nick_name=nick_name, version=self.version,
-                            num_samples=num_samples, metrics=dict(metrics))
+                            num_samples=num_samples, metrics=dict(metrics), client=client or "")
         self._fire(Event.BEFORE_UPLOAD, transfer)
         schema = state.upload_schema
         if self._tx is None or self._tx.numel() < schema.nbytes:
             self._tx = torch.zeros(schema.nbytes, dtype=torch.uint8)
-        header, buffer = encode(
-            state.upload_tensors(), schema, kind="update", version=self.version, sender=nick_name,
-            meta={"num_samples": num_samples, "metrics": dict(metrics)}, out=self._tx,
-        )
-        reply = self._exchange(Message(Kind.UPLOAD, header, buffer),
+        meta: Dict[str, Any] = {"num_samples": num_samples, "metrics": dict(metrics)}
+        if client:
+            meta["client"] = client
+        header, buffer = encode(state.upload_tensors(), schema, kind="update", version=self.version,
+                                sender=nick_name, meta=meta, out=self._tx)
+
+        def request() -> Message:
+            if self.hosted is None or self._registered:
+                return Message(Kind.UPLOAD, header, buffer)
+            # A backend joined again has not heard of this frontend's clients yet.
+            fields = parse_header(header)
+            fields["meta"]["clients"] = self.hosted
+            return Message(Kind.UPLOAD, encode_header(fields), buffer)
+
+        reply = self._exchange(request,
                                Limits(frozenset({Kind.ACK, Kind.END}), MAX_HEADER_BYTES, 0))
         if reply is None:
             return False
+        self._registered = True
         ack = _header_or_empty(reply.header)
         transfer.accepted = bool(ack.get("accepted"))
         transfer.reason = str(ack.get("reason", ""))[:500]

@@ -60,6 +60,8 @@ def build_parser(environ: Optional[Mapping[str, str]] = None) -> argparse.Argume
                         help="name of the federation on this address (env OPENFL_GROUP_NAME)")
     parser.add_argument("--address_file", "--address-file", default=None,
                         help="JSON address file to serve (backend) or join (frontend)")
+    parser.add_argument("--resume", default=env.get("OPENFL_RESUME") or None,
+                        help="backend: checkpoint prefix to resume from, API(resume=...) (env OPENFL_RESUME)")
     return parser
 
 

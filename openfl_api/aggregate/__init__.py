@@ -1,4 +1,5 @@
-"""Aggregation of uploads on the backend: FedAvg, the plain mean and Elastic Aggregation.
+"""Aggregation of uploads on the backend: FedAvg, the plain mean, Elastic Aggregation, and the
+staleness weighting and mixing of asynchronous FL (FedAsync, FedBuff).
 
 The classes hold the running state (one sum buffer per entry, reused across rounds); the
 formulas live as pure functions in :mod:`openfl_api.aggregate.functional`.
@@ -14,9 +15,11 @@ from openfl_api.aggregate.functional import (
     accumulation_dtype,
     elastic_update,
     finish_mean,
+    mix,
     momentum_update_,
     normalized_sensitivity,
 )
+from openfl_api.aggregate.staleness import Constant, Hinge, Polynomial, Staleness, constant, hinge, polynomial
 
 __all__ = [
     "Aggregator",
@@ -27,6 +30,14 @@ __all__ = [
     "accumulation_dtype",
     "elastic_update",
     "finish_mean",
+    "mix",
     "momentum_update_",
     "normalized_sensitivity",
+    "Staleness",
+    "Constant",
+    "Polynomial",
+    "Hinge",
+    "constant",
+    "polynomial",
+    "hinge",
 ]

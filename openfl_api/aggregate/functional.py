@@ -15,6 +15,7 @@ __all__ = [
     "normalized_sensitivity",
     "elastic_update",
     "momentum_update_",
+    "mix",
 ]
 
 
@@ -102,3 +103,14 @@ def elastic_update(
 def momentum_update_(running: torch.Tensor, x: torch.Tensor, momentum: float) -> torch.Tensor:
     """Sets ``running = momentum * running + (1 - momentum) * |x|`` in place and returns it."""
     return running.mul_(momentum).add_(x.abs(), alpha=1 - momentum)
+
+
+def mix(current: torch.Tensor, aggregated: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Return ``(1 - alpha) * current + alpha * aggregated``: FedAsync's mixing of a new model.
+
+    Floating tensors are mixed in their own dtype; integer tensors (``num_batches_tracked``)
+    cannot be mixed and take ``aggregated``. ``alpha`` is in ``[0, 1]``.
+    """
+    if not aggregated.is_floating_point():
+        return aggregated.clone()
+    return torch.lerp(current.to(aggregated.dtype), aggregated, alpha)

@@ -36,6 +36,7 @@ class Kind(enum.IntEnum):
     MODEL = 4  #: backend serves a global model (header + payload)
     ACK = 5  #: backend says whether an upload was accepted
     END = 6  #: backend says the federation has ended
+    PING = 7  #: backend checks that a frontend whose request it holds is still there; no reply
 
 
 REQUESTS = frozenset({Kind.DOWNLOAD, Kind.UPLOAD, Kind.BYE})

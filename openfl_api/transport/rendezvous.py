@@ -46,6 +46,7 @@ PROTOCOL = 1
 MAX_VALUE = 4096
 _POLL = timedelta(seconds=0.1)
 _RETRY = timedelta(seconds=3)
+DUPLICATE_GRACE = timedelta(seconds=5)
 _memory_stores: Dict[str, HashStore] = {}
 _live_lobbies: "weakref.WeakSet[Lobby]" = weakref.WeakSet()
 
@@ -233,6 +234,7 @@ class Lobby:
         base = f"{self.session}/join/{index}"
         rank: Optional[int] = None
         challenged = False
+        code = "refused"
         try:
             hello = _read_json(self.store, f"{base}/hello")
             rank, nick_name, nonce = _check_hello(hello, self.address)
@@ -251,13 +253,14 @@ class Lobby:
                 )
             with self._ranks_lock:
                 if rank in self._ranks:
+                    code = "duplicate"
                     raise AdmissionError(
                         f"rank {rank} is already connected on {self.address.init_method}; a second frontend "
                         "cannot claim it: give each frontend its own rank"
                     )
                 self._ranks.add(rank)
         except AdmissionError as exc:
-            self._refuse(base, rank, str(exc), challenged)
+            self._refuse(base, rank, str(exc), challenged, code)
             return
         except RuntimeError as exc:  # the store went away: the backend is closing
             self._log.debug(f"join {index} abandoned: {exc}")
@@ -272,10 +275,10 @@ class Lobby:
             return
         self._on_admit(pipe, Peer(rank=rank, nick_name=nick_name, address=self.address, join=index))
 
-    def _refuse(self, base: str, rank: Optional[int], reason: str, challenged: bool) -> None:
+    def _refuse(self, base: str, rank: Optional[int], reason: str, challenged: bool, code: str = "refused") -> None:
         # Before the challenge the frontend waits on the challenge key, after it on the verdict.
         key = f"{base}/verdict" if challenged else f"{base}/challenge"
-        value = {"ok": False, "reason": reason} if challenged else {"refused": reason}
+        value = {"ok": False, "reason": reason, "code": code} if challenged else {"refused": reason}
         try:
             self.store.set(key, json.dumps(value))
         except RuntimeError:
@@ -308,15 +311,20 @@ def join(
 ) -> Tuple[Pipe, str, Callable[[], bool]]:
     """Join the backend at ``address`` as frontend ``address.rank``; blocks until admitted.
 
+    A refusal because the rank is still connected is retried for up to ``DUPLICATE_GRACE``: a
+    restarted frontend may join before the backend noticed that the previous process died.
+
     Returns:
         ``(pipe, backend_nick_name, ended)`` where ``ended()`` tells whether the backend has
-        recorded the end of the federation (True also when the store cannot be reached).
+        recorded the end of the federation (None when the store cannot be reached).
 
     Raises:
         AdmissionError: the backend refused this frontend; the message says why.
         TransportError: no backend answered within ``timeout``.
     """
     deadline = time.monotonic() + timeout.total_seconds()
+    duplicate_until = time.monotonic() + min(DUPLICATE_GRACE.total_seconds(), timeout.total_seconds() / 2)
+    duplicate_delay = 0.25
 
     def remaining(cap: Optional[timedelta] = None) -> timedelta:
         left = timedelta(seconds=max(0.0, deadline - time.monotonic()))
@@ -354,6 +362,10 @@ def join(
             raise TransportError(f"the backend at {address.init_method} gave no verdict within {timeout}")
         verdict = _read_json(store, f"{base}/verdict")
         if verdict.get("ok") is not True:
+            if verdict.get("code") == "duplicate" and time.monotonic() < duplicate_until:
+                time.sleep(min(duplicate_delay, max(0.0, duplicate_until - time.monotonic())))
+                duplicate_delay *= 2
+                continue
             _raise_refused(verdict)
         proof = challenge.get("proof")
         if not isinstance(proof, str) or not hmac.compare_digest(proof, _mac(token, "backend", session, index, nonce)):
@@ -363,11 +375,11 @@ def join(
             raise AdmissionError(f"the backend named an unexpected pipe {str(prefix)[:80]!r}")
         pipe = _open_pipe(address, store, prefix, 1, remaining())
 
-        def ended() -> bool:
+        def ended() -> Optional[bool]:
             try:
                 return store.check([f"{session}/ended"])
             except RuntimeError:
-                return True
+                return None  # the store is gone with the backend
 
         return pipe, str(verdict.get("backend", "backend"))[:64], ended
 
