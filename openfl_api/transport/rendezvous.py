@@ -330,58 +330,67 @@ def join(
         left = timedelta(seconds=max(0.0, deadline - time.monotonic()))
         return min(left, cap) if cap is not None else left
 
-    while True:
-        if not _wait(store, "session", remaining()):
-            raise TransportError(
-                f"no backend at {address.init_method} (group {address.group_name!r}) within {timeout}; "
-                "start rank 0 or check the address"
-            )
-        session = store.get("session").decode()
-        index = store.add(f"{session}/joins", 1)
-        base = f"{session}/join/{index}"
-        nonce = secrets.token_hex(16)
-        hello = {"protocol": PROTOCOL, "rank": address.rank, "nick_name": nick_name, "nonce": nonce}
-        store.set(f"{base}/hello", json.dumps(hello))
-        answered = False
-        while remaining() > timedelta(0):
-            if _wait(store, f"{base}/challenge", remaining(_RETRY)):
-                answered = True
-                break
-            if store.get("session").decode() != session:
-                break  # the backend restarted: join its new session
-        if not answered:
-            if remaining() > timedelta(0):
-                continue
-            raise TransportError(f"the backend at {address.init_method} did not answer within {timeout}")
-        challenge = _read_json(store, f"{base}/challenge")
-        if "refused" in challenge:
-            _raise_refused({"reason": challenge["refused"]})
-        mac = _mac(token, "frontend", session, index, address.rank, nonce, challenge.get("challenge"))
-        store.set(f"{base}/response", json.dumps({"mac": mac}))
-        if not _wait(store, f"{base}/verdict", remaining()):
-            raise TransportError(f"the backend at {address.init_method} gave no verdict within {timeout}")
-        verdict = _read_json(store, f"{base}/verdict")
-        if verdict.get("ok") is not True:
-            if verdict.get("code") == "duplicate" and time.monotonic() < duplicate_until:
-                time.sleep(min(duplicate_delay, max(0.0, duplicate_until - time.monotonic())))
-                duplicate_delay *= 2
-                continue
-            _raise_refused(verdict)
-        proof = challenge.get("proof")
-        if not isinstance(proof, str) or not hmac.compare_digest(proof, _mac(token, "backend", session, index, nonce)):
-            raise AdmissionError("the backend could not prove it holds the token; refusing to send it anything")
-        prefix = verdict.get("pipe")
-        if prefix != f"{session}/pipe/{index}":
-            raise AdmissionError(f"the backend named an unexpected pipe {str(prefix)[:80]!r}")
-        pipe = _open_pipe(address, store, prefix, 1, remaining())
+    refused: Optional[Dict[str, Any]] = None
+    try:
+        while True:
+            if not _wait(store, "session", remaining()):
+                raise TransportError(
+                    f"no backend at {address.init_method} (group {address.group_name!r}) within {timeout}; "
+                    "start rank 0 or check the address"
+                )
+            session = store.get("session").decode()
+            index = store.add(f"{session}/joins", 1)
+            base = f"{session}/join/{index}"
+            nonce = secrets.token_hex(16)
+            hello = {"protocol": PROTOCOL, "rank": address.rank, "nick_name": nick_name, "nonce": nonce}
+            store.set(f"{base}/hello", json.dumps(hello))
+            answered = False
+            while remaining() > timedelta(0):
+                if _wait(store, f"{base}/challenge", remaining(_RETRY)):
+                    answered = True
+                    break
+                if store.get("session").decode() != session:
+                    break  # the backend restarted: join its new session
+            if not answered:
+                if remaining() > timedelta(0):
+                    continue
+                raise TransportError(f"the backend at {address.init_method} did not answer within {timeout}")
+            challenge = _read_json(store, f"{base}/challenge")
+            if "refused" in challenge:
+                _raise_refused({"reason": challenge["refused"]})
+            mac = _mac(token, "frontend", session, index, address.rank, nonce, challenge.get("challenge"))
+            store.set(f"{base}/response", json.dumps({"mac": mac}))
+            if not _wait(store, f"{base}/verdict", remaining()):
+                raise TransportError(f"the backend at {address.init_method} gave no verdict within {timeout}")
+            verdict = _read_json(store, f"{base}/verdict")
+            if verdict.get("ok") is not True:
+                if verdict.get("code") == "duplicate" and time.monotonic() < duplicate_until:
+                    time.sleep(min(duplicate_delay, max(0.0, duplicate_until - time.monotonic())))
+                    duplicate_delay *= 2
+                    refused = verdict
+                    continue
+                _raise_refused(verdict)
+            proof = challenge.get("proof")
+            if not isinstance(proof, str) or not hmac.compare_digest(proof, _mac(token, "backend", session, index, nonce)):
+                raise AdmissionError("the backend could not prove it holds the token; refusing to send it anything")
+            prefix = verdict.get("pipe")
+            if prefix != f"{session}/pipe/{index}":
+                raise AdmissionError(f"the backend named an unexpected pipe {str(prefix)[:80]!r}")
+            pipe = _open_pipe(address, store, prefix, 1, remaining())
 
-        def ended() -> Optional[bool]:
-            try:
-                return store.check([f"{session}/ended"])
-            except RuntimeError:
-                return None  # the store is gone with the backend
+            def ended() -> Optional[bool]:
+                try:
+                    return store.check([f"{session}/ended"])
+                except RuntimeError:
+                    return None  # the store is gone with the backend
 
-        return pipe, str(verdict.get("backend", "backend"))[:64], ended
+            return pipe, str(verdict.get("backend", "backend"))[:64], ended
+    except RuntimeError as exc:  # the store went away under us: the backend is gone
+        if refused is not None:
+            _raise_refused(refused)
+        raise TransportError(
+            f"lost the store of {address.init_method} while joining: {str(exc).splitlines()[0]}"
+        ) from exc
 
 
 def _raise_refused(verdict: Dict[str, Any]) -> None:
