@@ -40,7 +40,7 @@ _LAZY = {
     "StopAtVersion": "openfl_api.step",
     "StopAtLoop": "openfl_api.step",
 }
-_SUBMODULES = ("aggregate", "logger", "parser", "utils")
+_SUBMODULES = ("aggregate", "data", "logger", "parser", "utils")
 
 __all__ = [
     *_LAZY,
