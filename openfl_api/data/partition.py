@@ -24,9 +24,9 @@ class Partition(Sequence[np.ndarray]):
 
     .. code-block:: python
 
-       part = Partition(data.dirichlet(labels, num_clients=10, alpha=0.5, seed=0))
+       part = Partition(data.dirichlet(labels, num_clients=args.world_size - 1, alpha=0.5, seed=0))
        print(part.table(labels))
-       loader = DataLoader(part.subset(train_set, client=api.rank - 1), shuffle=True)
+       loader = DataLoader(part.subset(train_set, client=args.rank - 1), shuffle=True)
 
     ``part[j]`` is client ``j``'s read-only ``int64`` index array; ``len(part)`` is the number of
     clients.
