@@ -17,7 +17,9 @@ setup(
     python_requires=">=3.9",
     install_requires=requirements,
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout>=2", "hypothesis>=6"],
+        "test": ["pytest>=7", "pytest-timeout>=2", "hypothesis>=6", "matplotlib>=3.5", "scikit-learn>=1.0"],
         "docs": ["sphinx>=7"],
+        "plot": ["matplotlib>=3.5"],
+        "digits": ["scikit-learn>=1.0"],
     },
 )

@@ -44,7 +44,7 @@ _LAZY = {
     "ReportSilent": "openfl_api.step",
     "Asynchronous": "openfl_api.asynchronous",
 }
-_SUBMODULES = ("aggregate", "logger", "parser", "utils")
+_SUBMODULES = ("aggregate", "data", "logger", "parser", "utils")
 
 __all__ = [
     *_LAZY,
