@@ -25,7 +25,7 @@ import torch
 from openfl_api.address import Address, AddressFileWatcher
 from openfl_api.aggregate.functional import mix
 from openfl_api.asynchronous import Asynchronous
-from openfl_api.errors import ConfigurationError, PayloadError, TransportError
+from openfl_api.errors import ConfigurationError, PayloadError, ProtocolError, TransportError
 from openfl_api.payload import MAX_HEADER_BYTES, decode, encode, encode_header, parse_header, validate_meta
 from openfl_api.report import Ledger
 from openfl_api.state import SharedState
@@ -169,6 +169,9 @@ class _Worker:
                         break
                     continue
                 self.pipe.send(self._await_reply(), timeouts.transfer)
+        except ProtocolError as exc:
+            reason = f"invalid message: {exc}"
+            self.server.ledger.discard(self.label, reason)
         except TransportError as exc:
             reason = str(exc)
         finally:

@@ -10,6 +10,7 @@ either. Messages say what must hold, what came, and how to fix it::
      +-- PayloadError (ValueError)            a payload failed validation; nothing was applied
      +-- AdmissionError (PermissionError)     a peer was refused (wrong token, duplicate rank, ...)
      +-- TransportError (ConnectionError)     a pipe or store failed (peer crashed, timed out, ...)
+     |    +-- ProtocolError                   the peer sent a message that breaks the wire protocol
      +-- StepError (RuntimeError)             a step raised; the original exception is chained
 """
 
@@ -23,6 +24,7 @@ __all__ = [
     "PayloadError",
     "AdmissionError",
     "TransportError",
+    "ProtocolError",
     "StepError",
 ]
 
@@ -53,6 +55,10 @@ class AdmissionError(OpenFLError, PermissionError):
 
 class TransportError(OpenFLError, ConnectionError):
     """A pipe or a store failed: the peer crashed, closed the connection, or timed out."""
+
+
+class ProtocolError(TransportError):
+    """The peer sent a frame that breaks the wire protocol (bad magic, kind or size); the pipe is closed."""
 
 
 class StepError(OpenFLError, RuntimeError):

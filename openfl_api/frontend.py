@@ -26,6 +26,8 @@ from openfl_api.transport.rendezvous import join, open_store
 
 __all__ = ["Client"]
 
+MAX_REJOINS = 3  # joins again per request before a broken pipe is reported
+
 
 class Client:
     """The frontend of one API: one pipe to the backend and a local version.
@@ -105,6 +107,7 @@ class Client:
         """
         if isinstance(request, Message):
             request = (lambda message: lambda: message)(request)
+        rejoins = 0
         limits = Limits(limits.kinds | {Kind.PING}, limits.max_header, limits.max_payload)
         while True:
             try:
@@ -118,7 +121,8 @@ class Client:
                 if ended:
                     self._end(f"the backend closed the pipe ({exc})")
                     return None
-                if self.reconnect > timedelta(0) and self._rejoin(exc):
+                if self.reconnect > timedelta(0) and rejoins < MAX_REJOINS and self._rejoin(exc):
+                    rejoins += 1  # a request the backend keeps dropping is not repeated forever
                     continue
                 if ended is None:
                     self._end(f"lost the backend at {self.address.init_method} and could not reach it again "

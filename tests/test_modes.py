@@ -4,6 +4,7 @@ process over memory:// pipes. The same behaviour over real processes is in tests
 from __future__ import annotations
 
 import threading
+import time
 from datetime import timedelta
 
 import pytest
@@ -23,6 +24,21 @@ def set_to(value: float):
             model.bias.fill_(value)
 
     return body
+
+
+class VersionReached:
+    """An ``after`` condition: the backend has reached ``version`` (aggregation runs after the ACK)."""
+
+    def __init__(self, fed: Federation, version: int) -> None:
+        self.fed, self.version = fed, version
+
+    def wait(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while self.fed.backend.version < self.version:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.005)
+        return True
 
 
 def upload_value(value: float, num_samples: int = 1, tag=None, after=None, then=None):
@@ -89,9 +105,8 @@ def test_fedasync_mixes_each_update_with_alpha_times_its_staleness_weight():
     fed = Federation(asynchronous=ofl.Asynchronous(alpha=0.5, staleness=Polynomial(a=1.0)))
     fed.backend.set_aggregate_triggers(ofl.AggregateCount(count=1))
     fed.connect_backend()
-    first_done = threading.Event()
-    fed.frontend(1, upload_value(1.0, then=first_done))
-    fed.frontend(2, upload_value(1.0, after=first_done))  # trained from 0, arrives at version 1
+    fed.frontend(1, upload_value(1.0))
+    fed.frontend(2, upload_value(1.0, after=VersionReached(fed, 1)))  # trained from 0, arrives at version 1
     fed.serve_until_frontends_finish()
     # version 1: 0 + 0.5 * s(0) * (1 - 0) = 0.5; version 2: 0.5 + 0.5 * s(1) * (1 - 0.5), s(1) = 1/2.
     assert fed.backend.version == 2
@@ -114,9 +129,8 @@ def test_async_update_beyond_max_staleness_is_discarded_and_counted():
     fed = Federation(asynchronous=ofl.Asynchronous(max_staleness=0))
     fed.backend.set_aggregate_triggers(ofl.AggregateCount(count=1))
     fed.connect_backend()
-    first_done = threading.Event()
-    fed.frontend(1, upload_value(1.0, then=first_done))
-    fed.frontend(2, upload_value(1.0, after=first_done))
+    fed.frontend(1, upload_value(1.0))
+    fed.frontend(2, upload_value(1.0, after=VersionReached(fed, 1)))
     fed.serve_until_frontends_finish()
     ledger = fed.backend._server.ledger
     assert fed.backend.version == 1
@@ -231,7 +245,7 @@ def test_deadline_waits_for_the_quorum_past_the_deadline():
         def aggregate(self):
             raise AssertionError("aggregated without a quorum")
 
-    import time
+
 
     time.sleep(0.01)
     step.at_loop(FakeAPI())  # 1 of the 2 needed: no aggregation, a warning
@@ -258,7 +272,7 @@ def test_report_silent_names_clients_that_missed_versions():
         assert release.wait(WAIT)
 
     fed.frontend(2, idle)
-    import time
+
 
     deadline = time.monotonic() + WAIT
     fed.backend.start()

@@ -27,8 +27,8 @@ def test_defaults_from_an_empty_environment() -> None:
         "rank": 0,
         "local_rank": 0,
         "group_name": "openfl_api",
-        
         "address_file": None,
+        "resume": None,
     }
 
 

@@ -20,7 +20,7 @@ from typing import Callable, Optional
 
 import torch
 
-from openfl_api.errors import TransportError
+from openfl_api.errors import ProtocolError, TransportError
 
 __all__ = ["Kind", "Message", "Limits", "Pipe", "MAGIC", "REQUESTS", "REPLIES", "check_frame"]
 
@@ -65,18 +65,18 @@ def check_frame(frame: torch.Tensor, limits: Limits) -> tuple:
     """Validate a received frame; return ``(kind, header_bytes, payload_bytes)``.
 
     Raises:
-        TransportError: bad magic number, unexpected kind or a size over the limits. The stream
+        ProtocolError: bad magic number, unexpected kind or a size over the limits. The stream
             cannot be trusted after that, so the pipe must be closed.
     """
     magic, kind, header_len, payload_len = (int(v) for v in frame.tolist())
     if magic != MAGIC:
-        raise TransportError(f"frame has magic {magic:#x}, expected {MAGIC:#x}: the peer does not speak openfl_api")
+        raise ProtocolError(f"frame has magic {magic:#x}, expected {MAGIC:#x}: the peer does not speak openfl_api")
     if kind not in {int(k) for k in limits.kinds}:
-        raise TransportError(f"message kind {kind} is not expected here (expected {sorted(int(k) for k in limits.kinds)})")
+        raise ProtocolError(f"message kind {kind} is not expected here (expected {sorted(int(k) for k in limits.kinds)})")
     if not 0 <= header_len <= limits.max_header:
-        raise TransportError(f"header of {header_len} bytes is over the limit of {limits.max_header}")
+        raise ProtocolError(f"header of {header_len} bytes is over the limit of {limits.max_header}")
     if not 0 <= payload_len <= limits.max_payload:
-        raise TransportError(f"payload of {payload_len} bytes is over the limit of {limits.max_payload}")
+        raise ProtocolError(f"payload of {payload_len} bytes is over the limit of {limits.max_payload}")
     return Kind(kind), header_len, payload_len
 
 

@@ -121,13 +121,17 @@ def test_tampered_payloads_over_real_pipes_are_refused_and_the_model_is_unchange
                     "--constant", "2.0", "--result", str(result_prefix))
     assert result.returncode == 0, result.stdout + log_of(tmp_path, 1)
     rogue = json.loads(Path(f"{result_prefix}.1").read_text())["tampered"]
-    assert set(rogue) == {"shape", "dtype", "size", "nan", "garbage"}
+    assert set(rogue) == {"shape", "dtype", "size", "nan", "inf", "garbage", "name", "future", "header too large"}
     for case, outcome in rogue.items():
         assert outcome["accepted"] is False, case
-        assert outcome["reason"].startswith("invalid payload"), case
         assert outcome["unchanged"], case
+    for case in ("shape", "dtype", "size", "nan", "inf", "garbage", "name"):
+        assert rogue[case]["reason"].startswith("invalid payload"), case
+    assert rogue["future"]["reason"].startswith("future: trained from version 99")
+    assert rogue["header too large"]["reason"] == "pipe closed"
     backend = json.loads(Path(f"{result_prefix}.0").read_text())
-    assert backend["totals"]["Discard"] == 5
+    assert backend["reasons"] == {"invalid payload": 7, "future": 1, "invalid message": 1}
+    assert backend["totals"]["Discard"] == 9
     assert backend["version"] == 1
     assert backend["weight"] == [[2.0, 2.0, 2.0]]  # only the valid upload reached the model
 

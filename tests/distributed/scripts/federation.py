@@ -70,12 +70,17 @@ def send_tampered(api):
 
     nan = buffer.clone()
     nan[:4].view(torch.float32)[0] = float("nan")
+    inf = buffer.clone()
+    inf[:4].view(torch.float32)[0] = float("inf")
     cases = {
         "shape": (edited(shape=[3, 1]), buffer),
         "dtype": (edited(dtype="float16"), buffer),
         "size": (header, buffer[:-64]),
         "nan": (header, nan),
         "garbage": (b"{\"format\": 1, \"kind\": ", buffer),
+        "name": (edited(name="bogus.weight"), buffer),
+        "future": (json.dumps({**fields, "version": 99}).encode(), buffer),
+        "inf": (header, inf),
     }
     outcome = {}
     for name, (bad_header, bad_buffer) in cases.items():
@@ -85,6 +90,20 @@ def send_tampered(api):
         assert api.download()
         unchanged = all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
         outcome[name] = {"accepted": ack["accepted"], "reason": ack["reason"], "unchanged": unchanged}
+    # A header over the limit breaks the protocol: the backend closes the pipe without reading
+    # it, and this frontend joins again on its next call.
+    pipe = api._client._pipe
+    try:
+        pipe.send(Message(Kind.UPLOAD, b" " * (MAX_HEADER_BYTES + 1), None), timedelta(seconds=30))
+        pipe.recv(Limits(frozenset({Kind.ACK, Kind.END, Kind.PING}), MAX_HEADER_BYTES, 0),
+                  timedelta(seconds=30), timedelta(seconds=30), lambda n: torch.empty(n, dtype=torch.uint8))
+        closed = False
+    except ofl.TransportError:
+        closed = True
+    assert api.download()
+    unchanged = all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    outcome["header too large"] = {"accepted": False, "reason": "pipe closed" if closed else "answered",
+                                   "unchanged": unchanged}
     return outcome
 
 
