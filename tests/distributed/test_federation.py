@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -90,6 +91,17 @@ def test_the_demo_runs_through_the_launcher(processes, tmp_path, nproc, init):
     assert "| Pending | Finished | Discard |" in backend
     for rank in range(1, nproc):
         assert "finished at version 3" in log_of(tmp_path, rank)
+
+
+@pytest.mark.parametrize("buffer", [1, 2])
+def test_the_asynchronous_demo_with_frontends_of_different_speeds_logs_staleness(processes, tmp_path, buffer):
+    result = launch(processes, tmp_path, 4, ROOT / "demo.py", "--asynchronous", "--buffer", str(buffer))
+    assert result.returncode == 0, result.stdout + log_of(tmp_path, 0)
+    backend = log_of(tmp_path, 0)
+    assert "version 12: aggregated" in backend
+    staleness = [int(m) for m in re.findall(r"accepted the upload of \S+: trained from version \d+, staleness (\d+)", backend)]
+    assert len(staleness) >= 12 * buffer
+    assert max(staleness) >= 1  # the slow frontends train from versions the fast one has moved past
 
 
 def test_the_openfed_readme_demo_runs_to_the_same_end(processes, tmp_path):
