@@ -140,7 +140,7 @@ class _Worker:
         beat = timeouts.heartbeat.total_seconds()
         while True:
             try:
-                return self._replies.get(timeout=min(0.5, beat))
+                return self._replies.get(timeout=beat)
             except queue.Empty:
                 if self.server.ended and self._replies.empty():
                     return _end_message(self.server.stop_reason or "the federation ended")

@@ -41,18 +41,22 @@ class VersionReached:
         return True
 
 
-def upload_value(value: float, num_samples: int = 1, tag=None, after=None, then=None):
-    """Frontend body: download once, (optionally wait on ``after``), upload ``value``."""
+def upload_value(value: float, num_samples: int = 1, tag=None, after=None, then=None, before=None):
+    """Frontend body: (wait on ``before``), download once, (wait on ``after``), upload ``value``."""
 
     def body(api, model, opt):
+        if before is not None:
+            assert before.wait(WAIT)
         assert api.download()
+        if then is not None and after is not None:
+            then.set()  # this frontend has its model: the other may go on
         if after is not None:
             assert after.wait(WAIT)
         if tag is not None:
             api.update_version(tag)
         set_to(value)(api, model, opt)
         ok = api.upload(num_samples=num_samples)
-        if then is not None:
+        if then is not None and after is None:
             then.set()
         return ok
 
@@ -105,8 +109,9 @@ def test_fedasync_mixes_each_update_with_alpha_times_its_staleness_weight():
     fed = Federation(asynchronous=ofl.Asynchronous(alpha=0.5, staleness=Polynomial(a=1.0)))
     fed.backend.set_aggregate_triggers(ofl.AggregateCount(count=1))
     fed.connect_backend()
-    fed.frontend(1, upload_value(1.0))
-    fed.frontend(2, upload_value(1.0, after=VersionReached(fed, 1)))  # trained from 0, arrives at version 1
+    downloaded = threading.Event()  # frontend 2 holds version 0 before frontend 1 uploads
+    fed.frontend(1, upload_value(1.0, before=downloaded))
+    fed.frontend(2, upload_value(1.0, after=VersionReached(fed, 1), then=downloaded))  # trained from 0, arrives at 1
     fed.serve_until_frontends_finish()
     # version 1: 0 + 0.5 * s(0) * (1 - 0) = 0.5; version 2: 0.5 + 0.5 * s(1) * (1 - 0.5), s(1) = 1/2.
     assert fed.backend.version == 2
@@ -129,8 +134,9 @@ def test_async_update_beyond_max_staleness_is_discarded_and_counted():
     fed = Federation(asynchronous=ofl.Asynchronous(max_staleness=0))
     fed.backend.set_aggregate_triggers(ofl.AggregateCount(count=1))
     fed.connect_backend()
-    fed.frontend(1, upload_value(1.0))
-    fed.frontend(2, upload_value(1.0, after=VersionReached(fed, 1)))
+    downloaded = threading.Event()
+    fed.frontend(1, upload_value(1.0, before=downloaded))
+    fed.frontend(2, upload_value(1.0, after=VersionReached(fed, 1), then=downloaded))
     fed.serve_until_frontends_finish()
     ledger = fed.backend._server.ledger
     assert fed.backend.version == 1
