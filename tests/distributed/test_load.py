@@ -1,7 +1,8 @@
-"""Load: one backend and 32 frontends, started by the real launcher, finish every version.
+"""Load: one backend and 32 frontends, started by the real launcher, finish every version; a
+backend short of file descriptors refuses the frontends it cannot take instead of dying.
 
 A single run of ``python -m openfl_api.launch --nproc_per_node 33`` (synchronous FedAvg of a tiny
-MLP, ``AggregateCount(count=32)``, ``StopAtVersion(3)``) is shared by the tests below; each checks
+MLP, ``AggregateCount(count=32)``, ``StopAtVersion(3)``) is shared by the first tests; each checks
 one thing the run left behind. On 2 CPUs the run takes 40-60 s, most of it 33 imports of torch,
 so every wait is generous; the launcher and every rank are reaped whatever happens.
 """
@@ -9,8 +10,10 @@ so every wait is generous; the launcher and every rank are reaped whatever happe
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
+import resource
 import signal
 import socket
 import subprocess
@@ -18,11 +21,13 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = Path(__file__).with_name("scripts") / "load.py"
+DESCRIPTORS_SCRIPT = Path(__file__).with_name("scripts") / "descriptors.py"
 FRONTENDS = 32
 VERSIONS = 3
 WAIT_S = 300  # every wait of the API inside the ranks
@@ -78,28 +83,38 @@ def _reap(launcher: subprocess.Popen, pids: Path) -> None:
                 os.killpg(pid, signal.SIGKILL)
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
-    folder = tmp_path_factory.mktemp("load")
+def _launch(folder: Path, nproc: int, script: Path, *script_args: str, descriptors: Optional[int] = None) -> Run:
+    """Run the launcher to its end with a log folder and a pid folder in ``folder``."""
     pids = folder / "pids"
     pids.mkdir()
-    command = [sys.executable, "-m", "openfl_api.launch", "--nproc_per_node", str(FRONTENDS + 1),
-               "--logdir", str(folder / "logs"), "--master_port", str(_free_port()), "--grace", "30",
-               str(SCRIPT), "--count", str(FRONTENDS), "--max_version", str(VERSIONS),
-               "--timeout", str(WAIT_S), "--pid_dir", str(pids)]
+    command = [sys.executable, "-m", "openfl_api.launch", "--nproc_per_node", str(nproc),
+               "--logdir", str(folder / "logs"), "--master_port", str(_free_port()), "--grace", "120",
+               str(script), *script_args]
+
+    def limit_descriptors() -> None:  # in the launcher's process, before exec; its ranks inherit it
+        resource.setrlimit(resource.RLIMIT_NOFILE, (descriptors, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
     started = time.monotonic()
     launcher = subprocess.Popen(command, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                text=True, start_new_session=True)
+                                text=True, start_new_session=True,
+                                preexec_fn=limit_descriptors if descriptors is not None else None)
     try:
         _, err = launcher.communicate(timeout=DEADLINE_S)
     except subprocess.TimeoutExpired:
         _reap(launcher, pids)
         backend = (folder / "logs" / "rank_0.log")
         tail = backend.read_text()[-3000:] if backend.exists() else "(no backend log)"
-        pytest.fail(f"the federation did not finish within {DEADLINE_S} s; backend log ends with:\n{tail}")
+        pytest.fail(f"the ranks did not finish within {DEADLINE_S} s; the backend's log ends with:\n{tail}")
     finally:
         _reap(launcher, pids)
     return Run(launcher.returncode, err, folder / "logs", time.monotonic() - started)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
+    folder = tmp_path_factory.mktemp("load")
+    return _launch(folder, FRONTENDS + 1, SCRIPT, "--count", str(FRONTENDS), "--max_version", str(VERSIONS),
+                   "--timeout", str(WAIT_S), "--pid_dir", str(folder / "pids"))
 
 
 def test_every_rank_exits_0(run: Run) -> None:
@@ -135,3 +150,56 @@ def test_every_frontend_ends_at_the_last_version_after_one_upload_per_version(ru
             for rank in range(1, FRONTENDS + 1)}
 
     assert ends == {rank: [(str(VERSIONS), str(VERSIONS))] for rank in range(1, FRONTENDS + 1)}
+
+
+# --- a backend short of file descriptors --------------------------------------------------------
+
+SHORT_FRONTENDS = 12
+SHORT_LIMIT = 80  # ulimit -n: room for a few pipes, not for 12 (each takes 6 on the backend, 32 stay spare)
+
+
+@dataclass(frozen=True)
+class Admission:
+    """Who the backend admitted and refused (and why), and what each frontend was told."""
+
+    run: Run
+    admitted: list
+    refused: dict
+    told: dict
+
+
+@pytest.fixture(scope="module")
+def short_of_descriptors(tmp_path_factory: pytest.TempPathFactory) -> Admission:
+    folder = tmp_path_factory.mktemp("descriptors")
+    result = folder / "result"
+    run = _launch(folder, SHORT_FRONTENDS + 1, DESCRIPTORS_SCRIPT, "--result", str(result),
+                  "--pid_dir", str(folder / "pids"), descriptors=SHORT_LIMIT)
+    backend = json.loads(result.read_text()) if result.exists() else {"admitted": [], "refused": {}}
+    told = {rank: json.loads(Path(f"{result}.{rank}").read_text())
+            for rank in range(1, SHORT_FRONTENDS + 1) if Path(f"{result}.{rank}").exists()}
+    return Admission(run, backend["admitted"], {int(k): v for k, v in backend["refused"].items()}, told)
+
+
+def test_a_backend_short_of_file_descriptors_is_not_killed(short_of_descriptors: Admission) -> None:
+    run = short_of_descriptors.run
+    # Before the lobby checked its descriptors, gloo aborted the backend ("accept: Too many open
+    # files") or a handshake thread died and left its frontend waiting.
+    assert (run.code, "rank 0 (backend) exited with code 0" in run.err) == (0, True), run.err[-3000:] + run.log(0)[-3000:]
+
+
+def test_the_backend_admits_some_frontends_and_refuses_the_others(short_of_descriptors: Admission) -> None:
+    admitted, refused = short_of_descriptors.admitted, short_of_descriptors.refused
+
+    assert (sorted(admitted + list(refused)), bool(admitted), bool(refused)) == (
+        list(range(1, SHORT_FRONTENDS + 1)), True, True
+    ), (admitted, refused)
+
+
+def test_a_refused_frontend_is_told_the_backend_is_short_of_descriptors(short_of_descriptors: Admission) -> None:
+    told = {rank: short_of_descriptors.told.get(rank, {}).get("refused", "(nothing)")
+            for rank in short_of_descriptors.refused}
+    reasons = {rank: re.sub(r": \d+ of its \d+ file descriptors \(ulimit -n\) are open.*", ": <count>", message)
+               for rank, message in told.items()}
+
+    assert reasons == {rank: f"the backend refused this frontend: the backend cannot take rank {rank}: <count>"
+                       for rank in short_of_descriptors.refused}
