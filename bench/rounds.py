@@ -1,7 +1,7 @@
 """Round latency against the number of frontends: synchronous FedAvg of a tiny MLP through the API,
 against the same rounds written by hand with raw torch.distributed gloo, in the same processes.
 
-    python bench/rounds.py                      # 8, 16 and 32 frontends, 3 repeats: 2-3 min on 2 idle CPUs
+    python bench/rounds.py                      # 8, 16 and 32 frontends, 3 repeats: 2-4 min on 2 CPUs
     python bench/rounds.py --frontends 8 16 --repeats 5 --versions 50
 
 The run starts max(N) + 1 processes once (this file with a hidden ``--child`` argument) and then
@@ -311,7 +311,9 @@ class Children:
     def wait_count(self, key: str, what: str) -> None:
         """Wait until ``key`` counts every child, failing as soon as one exits or time is up."""
         while self.control.add(key, 0) < len(self.procs):
-            failed = [rank for rank, proc in enumerate(self.procs) if proc.poll() is not None]
+            # Exit code 0 comes only after the last block, so any exit before then is a failure but
+            # that of a child done with the last block while the others finish theirs.
+            failed = [rank for rank, proc in enumerate(self.procs) if proc.poll() not in (None, 0)]
             if failed:
                 rank = failed[0]
                 raise ChildFailed(f"rank {rank} exited with {self.procs[rank].returncode} while {what}\n"
@@ -328,7 +330,14 @@ class Children:
         self.wait_count(f"done/{index}", what)
         return [json.loads(self.control.get(f"result/{index}/{rank}")) for rank in range(frontends + 1)]
 
-    def close(self) -> None:
+    def close(self, linger: float = 0.0) -> None:
+        """Give the children ``linger`` seconds to exit on their own, then kill those left."""
+        deadline = time.monotonic() + linger
+        for proc in self.procs:
+            try:
+                proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                break
         _reap(self.procs)
 
 
@@ -390,10 +399,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     rounds: Dict[int, Dict[str, List[float]]] = {n: {p: [] for p in PHASES} for n in frontends}
     medians: Dict[Tuple[int, int, str], float] = {}
     cpu: Dict[Tuple[int, int, str], float] = {}  # CPU seconds of all ranks per timed round
+    backend_cpu: Dict[Tuple[int, int, str], float] = {}  # the same, rank 0 alone
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="openfl-rounds-") as tmp:
-        children = Children(world, blocks, args, Path(tmp))
+        children = None
+        linger = 0.0
         try:
+            children = Children(world, blocks, args, Path(tmp))
             children.wait_count("ready", "starting")
             print(f"{world} processes up in {time.monotonic() - started:.0f} s, load average "
                   f"{os.getloadavg()[0]:.1f}\n", flush=True)
@@ -404,34 +416,47 @@ def main(argv: Sequence[str] | None = None) -> int:
                 rounds[n][phase] += timed
                 medians[repeat, n, phase] = statistics.median(timed)
                 cpu[repeat, n, phase] = sum(r["cpu_s"] for r in records) / args.versions
+                backend_cpu[repeat, n, phase] = records[0]["cpu_s"] / args.versions
                 print(f"repeat {repeat + 1} N={n:>2} {LABELS[phase]:>8}: median round {medians[repeat, n, phase] * 1e3:6.1f} "
-                      f"ms (rounds {_ms(timed)} ms), CPU {cpu[repeat, n, phase] * 1e3:6.1f} ms per round; load average "
+                      f"ms (rounds {_ms(timed)} ms), CPU {cpu[repeat, n, phase] * 1e3:6.1f} ms per round (rank 0: "
+                      f"{backend_cpu[repeat, n, phase] * 1e3:.1f}); load average "
                       f"{os.getloadavg()[0]:.1f}", flush=True)
+            linger = 30.0  # every block is done: the children are exiting
         except ChildFailed as exc:
             print(f"FAILED: {exc}", file=sys.stderr)
             return 1
         finally:
-            children.close()
+            if children is not None:
+                children.close(linger)
 
     def per_repeat(table: Dict[Tuple[int, int, str], float], n: int, phase: str) -> List[float]:
         return [table[r, n, phase] for r in range(args.repeats)]
 
     print()
     print("round latency (ms): median of all timed rounds (min-max of the rounds; min-max of the repeat medians)")
-    print(f"{'N':>3} | {'API':^34} | {'raw gloo':^34} | API / raw | API / linear | CPU per round, all ranks (ms)")
+    print(f"{'N':>3} | {'API':^34} | {'raw gloo':^34} | API / raw | API / linear")
     base = statistics.median(rounds[frontends[0]]["api"])
     for n in frontends:
         cells = [f"{statistics.median(rounds[n][phase]) * 1e3:6.1f} ({_ms(rounds[n][phase])}; "
                  f"{_ms(per_repeat(medians, n, phase))})" for phase in ("api", "raw")]
         ratio = statistics.median([a / r for a, r in zip(per_repeat(medians, n, "api"), per_repeat(medians, n, "raw"))])
         linear = statistics.median(rounds[n]["api"]) / (base * n / frontends[0])
-        api_cpu, raw_cpu = (statistics.median(per_repeat(cpu, n, phase)) for phase in ("api", "raw"))
-        print(f"{n:>3} | {cells[0]:^34} | {cells[1]:^34} | {ratio:9.2f} | {linear:12.2f} | API {api_cpu * 1e3:.1f}, "
-              f"raw {raw_cpu * 1e3:.1f} ({api_cpu / raw_cpu:.1f}x)")
+        print(f"{n:>3} | {cells[0]:^34} | {cells[1]:^34} | {ratio:9.2f} | {linear:12.2f}")
     print(f"API / raw: median of the per-repeat ratios of the medians. API / linear: the API round against the "
-          f"N={frontends[0]} round scaled by N/{frontends[0]} (1: grows in proportion; below 1: better). CPU per round: "
-          "process CPU time of every rank over the timed rounds / rounds, median of the repeats; with N + 1 "
-          "processes on this machine's CPUs the round is mostly this CPU divided by the CPUs free for it.")
+          f"N={frontends[0]} round scaled by N/{frontends[0]} (1: grows in proportion; below 1: better).")
+    print()
+    print("CPU time per round (ms): every rank's process CPU time over the timed rounds / rounds, median of the repeats")
+    print(f"{'N':>3} | {'API: all ranks (per frontend; rank 0)':^40} | {'raw gloo: all ranks (per frontend; rank 0)':^44} "
+          f"| API / raw")
+    for n in frontends:
+        cells = []
+        for phase in ("api", "raw"):
+            total = statistics.median(per_repeat(cpu, n, phase))
+            cells.append(f"{total * 1e3:6.1f} ({total / n * 1e3:.1f}; {statistics.median(per_repeat(backend_cpu, n, phase)) * 1e3:.1f})")
+        ratio = statistics.median(per_repeat(cpu, n, "api")) / statistics.median(per_repeat(cpu, n, "raw"))
+        print(f"{n:>3} | {cells[0]:^40} | {cells[1]:^44} | {ratio:9.2f}")
+    print("With N + 1 processes on this machine's CPUs a round is mostly its CPU time divided by the CPUs free for "
+          "it: the CPU time is the steadier figure on a shared machine.")
     spreads = ", ".join(f"N={n} API {_spread(per_repeat(medians, n, 'api')):.0f}% raw "
                         f"{_spread(per_repeat(medians, n, 'raw')):.0f}%" for n in frontends)
     print(f"noise: repeat medians spread (% of their median): {spreads}; load average {os.getloadavg()[0]:.1f} at "
