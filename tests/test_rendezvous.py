@@ -259,6 +259,99 @@ def test_a_refused_rank_stays_free(harness: Harness) -> None:
     assert peer.rank == 1
 
 
+# --- file descriptors and pipes that fail to build --------------------------------------------
+
+
+@pytest.fixture
+def short_of_descriptors(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pipes on memory:// addresses cost 6 descriptors, and 1000 of 1024 are open."""
+    monkeypatch.setitem(rendezvous._PIPE_DESCRIPTORS, "memory", 6)
+    monkeypatch.setattr(rendezvous, "_descriptors", lambda: (1000, 1024))
+
+
+def test_a_frontend_is_refused_with_the_reason_when_the_backend_is_short_of_descriptors(
+    harness: Harness, short_of_descriptors: None
+) -> None:
+    harness.backend()
+    with pytest.raises(AdmissionError, match=r"1000 of its 1024 file descriptors \(ulimit -n\) are open"):
+        harness.join(rank=1)
+
+
+def test_a_refusal_for_descriptors_is_reported_to_on_refuse(harness: Harness, short_of_descriptors: None) -> None:
+    backend = harness.backend()
+    with pytest.raises(AdmissionError):
+        harness.join(rank=1)
+    rank, reason = backend.next_refused()
+    assert (rank, reason.startswith("the backend cannot take rank 1: 1000 of its 1024 file descriptors")) == (1, True)
+
+
+def test_the_descriptors_of_pipes_being_built_count(harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    # 990 open + 6 per pipe + 32 spare: one pipe fits under 1030, a second one being built does not.
+    monkeypatch.setitem(rendezvous._PIPE_DESCRIPTORS, "memory", 6)
+    monkeypatch.setattr(rendezvous, "_descriptors", lambda: (990, 1030))
+    backend = harness.backend()
+    backend.lobby._building = 1
+    with pytest.raises(AdmissionError, match="the backend cannot take rank 1"):
+        harness.join(rank=1)
+
+
+def test_a_lobby_warns_at_start_when_the_limit_cannot_hold_every_frontend(
+    harness: Harness, short_of_descriptors: None
+) -> None:
+    warnings: List[str] = []
+
+    class Log:
+        def warning(self, message: str) -> None:
+            warnings.append(message)
+
+        def debug(self, message: str) -> None:
+            pass
+
+    address = Address(init_method=f"memory://{harness.name}", world_size=4, rank=0, group_name=GROUP)
+    lobby = Lobby(address, open_store(address, backend=True, timeout=TIMEOUT), TOKEN, TIMEOUT,
+                  on_admit=lambda pipe, peer: None, on_refuse=lambda rank, reason: None, nick_name="b", log=Log())
+    lobby.close()
+    assert warnings == [
+        f"the file descriptor limit (ulimit -n) is 1024 and 1000 are open: this backend can hold at most about 0 frontends "
+        f"on memory://{harness.name}, not the 3 world_size 4 allows; each needs 6. Others will be refused: raise "
+        "the limit, e.g. ulimit -n 65536, before starting the backend"
+    ]
+
+
+def _failing_backend_side(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The backend's first pipe fails as torch fails a gloo device out of descriptors."""
+    real_open_pipe = rendezvous._open_pipe
+    failures = [RuntimeError("[enforce fail at device.cc:186] rv != -1. Too many open files")]
+
+    def open_pipe(address: Address, store: Any, prefix: str, rank: int, timeout: timedelta) -> Pipe:
+        if rank == 0 and failures:
+            raise failures.pop()
+        return real_open_pipe(address, store, prefix, rank, timeout)
+
+    monkeypatch.setattr(rendezvous, "_open_pipe", open_pipe)
+
+
+def test_a_pipe_the_backend_cannot_build_is_reported_to_on_refuse(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _failing_backend_side(monkeypatch)
+    backend = harness.backend()
+    harness.join(rank=1)  # the frontend's side of a memory pipe needs no partner to open
+    assert backend.next_refused() == (
+        1, "rank 1 was admitted but its pipe failed: [enforce fail at device.cc:186] rv != -1. Too many open files"
+    )
+
+
+def test_after_its_pipe_failed_the_rank_can_join_again(harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    _failing_backend_side(monkeypatch)
+    backend = harness.backend()
+    harness.join(rank=1)
+    backend.next_refused()
+    harness.join(rank=1)
+    _, peer = backend.next_admitted()
+    assert (peer.rank, peer.join) == (1, 2)
+
+
 # --- timing ------------------------------------------------------------------------------------
 
 

@@ -7,12 +7,20 @@ The store is the control plane only (keys under ``openfl_api/<group_name>/``):
 2. The backend answers ``.../challenge`` with a random challenge and its own proof of the token
    (an HMAC of the frontend's nonce). The frontend answers ``.../response`` with an HMAC of the
    challenge, its rank and its nonce, keyed by the shared token.
-3. The backend checks the HMAC, the rank range and that the rank is not already connected, and
-   writes ``.../verdict``. If admitted, both sides build the pipe under ``<session>/pipe/<n>``.
+3. The backend checks the HMAC, the rank range, that the rank is not already connected and that
+   it has the file descriptors a pipe needs, and writes ``.../verdict``. If admitted, both sides
+   build the pipe under ``<session>/pipe/<n>``.
 
 A session id per backend start means a stale file store from an earlier run is never mistaken for
 the live one: a frontend that joined a dead session re-reads ``session`` and joins again.
 Nothing read from the store is unpickled; every value is size-limited JSON.
+
+File descriptors: on the backend each gloo pipe keeps about five (gloo's listener and pair
+sockets, its event loop's epoll and wake-up pipe) besides the frontend's store connection. Gloo
+aborts the whole process when an ``accept`` hits the descriptor limit, so a lobby refuses a
+frontend, with the reason, while fewer than ``_PIPE_DESCRIPTORS + _SPARE_DESCRIPTORS`` are left
+below the soft ``RLIMIT_NOFILE`` (``ulimit -n``), and warns at start when the limit cannot hold
+``world_size - 1`` frontends.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import weakref
 import json
 import os
 import secrets
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -47,6 +56,10 @@ MAX_VALUE = 4096
 _POLL = timedelta(seconds=0.1)
 _RETRY = timedelta(seconds=3)
 DUPLICATE_GRACE = timedelta(seconds=5)
+# Descriptors a backend needs per pipe, by scheme: the five a gloo pipe keeps and one more while
+# it connects (the frontend's store connection is open already when the lobby checks).
+_PIPE_DESCRIPTORS = {"tcp": 6, "file": 6}
+_SPARE_DESCRIPTORS = 32  # for logs, checkpoints, the address file and frontends connecting to the store
 _memory_stores: Dict[str, HashStore] = {}
 _live_lobbies: "weakref.WeakSet[Lobby]" = weakref.WeakSet()
 
@@ -109,6 +122,22 @@ def open_store(address: Address, backend: bool, timeout: timedelta) -> Store:
             f"could not {role} the store of {address.init_method} within {timeout}: {str(exc).splitlines()[0]}"
         ) from exc
     return PrefixStore(f"openfl_api/{address.group_name}", base)
+
+
+def _descriptors() -> Optional[Tuple[int, int]]:
+    """Return ``(open, soft limit)`` of this process's file descriptors, or None where unknown."""
+    try:
+        import resource
+    except ImportError:  # not on POSIX
+        return None
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return None
+    folder = "/proc/self/fd" if sys.platform.startswith("linux") else "/dev/fd"
+    try:
+        return len(os.listdir(folder)), soft
+    except OSError:
+        return None
 
 
 def _open_pipe(address: Address, store: Store, prefix: str, rank: int, timeout: timedelta) -> Pipe:
@@ -182,12 +211,43 @@ class Lobby:
         self._log = log or bind("backend", 0)
         self._ranks: set = set()
         self._ranks_lock = threading.Lock()
+        self._building = 0  # pipes being built now, each about to take _PIPE_DESCRIPTORS
         self._stop = threading.Event()
+        self._warn_if_short_of_descriptors()
         self.session = secrets.token_hex(8)
         self.store.set("session", self.session)
         self._thread = threading.Thread(target=self._run, name=f"openfl-lobby-{address.group_name}", daemon=True)
         self._thread.start()
         _live_lobbies.add(self)
+
+    def _warn_if_short_of_descriptors(self) -> None:
+        per_pipe = _PIPE_DESCRIPTORS.get(self.address.scheme, 0)
+        counted = _descriptors() if per_pipe else None
+        if counted is None:
+            return
+        used, limit = counted
+        room = max(0, (limit - used - _SPARE_DESCRIPTORS) // per_pipe)
+        if room < self.address.world_size - 1:
+            self._log.warning(
+                f"the file descriptor limit (ulimit -n) is {limit} and {used} are open: this backend can hold "
+                f"at most about {room} frontends on {self.address.init_method}, not the {self.address.world_size - 1} "
+                f"world_size {self.address.world_size} allows; each needs {per_pipe}. Others will be refused: "
+                "raise the limit, e.g. ulimit -n 65536, before starting the backend"
+            )
+
+    def _check_descriptors(self, rank: int) -> None:
+        """Raise AdmissionError unless a pipe more fits below the descriptor limit; call under _ranks_lock."""
+        per_pipe = _PIPE_DESCRIPTORS.get(self.address.scheme, 0)
+        counted = _descriptors() if per_pipe else None
+        if counted is None:
+            return
+        used, limit = counted
+        if used + (self._building + 1) * per_pipe + _SPARE_DESCRIPTORS > limit:
+            raise AdmissionError(
+                f"the backend cannot take rank {rank}: {used} of its {limit} file descriptors (ulimit -n) are "
+                f"open and a pipe needs {per_pipe}, with {_SPARE_DESCRIPTORS} kept spare; raise the backend's "
+                "limit, e.g. ulimit -n 65536, or spread the frontends over more backends"
+            )
 
     def release(self, rank: int) -> None:
         """Free ``rank`` so a restarted frontend can join with it."""
@@ -258,7 +318,9 @@ class Lobby:
                         f"rank {rank} is already connected on {self.address.init_method}; a second frontend "
                         "cannot claim it: give each frontend its own rank"
                     )
+                self._check_descriptors(rank)
                 self._ranks.add(rank)
+                self._building += 1
         except AdmissionError as exc:
             self._refuse(base, rank, str(exc), challenged, code)
             return
@@ -266,13 +328,17 @@ class Lobby:
             self._log.debug(f"join {index} abandoned: {exc}")
             return
         prefix = f"{self.session}/pipe/{index}"
-        self.store.set(f"{base}/verdict", json.dumps({"ok": True, "pipe": prefix, "backend": self._nick_name}))
         try:
+            self.store.set(f"{base}/verdict", json.dumps({"ok": True, "pipe": prefix, "backend": self._nick_name}))
             pipe = _open_pipe(self.address, self.store, prefix, 0, self._timeout)
-        except TransportError as exc:
+        except (TransportError, RuntimeError) as exc:
+            # RuntimeError: torch raises it for a gloo device it cannot create (out of descriptors).
             self.release(rank)
-            self._on_refuse(rank, f"rank {rank} was admitted but its pipe failed: {exc}")
+            self._on_refuse(rank, f"rank {rank} was admitted but its pipe failed: {str(exc).splitlines()[0][:300]}")
             return
+        finally:
+            with self._ranks_lock:
+                self._building -= 1
         self._on_admit(pipe, Peer(rank=rank, nick_name=nick_name, address=self.address, join=index))
 
     def _refuse(self, base: str, rank: Optional[int], reason: str, challenged: bool, code: str = "refused") -> None:
