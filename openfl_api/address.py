@@ -32,7 +32,7 @@ from urllib.parse import urlsplit
 
 from openfl_api.errors import AddressError
 from openfl_api.logger import bind
-from openfl_api.parser import default_init_method
+from openfl_api.parser import default_init_method, environ
 
 __all__ = ["Address", "load_address_file", "dump_address_file", "AddressFileWatcher", "SCHEMA_VERSION"]
 
@@ -74,7 +74,7 @@ class Address:
         *,
         args: Optional[argparse.Namespace] = None,
     ) -> None:
-        env = os.environ
+        env = environ()
 
         def pick(value: Any, name: str, fallback: Any) -> Any:
             if value is not None:
@@ -162,7 +162,7 @@ class Address:
 
 
 def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name)
+    value = environ().get(name)
     if not value:
         return default
     try:

@@ -34,6 +34,7 @@ from openfl_api.backend import Server, Timeouts, newest_checkpoint
 from openfl_api.errors import AddressError, ConfigurationError, RoleError, StepError
 from openfl_api.frontend import Client, check_upload_meta
 from openfl_api.logger import bind
+from openfl_api.parser import environ
 from openfl_api.state import SharedState
 from openfl_api.step import BACKEND, FRONTEND, Event, Step
 from openfl_api.transport.rendezvous import Peer, token_from
@@ -106,7 +107,7 @@ class API:
         self._reconnect = reconnect
         self._resume = None if resume is None else str(resume)
         self._frontend = frontend
-        self._token = token_from(token)
+        self._token = token_from(token if token is not None else environ().get("OPENFL_API_TOKEN"))
         self._nick_name = nick_name
         self.timeouts = Timeouts(idle=timeout, transfer=transfer_timeout, connect=connect_timeout, drain=drain, tick=tick)
         self._steps: "collections.OrderedDict[int, Step]" = collections.OrderedDict()

@@ -9,21 +9,55 @@ the parser::
     parser = ofl.parser.build_parser()
     parser.add_argument("--epochs", type=int, default=1)
     args = parser.parse_args()
+
+Inside ``python -m openfl_api.simulate`` every rank is a thread of one process; each thread sees
+its own ``RANK``, ``WORLD_SIZE``, ... through :func:`environ`, an overlay on ``os.environ`` that
+holds for the calling thread only (see :func:`environment`).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
+import contextvars
 import os
-from typing import Mapping, Optional, Sequence
+from typing import Dict, Iterator, Mapping, Optional, Sequence
 
-__all__ = ["build_parser", "parse_args", "default_init_method"]
+__all__ = ["build_parser", "parse_args", "default_init_method", "environ", "environment"]
 
 DEFAULT_PORT = 29500
 
+_overlay: "contextvars.ContextVar[Mapping[str, str]]" = contextvars.ContextVar("openfl_api_environ", default={})
 
-def default_init_method(environ: Mapping[str, str] = os.environ) -> str:
+
+def environ() -> Mapping[str, str]:
+    """The environment as this thread sees it: the overlay set by :func:`environment`, then ``os.environ``."""
+    overlay = _overlay.get()
+    return collections.ChainMap(dict(overlay), os.environ) if overlay else os.environ
+
+
+_current = environ  # the parameters named ``environ`` below shadow the function
+
+
+@contextlib.contextmanager
+def environment(variables: Mapping[str, str]) -> Iterator[None]:
+    """Within the block, :func:`environ` (so ``parse_args``, ``Address`` and ``API``) sees
+    ``variables`` over ``os.environ`` in this thread only; ``os.environ`` itself is untouched.
+
+    Threads do not inherit the overlay: a simulated rank sets it on the thread that runs it.
+    """
+    merged: Dict[str, str] = {**_overlay.get(), **{str(k): str(v) for k, v in variables.items()}}
+    token = _overlay.set(merged)
+    try:
+        yield
+    finally:
+        _overlay.reset(token)
+
+
+def default_init_method(environ: Optional[Mapping[str, str]] = None) -> str:
     """Return the init method the environment implies: OPENFL_INIT_METHOD, then MASTER_ADDR/PORT."""
+    environ = _current() if environ is None else environ
     if environ.get("OPENFL_INIT_METHOD"):
         return environ["OPENFL_INIT_METHOD"]
     host = environ.get("MASTER_ADDR", "localhost")
@@ -45,7 +79,7 @@ def _int_env(environ: Mapping[str, str], name: str, default: int) -> int:
 
 def build_parser(environ: Optional[Mapping[str, str]] = None) -> argparse.ArgumentParser:
     """Return an ArgumentParser with openfl_api's options; defaults come from ``environ``."""
-    env = os.environ if environ is None else environ
+    env = _current() if environ is None else environ
     parser = argparse.ArgumentParser(description="openfl_api federated training")
     parser.add_argument("--backend", default="gloo", help="torch.distributed backend of the pipes (gloo)")
     parser.add_argument("--init_method", "--init-method", default=default_init_method(env),
