@@ -188,9 +188,12 @@ class Client:
 
     def upload(
         self, state: SharedState, rank: int, nick_name: str, num_samples: int, metrics: Mapping[str, float],
-        client: Optional[str] = None,
+        client: Optional[str] = None, released: Optional[Callable[[], None]] = None,
     ) -> bool:
-        """Send the local state tagged with the local version; False once the federation ended."""
+        """Send the local state tagged with the local version; False once the federation ended.
+
+        ``released()`` is called once the model's tensors are no longer read (they may change).
+        """
         if self.ended:
             return False
         if self.hosted is not None:
@@ -214,6 +217,8 @@ class Client:
             meta["client"] = client
         header, buffer = encode(state.upload_tensors(), schema, kind="update", version=self.version,
                                 sender=nick_name, meta=meta, out=self._tx)
+        if released is not None:
+            released()
 
         def request() -> Message:
             if self.hosted is None or self._registered:
