@@ -44,8 +44,10 @@ _LAZY = {
     "ClientSampling": "openfl_api.step",
     "ReportSilent": "openfl_api.step",
     "Asynchronous": "openfl_api.asynchronous",
+    "VirtualClients": "openfl_api.simulation",
+    "ClientStates": "openfl_api.simulation",
 }
-_SUBMODULES = ("aggregate", "data", "logger", "parser", "utils")
+_SUBMODULES = ("aggregate", "data", "logger", "parser", "simulation", "utils")
 
 __all__ = [
     *_LAZY,
