@@ -235,7 +235,7 @@ class VirtualClients:
             The number of client updates uploaded.
         """
         api = self.api
-        uploader = _Uploader(api) if self.overlap else None
+        uploader = _Uploader(api) if self.overlap and api.role == "frontend" else None
         try:
             while api.download():
                 if not self.round(uploader):

@@ -1,6 +1,6 @@
 """Virtual clients (openfl_api.simulation) and the one-process simulation (openfl_api.simulate),
 in this process over memory:// pipes; the launcher and memory figures are in
-tests/distributed/test_simulation.py."""
+tests/distributed/test_simulation_processes.py."""
 
 from __future__ import annotations
 
