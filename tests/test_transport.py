@@ -13,6 +13,8 @@ from typing import Iterator, List, Tuple
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.distributed import TCPStore
 
 from openfl_api.errors import ProtocolError
@@ -90,6 +92,32 @@ def test_a_frame_with_more_pieces_than_the_limit_is_refused() -> None:
 def test_a_piece_table_that_does_not_fit_the_payload_is_refused(rows) -> None:
     with pytest.raises(ProtocolError, match="does not fit"):
         check_pieces(torch.tensor(rows, dtype=torch.int64), payload_len=8)
+
+
+INT64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)
+
+
+@settings(max_examples=300, deadline=None)
+@given(words=st.lists(INT64, min_size=5, max_size=5))
+def test_any_frame_is_either_accepted_within_the_limits_or_refused(words) -> None:
+    try:
+        kind, header, payload, pieces = check_frame(torch.tensor(words, dtype=torch.int64), LIMITS)
+    except ProtocolError:
+        return
+    assert 0 <= header <= LIMITS.max_header and 0 <= payload <= LIMITS.max_payload
+    assert (pieces == 0) == (payload == 0) and pieces <= min(payload, MAX_PIECES)
+
+
+@settings(max_examples=300, deadline=None)
+@given(rows=st.lists(st.tuples(INT64, INT64), min_size=1, max_size=8), payload=st.integers(1, 1 << 40))
+def test_any_piece_table_is_either_a_tiling_inside_the_payload_or_refused(rows, payload) -> None:
+    try:
+        accepted = check_pieces(torch.tensor(rows, dtype=torch.int64), payload)
+    except ProtocolError:
+        return
+    ends = [offset + size for offset, size in accepted]
+    assert all(size >= 1 for _, size in accepted) and accepted[0][0] >= 0 and ends[-1] <= payload
+    assert all(end <= offset for end, (offset, _) in zip(ends, accepted[1:]))
 
 
 def test_pieces_gather_into_a_zero_padded_flat_buffer() -> None:
