@@ -3,7 +3,7 @@ raw gloo send/recv of the same bytes in the same run.
 
     python bench/transfer.py                  # 3 repeats x 15 timed rounds per phase, 30-70 s
     python bench/transfer.py --rounds 30 --repeats 5
-    python bench/transfer.py --threads 1      # one torch thread per process: steadier on a busy box
+    python bench/transfer.py --threads 0      # torch's default threads per process instead of 1
 
 What one round is:
 
@@ -16,8 +16,11 @@ What one round is:
   ``api.upload(num_samples=1)``, timed with ``time.perf_counter`` around both. The backend
   aggregates only after ``AggregateCount(count=10**9)`` uploads, i.e. never, and the frontend
   never calls ``update_version()``, so every round is served version 0: the backend encodes the
-  model once (in the warm-up) and serves that cached buffer; each upload is validated and added
-  into the ``AverageAggregator``'s running sum, as any accepted upload is.
+  model once (in the warm-up) and serves that cached buffer. The API runs in asynchronous mode
+  (``Asynchronous(staleness=Constant())``), where every upload of staleness 0 is accepted: each
+  one is validated and added into the ``AverageAggregator``'s running sum, as any accepted upload
+  is. (In synchronous mode a client's second upload for one version is discarded as a duplicate
+  after validation, which would skip the accumulation.)
 
 The model is a ``torch.nn.Module`` with ResNet-18's state_dict written out by hand (no
 torchvision): 62 parameters (11,689,512 float32) and 60 batch-norm buffers (running mean and
@@ -34,9 +37,11 @@ of the per-repeat (paired) ratios, against the target of 0.8.
 Noise: on a 2-CPU machine the two processes already fill both CPUs during a transfer (each
 side's gloo thread copies to or from the kernel), so anything else running shows up at once. The
 run prints the load average at its start and end and the spread of the per-repeat medians; read
-a ratio only against that spread. With torch's default two threads per process, a busy machine
-inflates the API's tensor work (copies, sums) far more than raw gloo, whose hot path runs no
-torch operator; ``--threads 1`` shows how much of a gap is that.
+a ratio only against that spread. Each child uses one torch thread by default, as every rank
+started by ``python -m openfl_api.launch`` (and by ``torchrun``) does with ``OMP_NUM_THREADS=1``:
+with torch's default of one OpenMP thread per CPU, the spinning OpenMP threads take the CPUs from
+gloo's I/O threads and the API's tensor work (copies, sums) is inflated far more than raw gloo,
+whose hot path runs no torch operator; ``--threads 0`` shows how much of a gap that is.
 
 Every child runs under a wall-clock limit (``--timeout``) and is killed when the parent leaves,
 whatever the reason. When a child fails, the tail of each child's output is printed. Exit status: 0 when the run completed
@@ -200,7 +205,8 @@ def child_api(rank: int, port: int, rounds: int, out: str, timeout: float) -> No
 
     ofl.logger.log_level("WARNING")
     wait = timedelta(seconds=timeout)
-    api = ofl.API(frontend=rank > 0, timeout=wait, transfer_timeout=wait, connect_timeout=wait)
+    api = ofl.API(frontend=rank > 0, timeout=wait, transfer_timeout=wait, connect_timeout=wait,
+                  asynchronous=ofl.Asynchronous(alpha=1.0, staleness=aggregate.Constant()))
     api.set_aggregate_triggers(ofl.AggregateCount(count=10**9))
     api.register_step(_stop_when_frontend_leaves())
     api.build_connection(address=ofl.Address(init_method=f"tcp://127.0.0.1:{port}", world_size=2, rank=rank))
@@ -320,8 +326,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="fresh-process repeats of each phase, in alternating order (default 3)")
     parser.add_argument("--timeout", type=float, default=90.0,
                         help="seconds one phase may take before its processes are killed (default 90)")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch.set_num_threads in every child process; 0 keeps torch's default (default 0)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch.set_num_threads in every child process, 1 as under the launcher; "
+                        "0 keeps torch's default (default 1)")
     parser.add_argument("--child", choices=("raw", "api"), help=argparse.SUPPRESS)
     parser.add_argument("--rank", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -352,8 +359,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"round: one download + one upload = {moved:,} bytes; {WARMUP} warm-up + {args.rounds} timed rounds, "
           f"{args.repeats} repeats per phase; torch {torch.__version__}, {threads} torch threads per process, "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start")
-    print("API phase: AggregateCount(count=10**9), so no aggregation runs and the version stays 0: "
-          "the backend serves its cached encoding; each upload is validated and added to the running sum")
+    print("API phase: asynchronous mode and AggregateCount(count=10**9), so no aggregation runs and the version "
+          "stays 0: the backend serves its cached encoding; each upload is validated and added to the running sum")
     print()
 
     medians: Dict[str, List[float]] = {"raw": [], "api": []}

@@ -2,9 +2,14 @@
 aggregator, fed by one I/O thread per pipe.
 
 Pipe threads only move bytes: a thread receives a request, posts it to the loop, waits for the
-loop's reply and sends it. The loop validates payloads, applies the version rules, fires the
-steps and aggregates, so nothing a step or the aggregator touches is shared between threads.
-Downloads are served from an encoding of the global model cached per version.
+loop's reply and sends it; while an upload's pieces arrive it also sums the ones that have landed
+(a read-only finite check the loop then trusts). The loop validates payloads, applies the version
+rules, fires the steps and aggregates, so nothing a step touches is shared between threads. After
+it has answered an accepted upload, the loop hands the accumulation into the aggregator to one
+accumulation thread and may serve download requests meanwhile; it waits for that accumulation
+before any other event and before anything that reads the aggregator (aggregation, ``expect``,
+checkpoints, the end). Downloads are served from an encoding of the global model cached per
+version.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import queue
 import random
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -26,7 +32,9 @@ from openfl_api.address import Address, AddressFileWatcher
 from openfl_api.aggregate.functional import mix
 from openfl_api.asynchronous import Asynchronous
 from openfl_api.errors import ConfigurationError, PayloadError, ProtocolError, TransportError
-from openfl_api.payload import MAX_HEADER_BYTES, decode, encode, encode_header, parse_header, validate_meta
+from openfl_api.payload import (
+    MAX_HEADER_BYTES, FiniteScan, decode, encode, encode_header, parse_header, split, validate_meta,
+)
 from openfl_api.report import Ledger
 from openfl_api.state import SharedState
 from openfl_api.step import Event, Transfer
@@ -120,6 +128,10 @@ class _Worker:
         self.closing = False
         self._replies: "queue.Queue[Message]" = queue.Queue()
         self._buffer = torch.empty(0, dtype=torch.uint8)
+        # Set while the loop holds no upload in the receive buffer (it accumulates after its ACK).
+        self.free = threading.Event()
+        self.free.set()
+        self.scan: Optional[FiniteScan] = None  # the finite check of the upload being received
         self._thread = threading.Thread(target=self._run, name=f"openfl-pipe-{self.label}", daemon=True)
 
     def start(self) -> None:
@@ -130,10 +142,19 @@ class _Worker:
         self._replies.put(message)
 
     def _alloc(self, size: int) -> torch.Tensor:
-        # The loop is done with the previous upload before it replies, so the buffer is reused.
+        # The loop may still accumulate the previous upload after its ACK: wait until it is done.
+        while not self.free.wait(self.server.timeouts.tick.total_seconds()):
+            if self.server.ended:
+                break
         if self._buffer.numel() < size:
-            self._buffer = torch.empty(size, dtype=torch.uint8)
-        return self._buffer[:size]
+            self._buffer = torch.zeros(size, dtype=torch.uint8)  # zero padding keeps the finite check on its fast path
+        buffer = self._buffer[:size]
+        self.scan = FiniteScan(self.server.state.upload_schema, buffer)
+        return buffer
+
+    def _progress(self, end: int) -> None:
+        # Reading the bytes as they land is all this thread does with them; the loop decides.
+        self.scan.progress(end)
 
     def _await_reply(self) -> Message:
         timeouts = self.server.timeouts
@@ -157,11 +178,15 @@ class _Worker:
                 if self.server.ended or self.closing:
                     return
             while True:
-                message = self.pipe.recv(self.server.request_limits, timeouts.idle, timeouts.transfer, self._alloc)
+                message = self.pipe.recv(self.server.request_limits, timeouts.idle, timeouts.transfer, self._alloc,
+                                         self._progress)
                 if message.kind is Kind.BYE:
                     reason = "said goodbye"
                     break
+                if message.payload is not None:
+                    self.free.clear()
                 if self.closing or not self.server.post(_Request(self, message)):
+                    self.free.set()
                     end = self.server.stop_reason or "this address was removed"
                     self.pipe.send(_end_message(end), timeouts.transfer)
                     if self.closing:
@@ -226,6 +251,8 @@ class Server:
         self._expected: Optional[Tuple[int, List[str]]] = None  # (version, accumulation order)
         self._next = 0  # index into the expected order of the next upload to accumulate
         self._early: Dict[str, Tuple[Dict[str, torch.Tensor], int, float]] = {}
+        self._accumulator: Optional[ThreadPoolExecutor] = None  # started at the first accepted upload
+        self._accumulating: Optional[Future] = None
         self._in_event = False
         self._pending_checkpoints: List[Tuple[str, Callable[[], Dict[str, Any]]]] = []
         self._epoch = 0  # bumped when held downloads must be offered again
@@ -300,6 +327,7 @@ class Server:
         the aggregate does not depend on timing (floating-point addition is not associative).
         An upload that arrives before its predecessors is kept aside until they are in.
         """
+        self._settle()
         order = [str(c) for c in clients]
         if len(set(order)) != len(order):
             raise ConfigurationError(f"expect(...) needs distinct client ids, got {order[:10]}")
@@ -335,6 +363,7 @@ class Server:
 
     def aggregate(self) -> bool:
         """Fold the accepted uploads into a new global version; False if there were none."""
+        self._settle()
         if self.received == 0:
             self.log.info(f"nothing to aggregate at version {self.version}: no upload was accepted")
             return False
@@ -394,6 +423,7 @@ class Server:
         steps' state (``steps``), the accepted uploads of the version and the random generators
         of this process. It loads with ``torch.load(path, weights_only=True)``.
         """
+        self._settle()
         target = Path(path)
         numpy_state = np.random.get_state()
         data = {
@@ -427,6 +457,7 @@ class Server:
         Raises:
             ConfigurationError: the checkpoint does not fit this model, aggregator or optimizer.
         """
+        self._settle()
         if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
             raise ConfigurationError(f"{source} is not an openfl_api checkpoint of format {CHECKPOINT_FORMAT}")
         model = self.state.model
@@ -500,10 +531,13 @@ class Server:
                 finally:
                     self._in_event = False
                 self._write_pending_checkpoints()
+            self._settle()
         finally:
             self._end()
 
     def _handle(self, event: Any) -> None:
+        if not (isinstance(event, _Request) and event.message.kind is Kind.DOWNLOAD):
+            self._settle()  # only serving a download may overlap the accumulation of an upload
         if isinstance(event, _Request):
             if event.message.kind is Kind.DOWNLOAD:
                 self._download(event.worker, event.message)
@@ -655,17 +689,26 @@ class Server:
             fields = parse_header(header)
             fields["clients"] = list(transfer.clients)
             header = encode_header(fields)
-        worker.reply(Message(Kind.MODEL, header, buffer))
+        worker.reply(Message(Kind.MODEL, header, split(buffer)))
         self.ledger.add(worker.label, "downloads")
         self.log.debug(f"served version {self.version} to {worker.label}")
         self._fire(Event.AFTER_DOWNLOAD, transfer)
 
     def _upload(self, worker: _Worker, message: Message) -> None:
+        handed = False
+        try:
+            handed = self._take_upload(worker, message)
+        finally:
+            if not handed:
+                worker.free.set()  # the loop is done with the pipe's receive buffer
+
+    def _take_upload(self, worker: _Worker, message: Message) -> bool:
+        """Validate, judge and answer an upload; True if its accumulation was handed on."""
         empty = torch.empty(0, dtype=torch.uint8)
         try:
             header = parse_header(message.header)
             payload = decode(header, message.payload if message.payload is not None else empty,
-                             self.state.upload_schema, kind="update")
+                             self.state.upload_schema, kind="update", scan=worker.scan)
             meta = validate_meta(payload.meta)
             refused = self._register(worker, payload.meta)
             client = payload.meta.get("client", worker.clients[0] if worker.clients and not worker.hosts_many else None)
@@ -676,18 +719,19 @@ class Server:
             self.log.warning(f"rejected the upload of {worker.label}: {exc}")
             worker.reply(Message(Kind.ACK, encode_header({"accepted": False, "reason": f"invalid payload: {exc}",
                                                           "version": self.version})))
-            return
+            return False
         if refused is not None:
             self._refuse_request(worker, refused)
-            return
+            return False
         staleness = self.version - payload.version
         transfer = Transfer(
             rank=worker.peer.rank, nick_name=worker.peer.nick_name, version=payload.version,
             num_samples=meta["num_samples"], metrics=meta["metrics"], staleness=staleness, client=client,
         )
         self._fire(Event.BEFORE_UPLOAD, transfer)
-        if transfer.accepted is None:
-            self._judge(transfer, payload.tensors)
+        judged = transfer.accepted is None
+        if judged:
+            self._judge(transfer)
         label = worker.label if not worker.hosts_many else f"{worker.label}:{client}"
         if transfer.accepted:
             self.ledger.add(worker.label, "uploads")
@@ -699,12 +743,49 @@ class Server:
         else:
             self.ledger.discard(worker.label, transfer.reason)
             self.log.warning(f"discarded the upload of {label}: {transfer.reason}")
+        # The verdict is final here: the frontend goes on while the upload is accumulated.
         worker.reply(Message(Kind.ACK, encode_header(
             {"accepted": bool(transfer.accepted), "reason": transfer.reason, "version": self.version})))
+        handed = bool(judged and transfer.accepted)
+        if handed:
+            self._accumulate(worker, lambda: self._accept(client, payload.tensors, transfer.num_samples, transfer.weight))
         self._fire(Event.AFTER_UPLOAD, transfer)
+        return handed
 
-    def _judge(self, transfer: Transfer, tensors: Dict[str, torch.Tensor]) -> None:
-        """Apply the version rule to a valid upload, and accumulate it if it passes."""
+    def _accumulate(self, worker: _Worker, job: Callable[[], None]) -> None:
+        """Run an accumulation on the accumulation thread, so the loop can serve downloads meanwhile.
+
+        At most one runs at a time, and the loop settles it (:meth:`_settle`) before anything else
+        reads or changes the aggregator or the accumulation order: every event but a download
+        request, ``aggregate``, ``expect``, checkpoints and the end. The pipe receives its next
+        payload once the job is done with the receive buffer.
+        """
+        self._settle()
+
+        def run() -> None:
+            try:
+                job()
+            finally:
+                worker.free.set()
+
+        if self._accumulator is None:
+            self._accumulator = ThreadPoolExecutor(max_workers=1, thread_name_prefix="openfl-accumulate")
+        self._accumulating = self._accumulator.submit(run)
+
+    def _settle(self, reraise: bool = True) -> None:
+        """Wait for the accumulation in progress; re-raise what it raised."""
+        pending, self._accumulating = self._accumulating, None
+        if pending is None:
+            return
+        try:
+            pending.result()
+        except Exception as exc:
+            if reraise:
+                raise
+            self.log.error(f"an accumulation failed while the loop was ending: {exc!r}")
+
+    def _judge(self, transfer: Transfer) -> None:
+        """Apply the version rule to a valid upload; an accepted one is counted for its version."""
         tag, client = transfer.version, transfer.client
         if tag > self.version:
             transfer.discard(f"future: trained from version {tag} but the global version is only {self.version}")
@@ -722,15 +803,16 @@ class Server:
         elif self._uploaded.get(client) == self.version:
             transfer.discard(f"duplicate: client {client} has an accepted upload for version {self.version} already")
             return
-        self._accept(client, tensors, transfer.num_samples, transfer.weight)
-        transfer.accepted = True
-
-    def _accept(self, client: str, tensors: Dict[str, torch.Tensor], num_samples: int, weight: float) -> None:
         aggregator = self.state.aggregator
         self._uploaded[client] = self.version
         self.received += 1
-        self._mix[0] += aggregator.effective_weight(num_samples, weight)
-        self._mix[1] += aggregator.effective_weight(num_samples, 1.0)
+        self._mix[0] += aggregator.effective_weight(transfer.num_samples, transfer.weight)
+        self._mix[1] += aggregator.effective_weight(transfer.num_samples, 1.0)
+        transfer.accepted = True
+
+    def _accept(self, client: str, tensors: Dict[str, torch.Tensor], num_samples: int, weight: float) -> None:
+        """Accumulate an accepted upload, in the expected client order when there is one."""
+        aggregator = self.state.aggregator
         order = self.expected
         if order is None or client not in order or (order[self._next] == client if self._next < len(order) else False):
             aggregator.add(tensors, num_samples, weight)
@@ -754,6 +836,10 @@ class Server:
             self._next += 1
 
     def _end(self) -> None:
+        self._settle(reraise=False)
+        if self._accumulator is not None:
+            self._accumulator.shutdown(wait=True)
+            self._accumulator = None
         with self._lock:
             self.ended = True
         reason = self.stop_reason = self.stop_reason or "the serve loop ended"
@@ -773,6 +859,7 @@ class Server:
             except queue.Empty:
                 return
             if isinstance(event, _Request):
+                event.worker.free.set()
                 event.worker.reply(_end_message(reason))
             elif isinstance(event, _Joined):
                 self._workers[id(event.worker)] = event.worker

@@ -17,7 +17,9 @@ import torch
 
 from openfl_api.address import Address
 from openfl_api.errors import AdmissionError, ConfigurationError, PayloadError, TransportError
-from openfl_api.payload import MAX_HEADER_BYTES, decode, encode, encode_header, parse_header
+from openfl_api.payload import (
+    MAX_HEADER_BYTES, FiniteScan, Schema, decode, encode, encode_header, encode_pieces, parse_header,
+)
 from openfl_api.report import Ledger
 from openfl_api.state import SharedState
 from openfl_api.step import Event, Transfer
@@ -60,6 +62,8 @@ class Client:
         self._nick_name = ""
         self._rx = torch.empty(0, dtype=torch.uint8)
         self._tx: Optional[torch.Tensor] = None
+        self._scan_schema: Optional[Schema] = None
+        self.scan: Optional[FiniteScan] = None  # watches the payload of the reply being received
 
     def connect(self, address: Address, token: bytes, nick_name: str, timeout: Optional[timedelta] = None) -> None:
         """Join the backend at ``address``; blocks until admitted."""
@@ -96,15 +100,25 @@ class Client:
 
     def _alloc(self, size: int) -> torch.Tensor:
         if self._rx.numel() < size:
-            self._rx = torch.empty(size, dtype=torch.uint8)
-        return self._rx[:size]
+            self._rx = torch.zeros(size, dtype=torch.uint8)  # zero padding keeps the finite check on its fast path
+        buffer = self._rx[:size]
+        if self._scan_schema is not None:
+            self.scan = FiniteScan(self._scan_schema, buffer)
+        return buffer
 
-    def _exchange(self, request: Union[Message, Callable[[], Message]], limits: Limits) -> Optional[Message]:
+    def _progress(self, end: int) -> None:
+        if self.scan is not None:
+            self.scan.progress(end)
+
+    def _exchange(self, request: Union[Message, Callable[[], Message]], limits: Limits,
+                  schema: Optional[Schema] = None) -> Optional[Message]:
         """Send a request (or build it: ``request()``) and receive its reply; None once ended.
 
         A broken pipe with no end recorded on the store means the backend went away (or dropped
-        this frontend): join again for up to ``reconnect`` and repeat the request.
+        this frontend): join again for up to ``reconnect`` and repeat the request. ``schema``: the
+        layout of the reply's payload, checked for finite values while it arrives (``self.scan``).
         """
+        self._scan_schema, self.scan = schema, None
         if isinstance(request, Message):
             request = (lambda message: lambda: message)(request)
         rejoins = 0
@@ -112,9 +126,10 @@ class Client:
         while True:
             try:
                 self._pipe.send(request(), self.timeouts.transfer)
-                reply = self._pipe.recv(limits, self.timeouts.idle, self.timeouts.transfer, self._alloc)
+                reply = self._pipe.recv(limits, self.timeouts.idle, self.timeouts.transfer, self._alloc, self._progress)
                 while reply.kind is Kind.PING:  # the backend holds the request and checks on us
-                    reply = self._pipe.recv(limits, self.timeouts.idle, self.timeouts.transfer, self._alloc)
+                    reply = self._pipe.recv(limits, self.timeouts.idle, self.timeouts.transfer, self._alloc,
+                                            self._progress)
                 break
             except TransportError as exc:
                 ended = self._ended_on_store()
@@ -155,14 +170,14 @@ class Client:
             return Message(Kind.DOWNLOAD, encode_header(fields))
 
         limits = Limits(frozenset({Kind.MODEL, Kind.END}), MAX_HEADER_BYTES, state.download_schema.nbytes)
-        reply = self._exchange(request, limits)
+        reply = self._exchange(request, limits, state.download_schema)
         if reply is None:
             return False
         self._registered = True
         buffer = reply.payload if reply.payload is not None else torch.empty(0, dtype=torch.uint8)
         try:
             header = parse_header(reply.header)
-            payload = decode(header, buffer, state.download_schema, kind="model")
+            payload = decode(header, buffer, state.download_schema, kind="model", scan=self.scan)
             selected = self._check_selected(header.get("clients"))
         except PayloadError as exc:
             raise PayloadError(f"the backend sent an invalid model; nothing was loaded: {exc}") from exc
@@ -215,18 +230,24 @@ class Client:
         meta: Dict[str, Any] = {"num_samples": num_samples, "metrics": dict(metrics)}
         if client:
             meta["client"] = client
-        header, buffer = encode(state.upload_tensors(), schema, kind="update", version=self.version,
-                                sender=nick_name, meta=meta, out=self._tx)
-        if released is not None:
+        if released is None:
+            # Large tensors go to the pipe straight from the model; upload() returns only once they are sent.
+            header, payload = encode_pieces(state.upload_tensors(), schema, kind="update", version=self.version,
+                                            sender=nick_name, meta=meta, out=self._tx)
+        else:
+            # A copy, so the caller may change the model while this upload waits for its answer
+            # (and a repeat after a rejoin still sends what was trained).
+            header, payload = encode(state.upload_tensors(), schema, kind="update", version=self.version,
+                                     sender=nick_name, meta=meta, out=self._tx)
             released()
 
         def request() -> Message:
             if self.hosted is None or self._registered:
-                return Message(Kind.UPLOAD, header, buffer)
+                return Message(Kind.UPLOAD, header, payload)
             # A backend joined again has not heard of this frontend's clients yet.
             fields = parse_header(header)
             fields["meta"]["clients"] = self.hosted
-            return Message(Kind.UPLOAD, encode_header(fields), buffer)
+            return Message(Kind.UPLOAD, encode_header(fields), payload)
 
         reply = self._exchange(request,
                                Limits(frozenset({Kind.ACK, Kind.END}), MAX_HEADER_BYTES, 0))

@@ -71,6 +71,11 @@ The launcher's environment, plus:
     The admission token. Kept when the launcher's environment sets it; otherwise one random token
     per run (``secrets.token_hex(16)``), the same for every rank. With ``nnodes > 1`` it must be set,
     to the same value on every node.
+``OMP_NUM_THREADS``
+    ``1`` when ``nproc_per_node > 1`` and the launcher's environment does not set it, as
+    ``torchrun`` does: several ranks each running one OpenMP thread per core overload the machine,
+    and spinning OpenMP threads starve the pipes' I/O threads. Set it yourself to choose another
+    value.
 
 Python ranks run unbuffered (``python -u``), so their output appears as it is written. Each rank
 runs in a session of its own: a Ctrl-C in the terminal reaches the launcher only, which forwards it.
@@ -447,6 +452,9 @@ class _Supervisor:
         config = self._config
         if config.logdir is not None:
             config.logdir.mkdir(parents=True, exist_ok=True)
+        if config.nproc_per_node > 1 and "OMP_NUM_THREADS" not in os.environ:
+            _say("setting OMP_NUM_THREADS=1 for each rank (as torchrun does) so that the ranks do not "
+                 "overload the machine; set it yourself to tune it")
         for local_rank in range(config.nproc_per_node):
             started = self._start_rank(config.node_rank * config.nproc_per_node + local_rank, local_rank)
             self._ranks.append(started)
@@ -464,6 +472,8 @@ class _Supervisor:
             MASTER_PORT=str(config.master_port),
         )
         env[TOKEN_VAR] = config.token
+        if config.nproc_per_node > 1:
+            env.setdefault("OMP_NUM_THREADS", "1")
         if config.init_method is None:
             env.pop(INIT_METHOD_VAR, None)
         else:

@@ -24,6 +24,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 import torch
 
 from openfl_api.errors import ConfigurationError, PayloadError
+from openfl_api.transport.base import Pieces
 
 __all__ = [
     "FORMAT",
@@ -33,6 +34,10 @@ __all__ = [
     "Schema",
     "Payload",
     "encode",
+    "encode_pieces",
+    "PIECE_BYTES",
+    "split",
+    "FiniteScan",
     "decode",
     "encode_header",
     "parse_header",
@@ -112,6 +117,25 @@ class Schema:
             offset = _aligned(offset + spec.nbytes)
         self.offsets: Tuple[int, ...] = tuple(offsets)
         self.nbytes = offset
+        self.sizes: Tuple[int, ...] = tuple(spec.nbytes for spec in self.specs)
+        #: The header's tensor entries of a payload in this layout, as :func:`encode` writes them.
+        self.entries: List[Dict[str, Any]] = [
+            {"name": spec.name, "dtype": dtype_name(spec.dtype), "shape": list(spec.shape),
+             "offset": offset, "nbytes": size}
+            for spec, offset, size in zip(self.specs, self.offsets, self.sizes)
+        ]
+        self.entries_json = json.dumps(self.entries, separators=(",", ":"))
+        self._views: Optional[Tuple[Tuple[int, int], torch.Tensor, Dict[str, torch.Tensor]]] = None
+        # Runs of neighbouring floating tensors of one dtype: one sum checks a whole run.
+        self.finite_runs: List[Tuple[int, int, torch.dtype, List[int]]] = []
+        for index, (spec, offset, size) in enumerate(zip(self.specs, self.offsets, self.sizes)):
+            if not spec.dtype.is_floating_point or size == 0:
+                continue
+            last = self.finite_runs[-1] if self.finite_runs else None
+            if last is not None and last[2] == spec.dtype and last[3][-1] == index - 1:
+                self.finite_runs[-1] = (last[0], offset + size, spec.dtype, last[3] + [index])
+            else:
+                self.finite_runs.append((offset, offset + size, spec.dtype, [index]))
 
     @classmethod
     def from_tensors(cls, tensors: Mapping[str, torch.Tensor]) -> "Schema":
@@ -120,6 +144,19 @@ class Schema:
 
     def __len__(self) -> int:
         return len(self.specs)
+
+    def views(self, buffer: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Views of every tensor of this layout in ``buffer`` (``schema.nbytes`` uint8 bytes).
+
+        The views of the last buffer are kept, since receive buffers are reused message after message.
+        """
+        key = (buffer.data_ptr(), buffer.numel())
+        cached = self._views
+        if cached is None or cached[0] != key:
+            cached = self._views = (key, buffer, {
+                spec.name: _view(buffer, offset, spec) for spec, offset in zip(self.specs, self.offsets)
+            })
+        return dict(cached[2])
 
     def __repr__(self) -> str:
         return f"Schema({len(self.specs)} tensors, {self.nbytes} bytes)"
@@ -154,6 +191,40 @@ def parse_header(raw: bytes, limit: int = MAX_HEADER_BYTES) -> Dict[str, Any]:
     return header
 
 
+def _check_identity(kind: str, version: int, sender: str) -> None:
+    if kind not in KINDS:
+        raise ConfigurationError(f"kind must be one of {KINDS}, got {kind!r}")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+        raise ConfigurationError(f"version must be an integer >= 0, got {version!r}")
+    if not isinstance(sender, str):
+        raise ConfigurationError(f"sender must be a str, got {type(sender).__name__}")
+
+
+def _header(schema: Schema, kind: str, version: int, sender: str, meta: Optional[Mapping[str, Any]]) -> bytes:
+    head = encode_header({
+        "format": FORMAT,
+        "kind": kind,
+        "version": int(version),
+        "sender": sender,
+        "nbytes": schema.nbytes,
+        "meta": dict(meta or {}),
+    })
+    # The tensor entries are the same for every payload of a schema: splice in their JSON.
+    return head[:-1] + b',"tensors":' + schema.entries_json.encode("utf-8") + b"}"
+
+
+def _source(tensors: Mapping[str, torch.Tensor], spec: TensorSpec) -> torch.Tensor:
+    source = tensors.get(spec.name)
+    if source is None:
+        raise ConfigurationError(f"tensor {spec.name!r} of the schema is missing from the tensors to encode")
+    if source.dtype != spec.dtype or tuple(source.shape) != spec.shape:
+        raise ConfigurationError(
+            f"tensor {spec.name!r} is {source.dtype} {tuple(source.shape)} but the schema "
+            f"says {spec.dtype} {spec.shape}; rebuild the schema after changing the model"
+        )
+    return source.detach()
+
+
 def encode(
     tensors: Mapping[str, torch.Tensor],
     schema: Schema,
@@ -173,57 +244,116 @@ def encode(
         version: the global version this payload carries or was trained from.
         sender: a printable name of the sender, for log lines.
         meta: JSON-serialisable metadata (number of samples, metrics, ...).
-        out: a uint8 buffer of at least ``schema.nbytes`` bytes to fill instead of allocating.
+        out: a zeroed uint8 buffer of at least ``schema.nbytes`` bytes to fill instead of
+            allocating; the padding between tensors is never written, so it stays as it was.
 
     Returns:
         ``(header_bytes, buffer)``; ``buffer`` is ``out[:schema.nbytes]`` when ``out`` is given.
     """
-    if kind not in KINDS:
-        raise ConfigurationError(f"kind must be one of {KINDS}, got {kind!r}")
-    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
-        raise ConfigurationError(f"version must be an integer >= 0, got {version!r}")
-    if not isinstance(sender, str):
-        raise ConfigurationError(f"sender must be a str, got {type(sender).__name__}")
-    if out is None:
-        buffer = torch.zeros(schema.nbytes, dtype=torch.uint8)
-    else:
-        if out.dtype != torch.uint8 or out.dim() != 1 or out.numel() < schema.nbytes:
-            raise ConfigurationError(
-                f"out must be a 1-D uint8 tensor of at least {schema.nbytes} bytes, "
-                f"got {out.dtype} of shape {tuple(out.shape)}"
-            )
-        buffer = out[: schema.nbytes]
-    entries: List[Dict[str, Any]] = []
+    _check_identity(kind, version, sender)
+    buffer = _staging(schema, out)
     with torch.no_grad():
         for spec, offset in zip(schema.specs, schema.offsets):
-            source = tensors.get(spec.name)
-            if source is None:
-                raise ConfigurationError(f"tensor {spec.name!r} of the schema is missing from the tensors to encode")
-            if source.dtype != spec.dtype or tuple(source.shape) != spec.shape:
-                raise ConfigurationError(
-                    f"tensor {spec.name!r} is {source.dtype} {tuple(source.shape)} but the schema "
-                    f"says {spec.dtype} {spec.shape}; rebuild the schema after changing the model"
-                )
-            _view(buffer, offset, spec).copy_(source.detach())
-            entries.append(
-                {
-                    "name": spec.name,
-                    "dtype": dtype_name(spec.dtype),
-                    "shape": list(spec.shape),
-                    "offset": offset,
-                    "nbytes": spec.nbytes,
-                }
-            )
-    header = {
-        "format": FORMAT,
-        "kind": kind,
-        "version": int(version),
-        "sender": sender,
-        "nbytes": schema.nbytes,
-        "meta": dict(meta or {}),
-        "tensors": entries,
-    }
-    return encode_header(header), buffer
+            _view(buffer, offset, spec).copy_(_source(tensors, spec))
+    return _header(schema, kind, version, sender, meta), buffer
+
+
+#: Tensors of at least this many bytes travel as their own piece, straight from their memory.
+PIECE_BYTES = 256 * 1024
+
+
+def encode_pieces(
+    tensors: Mapping[str, torch.Tensor],
+    schema: Schema,
+    *,
+    kind: str,
+    version: int,
+    sender: str,
+    meta: Optional[Mapping[str, Any]] = None,
+    out: Optional[torch.Tensor] = None,
+) -> Tuple[bytes, Pieces]:
+    """Encode like :func:`encode`, but hand large tensors to the pipe as they are.
+
+    A contiguous CPU tensor of at least :data:`PIECE_BYTES` becomes its own piece of the payload
+    (no copy); smaller or non-contiguous ones are copied into ``out`` (zeroed, reused across
+    calls) and neighbouring ones travel as one piece. The receiver gets the same flat buffer as
+    from :func:`encode`. The tensors must not change until the pipe has sent them.
+
+    Returns:
+        ``(header_bytes, pieces)``.
+    """
+    _check_identity(kind, version, sender)
+    staging = _staging(schema, out)
+    pieces: List[Tuple[int, torch.Tensor]] = []
+    run: Optional[List[int]] = None  # [start, end) of the staging bytes gathered since the last own piece
+    with torch.no_grad():
+        for spec, offset, size in zip(schema.specs, schema.offsets, schema.sizes):
+            source = _source(tensors, spec)
+            if size >= PIECE_BYTES and source.device.type == "cpu" and source.is_contiguous():
+                if run is not None:
+                    pieces.append((run[0], staging[run[0] : run[1]]))
+                    run = None
+                pieces.append((offset, source.reshape(-1).view(torch.uint8)))
+                continue
+            if size == 0:
+                continue
+            _view(staging, offset, spec).copy_(source)
+            run = [offset, offset + size] if run is None else [run[0], offset + size]
+        if run is not None:
+            pieces.append((run[0], staging[run[0] : run[1]]))
+    return _header(schema, kind, version, sender, meta), Pieces(schema.nbytes, tuple(pieces))
+
+
+def split(buffer: torch.Tensor, piece_bytes: int = 4 * 1024 * 1024) -> Pieces:
+    """Hand a flat payload buffer to the pipe in pieces of ``piece_bytes``, so the receiver can
+    check the first pieces while the last ones are still on the wire."""
+    size = buffer.numel()
+    return Pieces(size, tuple((start, buffer[start : start + piece_bytes]) for start in range(0, size, piece_bytes)))
+
+
+class FiniteScan:
+    """Checks the floating runs of a payload in ``schema``'s layout while its pieces arrive.
+
+    A pipe calls :meth:`progress` as pieces land; :func:`decode` given this scan then checks only
+    the runs that were not complete yet. The scan assumes the canonical layout; decode uses it only
+    when the header says that layout, and a run that looks non-finite is checked again exactly.
+
+    Args:
+        schema: the layout the payload should have.
+        buffer: the receive buffer.
+    """
+
+    def __init__(self, schema: Schema, buffer: torch.Tensor) -> None:
+        self.schema = schema
+        self.buffer = buffer
+        self.done = 0  # runs checked
+        self.clean = True  # every checked run summed to a finite number
+
+    def progress(self, end: int) -> None:
+        """Bytes ``[0, end)`` of the buffer have arrived: check the runs that lie within them."""
+        runs = self.schema.finite_runs
+        if self.buffer.numel() != self.schema.nbytes:
+            return
+        while self.done < len(runs) and runs[self.done][1] <= end:
+            start, stop, dtype, _ = runs[self.done]
+            self.clean = self.clean and _run_sum_finite(self.buffer, start, stop, dtype)
+            self.done += 1
+
+
+def _run_sum_finite(buffer: torch.Tensor, start: int, stop: int, dtype: torch.dtype) -> bool:
+    accumulate = torch.float32 if dtype.itemsize < 4 else dtype
+    return math.isfinite(buffer[start:stop].view(dtype).sum(dtype=accumulate).item())
+
+
+def _staging(schema: Schema, out: Optional[torch.Tensor]) -> torch.Tensor:
+    if out is None:
+        return torch.zeros(schema.nbytes, dtype=torch.uint8)
+    if out.dtype != torch.uint8 or out.dim() != 1 or out.numel() < schema.nbytes:
+        raise ConfigurationError(
+            f"out must be a 1-D uint8 tensor of at least {schema.nbytes} bytes, "
+            f"got {out.dtype} of shape {tuple(out.shape)}"
+        )
+    return out[: schema.nbytes]
 
 
 def _view(buffer: torch.Tensor, offset: int, spec: TensorSpec) -> torch.Tensor:
@@ -238,11 +368,13 @@ def decode(
     *,
     kind: str,
     check_finite: bool = True,
+    scan: Optional[FiniteScan] = None,
 ) -> Payload:
     """Validate a received payload against ``schema`` and return views into ``buffer``.
 
     Nothing is copied: the returned tensors are views that stay valid while ``buffer`` is not
-    reused. Every check runs before the caller can touch a value.
+    reused. Every check runs before the caller can touch a value. ``scan``: the
+    :class:`FiniteScan` that watched ``buffer`` arrive; the runs it found finite are not summed again.
 
     Raises:
         PayloadError: the header is malformed, names/dtypes/shapes/sizes/offsets do not match
@@ -265,12 +397,35 @@ def decode(
     if total != buffer.numel():
         raise PayloadError(f"header says the buffer has {total} bytes but {buffer.numel()} arrived")
     entries = _expect_field(fields, "tensors", list)
-    views = _check_entries(entries, buffer, schema)
-    if check_finite:
-        for name, view in views.items():
-            if not _all_finite(view):
-                raise PayloadError(f"tensor {name!r} holds NaN or Inf values; the payload was rejected")
+    if total == schema.nbytes and json.dumps(entries, separators=(",", ":")) == schema.entries_json:
+        # The canonical layout (compared as JSON, so true is not 1): every per-entry check below
+        # holds; only the values are left.
+        views = schema.views(buffer)
+        if check_finite:
+            scanned = scan is not None and scan.buffer is buffer and scan.schema is schema and scan.clean
+            _check_runs_finite(buffer, schema, first=scan.done if scanned else 0)
+    else:
+        views = _check_entries(entries, buffer, schema)
+        if check_finite:
+            for name, view in views.items():
+                if not _all_finite(view):
+                    raise PayloadError(f"tensor {name!r} holds NaN or Inf values; the payload was rejected")
     return Payload(kind=kind, version=version, sender=sender, meta=meta, tensors=views)
+
+
+def _check_runs_finite(buffer: torch.Tensor, schema: Schema, first: int = 0) -> None:
+    """Check the floating tensors of a canonical payload, one sum per run of neighbours.
+
+    The padding inside a run is summed too; zero padding changes nothing, and any other padding at
+    worst sends the run to the exact, per-tensor check. Runs before ``first`` are known finite.
+    """
+    for start, end, dtype, members in schema.finite_runs[first:]:
+        if _run_sum_finite(buffer, start, end, dtype):
+            continue
+        for index in members:
+            spec = schema.specs[index]
+            if not _all_finite(_view(buffer, schema.offsets[index], spec)):
+                raise PayloadError(f"tensor {spec.name!r} holds NaN or Inf values; the payload was rejected")
 
 
 def _expect_field(fields: Mapping[str, Any], key: str, kind: type) -> Any:

@@ -465,3 +465,13 @@ def test_track_refuses_an_output_without_grad() -> None:
         output = w * 2
     with pytest.raises(ConfigurationError, match="a tensor that requires grad"):
         agg.track(output)
+
+
+def test_accumulate_all_adds_each_pair_as_accumulate_does_for_one() -> None:
+    xs = [torch.tensor([1.5, -2.0, 3.25]), torch.tensor([7, -3], dtype=torch.int64)]
+    together = [torch.ones(3), torch.ones(2, dtype=torch.float64)]
+    one_by_one = [t.clone() for t in together]
+    aggregate_module.accumulate_all_(together, xs, 0.25)
+    for acc, x in zip(one_by_one, xs):
+        aggregate_module.accumulate_(acc, x, 0.25)
+    assert all(torch.equal(a, b) for a, b in zip(together, one_by_one))

@@ -394,3 +394,48 @@ def test_custom_steps_fire_in_attach_order_at_each_event(federation):
         ("first", "before_download"), ("second", "before_download"),
         ("first", "after_download"), ("second", "after_download"),
     ]
+
+
+class GatedAggregator(aggregate.AverageAggregator):
+    """FedAvg whose accumulation waits for ``gate``; ``entered`` is set once one has started."""
+
+    gate = threading.Event()
+    entered = threading.Event()
+
+    def add(self, tensors, num_samples, weight=1.0):
+        GatedAggregator.entered.set()
+        assert GatedAggregator.gate.wait(WAIT), "the test never opened the gate"
+        super().add(tensors, num_samples, weight)
+
+
+def test_a_download_is_served_while_an_upload_is_still_accumulated(federation):
+    GatedAggregator.gate.clear()
+    GatedAggregator.entered.clear()
+    federation.backend.set_aggregate_triggers(ofl.AggregateCount(count=2))
+    federation.connect_backend(aggregator_cls=GatedAggregator)
+    joined, served_meanwhile = threading.Event(), threading.Event()
+
+    def first(api, model, opt):
+        assert joined.wait(WAIT)  # a join is an event the loop handles only once accumulations are done
+        assert api.download()
+        assert api.upload(num_samples=1)  # acknowledged before its accumulation ends
+        assert served_meanwhile.wait(WAIT)  # leaving is an event too: stay until the check is done
+        return True
+
+    def second(api, model, opt):
+        assert api.download()
+        joined.set()
+        assert GatedAggregator.entered.wait(WAIT)
+        assert api.download()
+        served_meanwhile.set()  # the first upload's accumulation is still held at the gate
+        GatedAggregator.gate.set()
+        assert api.upload(num_samples=3)
+        api.update_version()
+        assert api.download()
+        return api.version
+
+    federation.frontend(1, first)
+    federation.frontend(2, second)
+    federation.serve_until_frontends_finish()
+    assert served_meanwhile.is_set() and federation.results == {1: True, 2: 1}
+    assert federation.backend.version == 1

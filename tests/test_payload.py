@@ -17,13 +17,17 @@ from openfl_api.payload import (
     DTYPES,
     FORMAT,
     MAX_HEADER_BYTES,
+    PIECE_BYTES,
+    FiniteScan,
     Payload,
     Schema,
     TensorSpec,
     decode,
     encode,
     encode_header,
+    encode_pieces,
     parse_header,
+    split,
     validate_meta,
 )
 
@@ -656,3 +660,94 @@ def test_a_valid_header_with_one_field_mutated_decodes_or_raises_payload_error(m
     else:
         parent[path[-1]] = value
     must_decode_or_refuse(encode_header(header), as_buffer(data))
+
+
+# --- pieces, the canonical fast path and the scan while receiving ---------------------------
+
+
+def mixed_tensors() -> Dict[str, torch.Tensor]:
+    """A large contiguous tensor, a large non-contiguous one, small ones of several dtypes."""
+    big = PIECE_BYTES // 4 + 5
+    return {
+        "small": sample(torch.float32, (3, 5), seed=1),
+        "count": torch.tensor(12, dtype=torch.int64),
+        "big": sample(torch.float32, (big,), seed=2),
+        "big_t": sample(torch.float32, (big // 64 + 1, 64), seed=3).t(),
+        "half": sample(torch.float16, (7,), seed=4),
+        "tail": sample(torch.float32, (big,), seed=5),
+    }
+
+
+def test_encode_pieces_gives_the_bytes_of_encode() -> None:
+    tensors = mixed_tensors()
+    schema = Schema.from_tensors(tensors)
+    header, flat = encode(tensors, schema, kind="update", version=2, sender="r", meta={"num_samples": 3})
+    pieces_header, pieces = encode_pieces(tensors, schema, kind="update", version=2, sender="r",
+                                          meta={"num_samples": 3}, out=torch.zeros(schema.nbytes, dtype=torch.uint8))
+    assert pieces_header == header
+    assert torch.equal(pieces.flat(), flat)
+
+
+def test_large_contiguous_tensors_travel_from_their_own_memory() -> None:
+    tensors = mixed_tensors()
+    schema = Schema.from_tensors(tensors)
+    _, pieces = encode_pieces(tensors, schema, kind="update", version=0, sender="r")
+    pointers = {piece.data_ptr() for _, piece in pieces.pieces}
+    assert tensors["big"].data_ptr() in pointers and tensors["tail"].data_ptr() in pointers
+    assert tensors["big_t"].data_ptr() not in pointers  # not contiguous: copied into the staging buffer
+    assert len(pieces.pieces) == 4  # small+count | big | big_t+half | tail
+
+
+def test_split_covers_the_buffer_in_order() -> None:
+    buffer = torch.arange(10, dtype=torch.uint8)
+    pieces = split(buffer, piece_bytes=4)
+    assert [(offset, piece.tolist()) for offset, piece in pieces.pieces] == [
+        (0, [0, 1, 2, 3]), (4, [4, 5, 6, 7]), (8, [8, 9])
+    ]
+
+
+def test_a_payload_in_another_valid_layout_still_decodes() -> None:
+    header, buffer, schema = encoded()
+    # Same tensors, listed in the other order: not the canonical layout, so every entry is checked.
+    header["tensors"].reverse()
+    payload = decode_dict(header, buffer, schema)
+    assert torch.equal(payload.tensors["w"], two_tensors()["w"]) and torch.equal(payload.tensors["b"], two_tensors()["b"])
+
+
+@pytest.mark.parametrize("name", ["small", "big", "half", "tail"])
+def test_a_non_finite_value_is_named_on_the_canonical_path(name: str) -> None:
+    tensors = mixed_tensors()
+    tensors[name] = tensors[name].clone()
+    tensors[name].view(-1)[-1] = float("inf")
+    header, buffer, schema = encoded(tensors, kind="update")
+    with pytest.raises(PayloadError, match=f"tensor '{name}' holds NaN or Inf"):
+        decode_dict(header, buffer, schema, kind="update")
+
+
+def test_runs_the_scan_found_finite_are_not_summed_again() -> None:
+    header, buffer, schema = encoded(mixed_tensors(), kind="update")
+    scan = FiniteScan(schema, buffer)
+    scan.progress(buffer.numel())
+    # Spoil a value after the scan: decode trusts the scan for every run it saw.
+    schema.views(buffer)["small"].view(-1)[0] = float("nan")
+    decode(encode_header(header), buffer, schema, kind="update", scan=scan)
+
+
+def test_runs_the_scan_had_not_reached_are_checked_by_decode() -> None:
+    header, buffer, schema = encoded(mixed_tensors(), kind="update")
+    scan = FiniteScan(schema, buffer)
+    scan.progress(schema.offsets[2])  # only the runs before "big" had arrived
+    schema.views(buffer)["tail"].view(-1)[0] = float("nan")
+    with pytest.raises(PayloadError, match="tensor 'tail' holds NaN or Inf"):
+        decode(encode_header(header), buffer, schema, kind="update", scan=scan)
+
+
+def test_a_scan_that_saw_a_non_finite_value_leads_decode_to_the_tensor() -> None:
+    tensors = mixed_tensors()
+    tensors["small"] = tensors["small"].clone()
+    tensors["small"][0, 0] = float("nan")
+    header, buffer, schema = encoded(tensors, kind="update")
+    scan = FiniteScan(schema, buffer)
+    scan.progress(buffer.numel())
+    with pytest.raises(PayloadError, match="tensor 'small' holds NaN or Inf"):
+        decode(encode_header(header), buffer, schema, kind="update", scan=scan)

@@ -12,6 +12,7 @@ from openfl_api.aggregate.base import Aggregator
 from openfl_api.aggregate.elastic import ElasticAggregator
 from openfl_api.aggregate.functional import (
     accumulate_,
+    accumulate_all_,
     accumulation_dtype,
     elastic_update,
     finish_mean,
@@ -27,6 +28,7 @@ __all__ = [
     "NaiveAggregator",
     "ElasticAggregator",
     "accumulate_",
+    "accumulate_all_",
     "accumulation_dtype",
     "elastic_update",
     "finish_mean",

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from openfl_api.aggregate.functional import accumulate_, accumulation_dtype, finish_mean
+from openfl_api.aggregate.functional import accumulate_all_, accumulation_dtype, finish_mean
 from openfl_api.errors import ConfigurationError
 
 __all__ = ["Aggregator"]
@@ -174,10 +174,10 @@ class Aggregator(abc.ABC):
             self._allocate(tensors)
         effective = float(self.effective_weight(num_samples, weight))
         with torch.no_grad():
-            for name, x in tensors.items():
-                if not self._count:
-                    self._sums[name].zero_()
-                accumulate_(self._sums[name], x, effective)
+            sums = [self._sums[name] for name in tensors]
+            if not self._count:
+                torch._foreach_zero_(sums)
+            accumulate_all_(sums, tensors.values(), effective)
         self._count += 1
         self._total_weight += effective
 

@@ -6,11 +6,14 @@ say *how* they combine, so each formula can be read and tested on its own.
 
 from __future__ import annotations
 
+from typing import Iterable, Sequence
+
 import torch
 
 __all__ = [
     "accumulation_dtype",
     "accumulate_",
+    "accumulate_all_",
     "finish_mean",
     "normalized_sensitivity",
     "elastic_update",
@@ -42,6 +45,15 @@ def accumulate_(acc: torch.Tensor, x: torch.Tensor, weight: float) -> torch.Tens
     which is why this beats ``acc += weight * x`` and stacking uploads.
     """
     return acc.add_(x, alpha=weight)
+
+
+def accumulate_all_(accs: Sequence[torch.Tensor], xs: Iterable[torch.Tensor], weight: float) -> None:
+    """Adds ``weight * x`` to each ``acc`` in place, as :func:`accumulate_` does for one pair.
+
+    One call for a whole upload: PyTorch runs it without the Python interpreter lock, so the
+    backend's serve loop keeps running while a large model is accumulated.
+    """
+    torch._foreach_add_(list(accs), list(xs), alpha=weight)
 
 
 def finish_mean(acc: torch.Tensor, total_weight: float, dtype: torch.dtype) -> torch.Tensor:

@@ -1,9 +1,12 @@
 """The pipe interface: one request/reply channel between the backend and one frontend.
 
 A message is a kind, a JSON header (bytes) and an optional flat uint8 payload. On the wire it is a
-fixed frame ``int64[4] = [MAGIC, kind, header bytes, payload bytes]`` followed by the header and the
-payload, so the receiver knows every size before it receives anything and can refuse an oversized
-message without reading it. Frontends send requests (``DOWNLOAD``, ``UPLOAD``, ``BYE``); the
+fixed frame ``int64[5] = [MAGIC, kind, header bytes, payload bytes, pieces]`` followed by the header,
+a piece table ``int64[pieces, 2]`` of ``(offset, bytes)`` and the pieces, so the receiver knows every
+size before it receives anything and can refuse an oversized message without reading it. A sender
+gives the payload as :class:`Pieces` (spans of the flat buffer that live in separate tensors, such
+as a model's parameters) so it never copies them into one buffer; the receiver always gets the
+flat buffer. Frontends send requests (``DOWNLOAD``, ``UPLOAD``, ``BYE``); the
 backend answers each with one reply (``MODEL``, ``ACK``, ``END``).
 
 A pipe that times out or breaks is dead: :class:`~openfl_api.errors.TransportError` is raised and
@@ -16,15 +19,20 @@ import enum
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Callable, Optional
+from typing import Callable, List, Optional, Tuple, Union
 
 import torch
 
 from openfl_api.errors import ProtocolError, TransportError
 
-__all__ = ["Kind", "Message", "Limits", "Pipe", "MAGIC", "REQUESTS", "REPLIES", "check_frame"]
+__all__ = [
+    "Kind", "Message", "Pieces", "Limits", "Pipe", "MAGIC", "MAX_PIECES", "REQUESTS", "REPLIES",
+    "check_frame", "check_pieces", "payload_size",
+]
 
-MAGIC = 0x0F1A_0001
+MAGIC = 0x0F1A_0002  # 0x0F1A_0001: the first wire format, one payload message and no piece table
+FRAME = 5  # int64 words in a frame
+MAX_PIECES = 1 << 16
 
 
 class Kind(enum.IntEnum):
@@ -43,13 +51,49 @@ REQUESTS = frozenset({Kind.DOWNLOAD, Kind.UPLOAD, Kind.BYE})
 REPLIES = frozenset({Kind.MODEL, Kind.ACK, Kind.END})
 
 
+@dataclass(frozen=True)
+class Pieces:
+    """A payload of ``nbytes`` bytes given as pieces ``(offset, 1-D uint8 tensor)``.
+
+    Offsets increase and pieces do not overlap; the bytes between pieces are padding and are not
+    sent. Each piece travels as one message straight from its tensor, without a gathering copy.
+    """
+
+    nbytes: int
+    pieces: Tuple[Tuple[int, torch.Tensor], ...]
+
+    def table(self) -> torch.Tensor:
+        """The piece table as sent: ``int64[len(pieces), 2]`` of ``(offset, bytes)``."""
+        return torch.tensor([[offset, piece.numel()] for offset, piece in self.pieces], dtype=torch.int64)
+
+    def flat(self) -> torch.Tensor:
+        """The payload gathered into one zero-padded buffer (for pipes that copy anyway)."""
+        buffer = torch.zeros(self.nbytes, dtype=torch.uint8)
+        for offset, piece in self.pieces:
+            buffer[offset : offset + piece.numel()] = piece
+        return buffer
+
+
 @dataclass
 class Message:
-    """One message: a kind, JSON header bytes and an optional 1-D uint8 payload."""
+    """One message: a kind, JSON header bytes and an optional payload.
+
+    ``payload`` is a 1-D uint8 tensor, or :class:`Pieces` when sending; a received message always
+    holds the flat buffer.
+    """
 
     kind: Kind
     header: bytes = b""
-    payload: Optional[torch.Tensor] = None
+    payload: Union[torch.Tensor, Pieces, None] = None
+
+
+def payload_size(payload: Union[torch.Tensor, Pieces, None]) -> int:
+    """Bytes of a message's payload, whichever form it has."""
+    if payload is None:
+        return 0
+    if isinstance(payload, Pieces):
+        return payload.nbytes
+    return payload.numel()
 
 
 @dataclass(frozen=True)
@@ -62,13 +106,14 @@ class Limits:
 
 
 def check_frame(frame: torch.Tensor, limits: Limits) -> tuple:
-    """Validate a received frame; return ``(kind, header_bytes, payload_bytes)``.
+    """Validate a received frame; return ``(kind, header_bytes, payload_bytes, pieces)``.
 
     Raises:
-        ProtocolError: bad magic number, unexpected kind or a size over the limits. The stream
-            cannot be trusted after that, so the pipe must be closed.
+        ProtocolError: bad magic number, unexpected kind, a size over the limits, or a piece count
+            that does not fit the payload. The stream cannot be trusted after that, so the pipe
+            must be closed.
     """
-    magic, kind, header_len, payload_len = (int(v) for v in frame.tolist())
+    magic, kind, header_len, payload_len, pieces = (int(v) for v in frame.tolist())
     if magic != MAGIC:
         raise ProtocolError(f"frame has magic {magic:#x}, expected {MAGIC:#x}: the peer does not speak openfl_api")
     if kind not in {int(k) for k in limits.kinds}:
@@ -77,7 +122,29 @@ def check_frame(frame: torch.Tensor, limits: Limits) -> tuple:
         raise ProtocolError(f"header of {header_len} bytes is over the limit of {limits.max_header}")
     if not 0 <= payload_len <= limits.max_payload:
         raise ProtocolError(f"payload of {payload_len} bytes is over the limit of {limits.max_payload}")
-    return Kind(kind), header_len, payload_len
+    if not (0 <= pieces <= MAX_PIECES and (pieces == 0) == (payload_len == 0) and pieces <= payload_len):
+        raise ProtocolError(f"a payload of {payload_len} bytes cannot come in {pieces} pieces "
+                            f"(1 to min(bytes, {MAX_PIECES}) pieces, none without a payload)")
+    return Kind(kind), header_len, payload_len, pieces
+
+
+def check_pieces(table: torch.Tensor, payload_len: int) -> List[Tuple[int, int]]:
+    """Validate a received piece table; return its ``(offset, bytes)`` rows.
+
+    Raises:
+        ProtocolError: a piece is empty, goes backwards, overlaps the one before or ends past the
+            payload.
+    """
+    rows = [(int(offset), int(size)) for offset, size in table.tolist()]
+    end = 0
+    for offset, size in rows:
+        if size < 1 or offset < end or offset + size > payload_len:
+            raise ProtocolError(
+                f"piece ({offset}, {size}) of the piece table does not fit: pieces must be non-empty, "
+                f"in order, not overlapping and within the {payload_len}-byte payload"
+            )
+        end = offset + size
+    return rows
 
 
 class Pipe(ABC):
@@ -98,8 +165,14 @@ class Pipe(ABC):
         idle: timedelta,
         transfer: timedelta,
         alloc: Callable[[int], torch.Tensor],
+        progress: Optional[Callable[[int], None]] = None,
     ) -> Message:
-        """Receive one message: wait up to ``idle`` for it to start, ``transfer`` for the rest."""
+        """Receive one message: wait up to ``idle`` for it to start, ``transfer`` for the rest.
+
+        ``progress(end)``, when given, is called on this thread as the payload arrives: bytes
+        ``[0, end)`` of the buffer from ``alloc`` hold their final values (gaps between pieces
+        are padding), so a receiver can check them while the rest is on the wire.
+        """
 
     @abstractmethod
     def close(self) -> None:

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import time
 from datetime import timedelta
-from typing import Callable, Optional
+from typing import Callable, List, Optional
 
 import torch
 from torch.distributed import PrefixStore, ProcessGroupGloo, Store
 
 from openfl_api.errors import TransportError
-from openfl_api.transport.base import MAGIC, Limits, Message, Pipe, check_frame
+from openfl_api.transport.base import (
+    FRAME, MAGIC, Limits, Message, Pieces, Pipe, check_frame, check_pieces, payload_size,
+)
 
 __all__ = ["GlooPipe", "open_gloo_pipe"]
 
@@ -58,46 +61,64 @@ def open_gloo_pipe(store: Store, prefix: str, rank: int, timeout: timedelta, hos
     return GlooPipe(group, peer=1 - rank)
 
 
+#: Bytes of a message's first gloo message: the frame, the piece table and the header travel in it
+#: when they fit (every control message and the header of most models), else the rest follows.
+INLINE = 32 * 1024
+_FRAME_BYTES = FRAME * 8
+
+
 class GlooPipe(Pipe):
-    """A pipe over a two-rank gloo process group."""
+    """A pipe over a two-rank gloo process group.
+
+    A message is sent as one fixed-size control message of :data:`INLINE` bytes (the frame, then
+    the piece table, then the header, zero-padded), the overflow of that control block when it is
+    larger, and the payload's pieces. Sends are posted together and waited once; the receiver
+    waits for the control message, checks the frame, and posts every piece at once. On loopback
+    each separately waited gloo operation costs a thread hand-off, hence so few of them.
+    """
 
     def __init__(self, group: ProcessGroupGloo, peer: int) -> None:
         self._group = group
         self._peer = peer
-        self._frame = torch.zeros(4, dtype=torch.int64)
+        self._first = torch.zeros(INLINE, dtype=torch.uint8)
 
-    def _wait(self, work, timeout: timedelta, what: str) -> None:
+    def _post(self, send: bool, tensor: torch.Tensor, what: str):
         try:
-            work.wait(timeout)
+            if send:
+                return self._group.send([tensor], self._peer, _TAG)
+            return self._group.recv([tensor], self._peer, _TAG)
         except RuntimeError as exc:
             raise TransportError(f"pipe failed while {what}: {str(exc).splitlines()[0][:300]}") from exc
 
-    def _send_tensor(self, tensor: torch.Tensor, timeout: timedelta, what: str) -> None:
+    def _wait(self, works: List, timeout: timedelta, what: str) -> None:
+        deadline = time.monotonic() + timeout.total_seconds()
         try:
-            work = self._group.send([tensor], self._peer, _TAG)
+            for work in works:
+                work.wait(timedelta(seconds=max(0.001, deadline - time.monotonic())))
         except RuntimeError as exc:
             raise TransportError(f"pipe failed while {what}: {str(exc).splitlines()[0][:300]}") from exc
-        self._wait(work, timeout, what)
-
-    def _recv_tensor(self, tensor: torch.Tensor, timeout: timedelta, what: str) -> None:
-        try:
-            work = self._group.recv([tensor], self._peer, _TAG)
-        except RuntimeError as exc:
-            raise TransportError(f"pipe failed while {what}: {str(exc).splitlines()[0][:300]}") from exc
-        self._wait(work, timeout, what)
 
     def send(self, message: Message, timeout: timedelta) -> None:
         payload = message.payload
+        if isinstance(payload, torch.Tensor):
+            payload = Pieces(payload.numel(), ((0, payload),) if payload.numel() else ())
+        pieces = payload.pieces if payload is not None else ()
         frame = torch.tensor(
-            [MAGIC, int(message.kind), len(message.header), 0 if payload is None else payload.numel()],
-            dtype=torch.int64,
+            [MAGIC, int(message.kind), len(message.header), payload_size(payload), len(pieces)], dtype=torch.int64
         )
-        self._send_tensor(frame, timeout, "sending a frame")
-        if message.header:
-            header = torch.frombuffer(bytearray(message.header), dtype=torch.uint8)
-            self._send_tensor(header, timeout, "sending a header")
-        if payload is not None and payload.numel():
-            self._send_tensor(payload, timeout, "sending a payload")
+        control = frame.numpy().tobytes()
+        if pieces:
+            control += payload.table().numpy().tobytes()
+        control += bytes(message.header)
+        first = bytearray(INLINE)
+        first[: min(len(control), INLINE)] = control[:INLINE]
+        # Every tensor posted stays referenced here until the waits below are over.
+        tensors = [torch.frombuffer(first, dtype=torch.uint8)]
+        if len(control) > INLINE:
+            tensors.append(torch.frombuffer(bytearray(control[INLINE:]), dtype=torch.uint8))
+        tensors.extend(piece for _, piece in pieces)
+        works = [self._post(True, tensor, "sending a message") for tensor in tensors]
+        self._wait(works, timeout, "sending a message")
 
     def recv(
         self,
@@ -105,18 +126,29 @@ class GlooPipe(Pipe):
         idle: timedelta,
         transfer: timedelta,
         alloc: Callable[[int], torch.Tensor],
+        progress: Optional[Callable[[int], None]] = None,
     ) -> Message:
-        self._recv_tensor(self._frame, idle, "waiting for a message")
-        kind, header_len, payload_len = check_frame(self._frame, limits)
-        header = b""
-        if header_len:
-            raw = torch.empty(header_len, dtype=torch.uint8)
-            self._recv_tensor(raw, transfer, "receiving a header")
-            header = raw.numpy().tobytes()
+        self._wait([self._post(False, self._first, "waiting for a message")], idle, "waiting for a message")
+        kind, header_len, payload_len, count = check_frame(self._first[:_FRAME_BYTES].view(torch.int64), limits)
+        control_len = _FRAME_BYTES + 16 * count + header_len
+        control = self._first.numpy().tobytes()[: min(control_len, INLINE)]
+        if control_len > INLINE:
+            rest = torch.empty(control_len - INLINE, dtype=torch.uint8)
+            self._wait([self._post(False, rest, "receiving a header")], transfer, "receiving a header")
+            control += rest.numpy().tobytes()
+        header = control[_FRAME_BYTES + 16 * count :]
         payload = None
         if payload_len:
+            table = torch.frombuffer(bytearray(control[_FRAME_BYTES : _FRAME_BYTES + 16 * count]), dtype=torch.int64)
+            rows = check_pieces(table.view(count, 2), payload_len)
             payload = alloc(payload_len)
-            self._recv_tensor(payload, transfer, "receiving a payload")
+            works = [self._post(False, payload[offset : offset + size], "receiving a payload") for offset, size in rows]
+            deadline = time.monotonic() + transfer.total_seconds()
+            for work, (offset, size) in zip(works, rows):
+                # Pieces complete in order; check each while the next ones are still arriving.
+                self._wait([work], timedelta(seconds=max(0.001, deadline - time.monotonic())), "receiving a payload")
+                if progress is not None:
+                    progress(offset + size)
         return Message(kind, header, payload)
 
     def close(self) -> None:

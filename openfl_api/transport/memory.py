@@ -2,8 +2,7 @@
 
 A pipe is a pair of queues registered under the pipe's prefix in a process-wide registry; both
 sides meet there exactly as two gloo ranks meet through the store. Payloads are copied on send, so
-a sender may reuse its buffer as it would with gloo; the receiver gets that copy (``alloc`` is not
-used).
+a sender may reuse its buffer as it would with gloo.
 """
 
 from __future__ import annotations
@@ -11,12 +10,12 @@ from __future__ import annotations
 import queue
 import threading
 from datetime import timedelta
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
 from openfl_api.errors import TransportError
-from openfl_api.transport.base import Limits, Message, Pipe, check_frame, MAGIC
+from openfl_api.transport.base import MAGIC, Limits, Message, Pieces, Pipe, check_frame
 
 __all__ = ["MemoryPipe", "open_memory_pipe"]
 
@@ -48,7 +47,11 @@ class MemoryPipe(Pipe):
     def send(self, message: Message, timeout: timedelta) -> None:
         if self._closed:
             raise TransportError("pipe failed while sending: it was closed on this side")
-        payload = None if message.payload is None else message.payload.clone()
+        payload = message.payload
+        if isinstance(payload, Pieces):
+            payload = payload.flat()
+        elif payload is not None:
+            payload = payload.clone()
         self._outbox.put(Message(message.kind, bytes(message.header), payload))
 
     def recv(
@@ -57,6 +60,7 @@ class MemoryPipe(Pipe):
         idle: timedelta,
         transfer: timedelta,
         alloc: Callable[[int], torch.Tensor],
+        progress: Optional[Callable[[int], None]] = None,
     ) -> Message:
         if self._closed:
             raise TransportError("pipe failed while waiting for a message: it was closed on this side")
@@ -69,11 +73,15 @@ class MemoryPipe(Pipe):
             self._closed = True
             raise TransportError("pipe failed while waiting for a message: connection closed by peer")
         size = 0 if message.payload is None else message.payload.numel()
-        frame = torch.tensor([MAGIC, int(message.kind), len(message.header), size], dtype=torch.int64)
+        frame = torch.tensor([MAGIC, int(message.kind), len(message.header), size, 1 if size else 0], dtype=torch.int64)
         check_frame(frame, limits)
-        # The payload is the sender's copy, owned by nobody else: hand it over rather than copy it
-        # again into ``alloc``'s buffer (one model-sized copy per message less).
-        return Message(message.kind, message.header, message.payload if size else None)
+        payload = None
+        if size:
+            payload = alloc(size)
+            payload.copy_(message.payload)
+            if progress is not None:
+                progress(size)
+        return Message(message.kind, message.header, payload)
 
     def close(self) -> None:
         if not self._closed:

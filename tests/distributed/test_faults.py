@@ -140,11 +140,10 @@ def test_a_backend_killed_and_resumed_gives_the_uninterrupted_final_model(proces
     port = free_port()
     checkpoint = faulty / "ckpt"
     run = ("--checkpoint", str(checkpoint), "--result", str(faulty / "result"))
-    backend = start_rank(processes, faulty, port, 0, *common, *run, name="backend-first")
+    backend = start_rank(processes, faulty, port, 0, *common, *run, "--kill_backend_at", "3", name="backend-first")
     frontends = [start_rank(processes, faulty, port, r, *common, *run) for r in (1, 2)]
-    wait_until(lambda: Path(f"{checkpoint}.3").exists(), "checkpoint 3", backend)
-    backend.send_signal(signal.SIGKILL)
-    backend.wait(timeout=DEADLINE)
+    assert backend.wait(timeout=DEADLINE) == -signal.SIGKILL
+    assert Path(f"{checkpoint}.3").exists() and not Path(f"{checkpoint}.4").exists()
     resumed = start_rank(processes, faulty, port, 0, *common, *run, "--resume", str(checkpoint))
     assert resumed.wait(timeout=DEADLINE) == 0, (faulty / "rank0.log").read_text()
     for process in frontends:

@@ -58,7 +58,7 @@ def reaped(pid):
 
 DUMP_ENV = """
 names = ["RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-         "OPENFL_API_TOKEN", "OPENFL_INIT_METHOD"]
+         "OPENFL_API_TOKEN", "OPENFL_INIT_METHOD", "OMP_NUM_THREADS"]
 publish(f"env_{RANK}.json", json.dumps({name: os.environ.get(name) for name in names}))
 """
 
@@ -75,7 +75,7 @@ def _script(tmp_path: Path, *parts: str) -> Path:
 
 
 def _env(extra: Optional[Mapping[str, str]] = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("OPENFL_API_TOKEN", "OPENFL_INIT_METHOD")}
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENFL_API_TOKEN", "OPENFL_INIT_METHOD", "OMP_NUM_THREADS")}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env.update(extra or {})
     return env
@@ -183,7 +183,8 @@ def three_ranks(tmp_path_factory: pytest.TempPathFactory) -> Launched:
 def second_node(tmp_path_factory: pytest.TempPathFactory) -> Launched:
     """Node 1 of two, two ranks each, with the token exported as multi-node runs require."""
     return _launched(tmp_path_factory.mktemp("second_node"), DUMP_ENV, "--nnodes", "2", "--node_rank", "1",
-                     "--nproc_per_node", "2", "--master_port", "29555", env={"OPENFL_API_TOKEN": TOKEN})
+                     "--nproc_per_node", "2", "--master_port", "29555",
+                     env={"OPENFL_API_TOKEN": TOKEN, "OMP_NUM_THREADS": "3"})
 
 
 PRINT_RANK = """
@@ -238,6 +239,15 @@ def test_second_node_numbers_its_ranks_after_the_first(second_node: Launched) ->
 
 def test_token_set_in_the_environment_is_kept(second_node: Launched) -> None:
     assert [second_node.env(rank)["OPENFL_API_TOKEN"] for rank in (2, 3)] == [TOKEN, TOKEN]
+
+
+def test_each_rank_runs_one_openmp_thread_unless_told_otherwise(three_ranks: Launched) -> None:
+    assert [three_ranks.env(rank)["OMP_NUM_THREADS"] for rank in range(3)] == ["1"] * 3
+    assert "setting OMP_NUM_THREADS=1" in three_ranks.err
+
+
+def test_openmp_threads_set_in_the_environment_are_kept(second_node: Launched) -> None:
+    assert [second_node.env(rank)["OMP_NUM_THREADS"] for rank in (2, 3)] == ["3", "3"]
 
 
 def test_init_method_reaches_every_rank(tmp_path: Path) -> None:

@@ -7,6 +7,8 @@ bit for bit with an uninterrupted one. Faults are injected on purpose:
 - ``--kill_mid_upload R``: rank R SIGKILLs itself while its first upload is on the wire;
 - ``--hang_mid_upload R``: rank R stops itself (SIGSTOP) while its first upload is on the wire;
 - ``--die_waiting R``: rank R SIGKILLs itself after its first upload, while its download waits;
+- ``--kill_backend_at K``: the backend SIGKILLs itself at the first upload of version K, with
+  checkpoint K on disk and version K + 1 not yet aggregated;
 - ``--delay R=S,...``: rank R sleeps S seconds per round (frontends of different speeds).
 """
 
@@ -34,6 +36,8 @@ parser.add_argument("--result", default=None)
 parser.add_argument("--kill_mid_upload", type=int, default=-1)
 parser.add_argument("--hang_mid_upload", type=int, default=-1)
 parser.add_argument("--die_waiting", type=int, default=-1)
+parser.add_argument("--kill_backend_at", type=int, default=-1,
+                    help="the backend SIGKILLs itself at the first upload it receives at this version")
 parser.add_argument("--delay", default="")
 parser.add_argument("--transfer_timeout", type=float, default=30.0)
 parser.add_argument("--max_rounds", type=int, default=10**6)
@@ -51,6 +55,21 @@ api = ofl.API(frontend=args.rank > 0, timeout=timedelta(seconds=90), connect_tim
               asynchronous=mode, resume=args.resume, reconnect=timedelta(seconds=60))
 api.set_aggregate_triggers(ofl.AggregateCount(count=args.count, checkpoint=args.checkpoint))
 api.register_step(ofl.StopAtVersion(max_version=args.max_version))
+
+
+class KillBackendAt(ofl.Step):
+    """Die at a known point: version k's checkpoint is on disk (written when k was aggregated),
+    and version k + 1 is not aggregated yet, whatever the speed of the machine."""
+
+    roles = frozenset({"backend"})
+
+    def before_upload(self, api, transfer):
+        if api.version == args.kill_backend_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+if args.kill_backend_at >= 0:
+    api.register_step(KillBackendAt())
 api.build_connection(address=ofl.Address(args=args))
 
 
