@@ -23,7 +23,7 @@ import collections
 import threading
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 from torch.utils.hooks import RemovableHandle
@@ -416,18 +416,12 @@ class API:
             metrics: scalar metrics to report, e.g. ``{"loss": 0.3}``.
             client: with ``API(clients=[...])``: the virtual client this update belongs to.
         """
-        return self._upload(num_samples, metrics, client)
-
-    def _upload(self, num_samples: int, metrics: Optional[Mapping[str, float]], client: Union[int, str, None],
-                released: Optional[Callable[[], None]] = None) -> bool:
-        """:meth:`upload`; ``released()`` is called once the model's tensors may change again
-        (the upload may still be waiting for the backend), so virtual clients overlap the two."""
         if not self._frontend:
             return False
         meta = check_upload_meta(num_samples, {} if metrics is None else metrics)
         owner = self._require_client("upload()")
         return owner.upload(self._shared_state(), self.rank, self.nick_name, meta["num_samples"], meta["metrics"],
-                            client=None if client is None else str(client), released=released)
+                            client=None if client is None else str(client))
 
     def update_version(self, version: Optional[int] = None) -> None:
         """Frontend: advance the local version by one, or set it to ``version``."""

@@ -18,7 +18,7 @@ import torch
 from openfl_api.address import Address
 from openfl_api.errors import AdmissionError, ConfigurationError, PayloadError, TransportError
 from openfl_api.payload import (
-    MAX_HEADER_BYTES, FiniteScan, Schema, decode, encode, encode_header, encode_pieces, parse_header,
+    MAX_HEADER_BYTES, FiniteScan, Schema, decode, encode_header, encode_pieces, parse_header,
 )
 from openfl_api.report import Ledger
 from openfl_api.state import SharedState
@@ -203,12 +203,9 @@ class Client:
 
     def upload(
         self, state: SharedState, rank: int, nick_name: str, num_samples: int, metrics: Mapping[str, float],
-        client: Optional[str] = None, released: Optional[Callable[[], None]] = None,
+        client: Optional[str] = None,
     ) -> bool:
-        """Send the local state tagged with the local version; False once the federation ended.
-
-        ``released()`` is called once the model's tensors are no longer read (they may change).
-        """
+        """Send the local state tagged with the local version; False once the federation ended."""
         if self.ended:
             return False
         if self.hosted is not None:
@@ -230,24 +227,17 @@ class Client:
         meta: Dict[str, Any] = {"num_samples": num_samples, "metrics": dict(metrics)}
         if client:
             meta["client"] = client
-        if released is None:
-            # Large tensors go to the pipe straight from the model; upload() returns only once they are sent.
-            header, payload = encode_pieces(state.upload_tensors(), schema, kind="update", version=self.version,
-                                            sender=nick_name, meta=meta, out=self._tx)
-        else:
-            # A copy, so the caller may change the model while this upload waits for its answer
-            # (and a repeat after a rejoin still sends what was trained).
-            header, payload = encode(state.upload_tensors(), schema, kind="update", version=self.version,
-                                     sender=nick_name, meta=meta, out=self._tx)
-            released()
+        # Large tensors go to the pipe straight from the model; upload() returns only once they are sent.
+        header, pieces = encode_pieces(state.upload_tensors(), schema, kind="update", version=self.version,
+                                       sender=nick_name, meta=meta, out=self._tx)
 
         def request() -> Message:
             if self.hosted is None or self._registered:
-                return Message(Kind.UPLOAD, header, payload)
+                return Message(Kind.UPLOAD, header, pieces)
             # A backend joined again has not heard of this frontend's clients yet.
             fields = parse_header(header)
             fields["meta"]["clients"] = self.hosted
-            return Message(Kind.UPLOAD, encode_header(fields), payload)
+            return Message(Kind.UPLOAD, encode_header(fields), pieces)
 
         reply = self._exchange(request,
                                Limits(frozenset({Kind.ACK, Kind.END}), MAX_HEADER_BYTES, 0))

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import collections
 import hashlib
-import threading
 import os
 import re
 import tempfile
@@ -193,9 +192,6 @@ class VirtualClients:
             with ``states``, restored from the client's last round and saved after it.
         states: a :class:`ClientStates` keeping each client's optimizer state between rounds.
         seed: the seed the clients' generators derive from (:func:`client_seed`).
-        overlap: upload from a helper thread, so that the backend checks and accumulates one
-            client's update while the next client trains (the model is reset only once the
-            upload has copied it). False: each ``upload()`` returns before the next client trains.
     """
 
     def __init__(
@@ -207,7 +203,6 @@ class VirtualClients:
         optimizer: Optional[torch.optim.Optimizer] = None,
         states: Optional[ClientStates] = None,
         seed: int = 0,
-        overlap: bool = True,
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise ConfigurationError(f"VirtualClients(model=...) must be a torch.nn.Module, got {type(model).__name__}")
@@ -223,7 +218,7 @@ class VirtualClients:
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ConfigurationError(f"VirtualClients(seed=...) must be an int >= 0, got {seed!r}")
         self.api, self.model, self.train = api, model, train
-        self.optimizer, self.states, self.seed, self.overlap = optimizer, states, seed, bool(overlap)
+        self.optimizer, self.states, self.seed = optimizer, states, seed
         self._tensors = list(model.state_dict(keep_vars=True).values())
         self._global: Optional[list] = None
         self.trained = 0  # client updates uploaded so far
@@ -235,23 +230,14 @@ class VirtualClients:
             The number of client updates uploaded.
         """
         api = self.api
-        uploader = _Uploader(api) if self.overlap and api.role == "frontend" else None
-        try:
-            while api.download():
-                if not self.round(uploader):
-                    break
-                api.update_version()
-        finally:
-            if uploader is not None:
-                uploader.close()
+        while api.download():
+            if not self.round():
+                break
+            api.update_version()
         return self.trained
 
-    def round(self, uploader: Optional["_Uploader"] = None) -> bool:
-        """Train and upload every selected client of the version just downloaded; False once ended.
-
-        With ``uploader``, a client's upload waits for the backend's answer while the next client
-        trains; the model is reset only once the upload no longer reads it.
-        """
+    def round(self) -> bool:
+        """Train and upload every selected client of the version just downloaded; False once ended."""
         api = self.api
         clients = sorted(api.clients, key=client_order)  # the backend's accumulation order
         self._keep_global()
@@ -259,13 +245,10 @@ class VirtualClients:
             if index:
                 self._restore_global()
             num_samples, metrics = self.train_client(client, api.version)
-            if uploader is None:
-                if not api.upload(num_samples=num_samples, metrics=metrics, client=client):
-                    return False
-            elif not uploader.start(num_samples, metrics, client):  # waits for the previous answer
+            if not api.upload(num_samples=num_samples, metrics=metrics, client=client):
                 return False
             self.trained += 1
-        return uploader.wait() if uploader is not None else True
+        return True
 
     def train_client(self, client: str, version: int) -> Tuple[int, Dict[str, float]]:
         """Train ``model`` (already holding the global model) for one client; ``(num_samples, metrics)``."""
@@ -305,63 +288,3 @@ class VirtualClients:
             for tensor, kept in zip(self._tensors, self._global):
                 tensor.copy_(kept)
 
-
-class _Uploader:
-    """One helper thread that runs ``api.upload`` for :class:`VirtualClients`, one upload at a time."""
-
-    def __init__(self, api: Any) -> None:
-        self.api = api
-        self._work: "collections.deque" = collections.deque()
-        self._ready = threading.Condition()
-        self._released = threading.Event()
-        self._done = threading.Event()
-        self._done.set()
-        self._result = True
-        self._error: Optional[BaseException] = None
-        self._closed = False
-        self._thread = threading.Thread(target=self._run, name="openfl-virtual-upload", daemon=True)
-        self._thread.start()
-
-    def start(self, num_samples: int, metrics: Mapping[str, float], client: str) -> bool:
-        """Wait for the previous upload's answer, then start this one and return once it has
-        copied the model. False (nothing started) when the previous upload found the end."""
-        if not self.wait():
-            return False
-        self._released.clear()
-        self._done.clear()
-        with self._ready:
-            self._work.append((num_samples, metrics, client))
-            self._ready.notify()
-        self._released.wait()
-        if self._error is not None:
-            raise self._error
-        return True
-
-    def wait(self) -> bool:
-        """Wait for the upload in flight; its result (False once the federation ended)."""
-        self._done.wait()
-        if self._error is not None:
-            raise self._error
-        return self._result
-
-    def _run(self) -> None:
-        while True:
-            with self._ready:
-                while not self._work and not self._closed:
-                    self._ready.wait()
-                if not self._work:
-                    return
-                num_samples, metrics, client = self._work.popleft()
-            try:
-                self._result = self.api._upload(num_samples, metrics, client, released=self._released.set)
-            except BaseException as exc:  # raised on the training thread by start() or wait()
-                self._error = exc
-            finally:
-                self._released.set()
-                self._done.set()
-
-    def close(self) -> None:
-        with self._ready:
-            self._closed = True
-            self._ready.notify()
-        self._thread.join()

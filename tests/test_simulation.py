@@ -24,7 +24,7 @@ QUICK = timedelta(seconds=WAIT)
 
 
 def federation(clients=6, frontends=1, rounds=2, fraction=1.0, train=None, momentum=0.0, states_dir=None,
-               overlap=True, seed=0, max_loop=None):
+               seed=0, max_loop=None):
     """A callable for simulate(): rank 0 serves, the others host ``split_clients`` of ``clients``.
 
     Returns the backend's final weights on rank 0 and the frontend's records on the others.
@@ -63,8 +63,7 @@ def federation(clients=6, frontends=1, rounds=2, fraction=1.0, train=None, momen
         states = ClientStates(states_dir) if states_dir is not None else None
         with api:
             api.run()
-            VirtualClients(api, net, train or default_train, optimizer=opt, states=states, seed=seed,
-                           overlap=overlap).run()
+            VirtualClients(api, net, train or default_train, optimizer=opt, states=states, seed=seed).run()
         api.finish()
         if args.rank == 0:
             return {k: v.detach().clone() for k, v in net.state_dict().items()}, api.version
@@ -156,9 +155,8 @@ def test_virtual_clients_refuse_bad_arguments(build, match):
         build(net, torch.optim.SGD(net.parameters(), lr=0.1))
 
 
-@pytest.mark.parametrize("overlap", [True, False])
-def test_every_client_starts_from_the_downloaded_global_model(overlap):
-    (final, version), records = simulate(federation(clients=4, rounds=2, overlap=overlap), 2, timeout=QUICK)
+def test_every_client_starts_from_the_downloaded_global_model():
+    (final, version), records = simulate(federation(clients=4, rounds=2), 2, timeout=QUICK)
     assert version == 2 and len(records) == 8
     for round_version in (0, 1):
         starts = [weight for _, v, weight, _ in records if v == round_version]
