@@ -27,9 +27,18 @@ torchvision): 62 parameters (11,689,512 float32) and 60 batch-norm buffers (runn
 variance, float32, and ``num_batches_tracked``, int64), 46.8 MB (44.6 MiB). Both phases move
 exactly the state_dict's bytes; the API adds its frames, JSON headers and 64-byte alignment.
 
+- **floor** (what any implementation of the contract must at least do): the raw gloo round plus
+  the passes over the bytes that DESIGN.md requires and nothing else. Rank 1 receives the model
+  into a buffer, checks it for NaN/Inf (one ``sum`` per dtype run, as the API does) and copies it
+  into its model's tensors (``download()`` loads in place, and only after the check); it sends its
+  model back from the model's own memory; rank 0 receives it into a buffer, checks it and adds it
+  to a running sum (``add_`` with a weight). No headers, no steps, no threads. ``floor / raw`` says
+  how close to raw gloo a contract-abiding implementation can get on this machine; ``API /
+  floor`` what the framework costs on top of that.
+
 Each phase runs in two fresh processes (``subprocess``, this file with a hidden ``--child``
 argument), warms up for 2 rounds and times ``--rounds`` rounds. The phases alternate
-``--repeats`` times (raw/API, API/raw, ...) so drift on the machine hits both. Reported per phase:
+``--repeats`` times (raw/floor/API, API/floor/raw, ...) so drift on the machine hits all. Reported per phase:
 the median round (ms) and throughput (GB/s = 1e9 B/s, counting 2 x the state_dict bytes per round),
 and the min-max band of the per-repeat medians; then the ratio API / raw throughput, the median
 of the per-repeat (paired) ratios, against the target of 0.8.
@@ -68,6 +77,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 WARMUP = 2
 TARGET = 0.8
+PHASES = ("raw", "floor", "api")
 TOKEN = "bench-transfer-0123456789abcdef"
 
 
@@ -180,6 +190,62 @@ def child_raw(rank: int, port: int, rounds: int, out: str, timeout: float) -> No
             raise SystemExit("raw gloo: the bytes that came back differ from those sent")
         _publish(out, {"round_s": times[WARMUP:]})
     else:
+        _publish(out, {})
+    group.barrier().wait(wait)
+    group.shutdown()
+
+
+def child_floor(rank: int, port: int, rounds: int, out: str, timeout: float) -> None:
+    """One rank of the floor: the raw round plus the check, the in-place load and the accumulation.
+
+    Everything is as cheap as it can be: one flat message each way, one ``sum`` over the buffer
+    for the check (every entry of this model is float32 or a small int64, so its bytes read as
+    float32 are finite exactly when the model's floats are), one foreach copy, one foreach add.
+    """
+    from torch.distributed import ProcessGroupGloo, TCPStore
+
+    wait = timedelta(seconds=timeout)
+    store = TCPStore("127.0.0.1", port, 2, rank == 0, timeout=wait)
+    options = ProcessGroupGloo._Options()
+    options._devices = [ProcessGroupGloo.create_device(hostname="127.0.0.1")]
+    options._timeout = wait
+    group = ProcessGroupGloo(store, rank, 2, options)
+    model = build_model(seed=0 if rank == 0 else 1)
+    tensors = [t.detach() for t in model.state_dict().values()]
+    source = flat_bytes(model)  # rank 0's encoding of its model, made once as the API caches it
+    inbox = torch.zeros_like(source)
+    views, offset = [], 0
+    for tensor in tensors:
+        size = tensor.numel() * tensor.element_size()
+        views.append(inbox[offset : offset + size].view(tensor.dtype).view(tensor.shape))
+        offset += size
+    sums = [torch.zeros(t.shape, dtype=t.dtype if t.is_floating_point() else torch.float64) for t in tensors]
+
+    def check() -> None:
+        if not torch.isfinite(inbox.view(torch.float32).sum()):
+            raise SystemExit("floor: a non-finite value arrived")
+
+    times: List[float] = []
+    for _ in range(WARMUP + rounds):
+        start = time.perf_counter()
+        if rank == 0:
+            group.send([source], 1, 0).wait(wait)
+            group.recv([inbox], 1, 0).wait(wait)
+            check()
+            torch._foreach_add_(sums, views, alpha=0.5)
+            times.append(time.perf_counter() - start)
+        else:
+            group.recv([inbox], 0, 0).wait(wait)
+            check()
+            torch._foreach_copy_(tensors, views)
+            # The model's bytes, sent from a buffer that equals it: as cheap as a send can be.
+            group.send([inbox], 0, 0).wait(wait)
+    if rank == 0:
+        _publish(out, {"round_s": times[WARMUP:]})
+    else:
+        expected = build_model(seed=0).state_dict()
+        if not all(torch.equal(t, expected[k]) for k, t in model.state_dict().items()):
+            raise SystemExit("floor: rank 1's model did not become rank 0's")
         _publish(out, {})
     group.barrier().wait(wait)
     group.shutdown()
@@ -329,7 +395,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch.set_num_threads in every child process, 1 as under the launcher; "
                         "0 keeps torch's default (default 1)")
-    parser.add_argument("--child", choices=("raw", "api"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=PHASES, help=argparse.SUPPRESS)
     parser.add_argument("--rank", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -344,7 +410,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.child is not None:
         if args.threads:
             torch.set_num_threads(args.threads)
-        child = child_raw if args.child == "raw" else child_api
+        child = {"raw": child_raw, "floor": child_floor, "api": child_api}[args.child]
         child(args.rank, args.port, args.rounds, args.out, args.timeout)
         return 0
 
@@ -363,20 +429,21 @@ def main(argv: Sequence[str] | None = None) -> int:
           "stays 0: the backend serves its cached encoding; each upload is validated and added to the running sum")
     print()
 
-    medians: Dict[str, List[float]] = {"raw": [], "api": []}
-    best: Dict[str, List[float]] = {"raw": [], "api": []}
+    medians: Dict[str, List[float]] = {phase: [] for phase in PHASES}
+    best: Dict[str, List[float]] = {phase: [] for phase in PHASES}
     downloads: List[float] = []
-    ratios: List[float] = []
+    ratios: List[float] = []  # raw / API per repeat
+    floors: List[float] = []  # raw / floor per repeat
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="openfl-bench-") as tmp:
         try:
             for repeat in range(args.repeats):
-                for phase in ("raw", "api") if repeat % 2 == 0 else ("api", "raw"):
+                for phase in PHASES if repeat % 2 == 0 else PHASES[::-1]:
                     backend, frontend = run_phase(phase, args.rounds, args.timeout, args.threads, Path(tmp))
-                    rounds = (backend if phase == "raw" else frontend)["round_s"]
+                    rounds = (frontend if phase == "api" else backend)["round_s"]
                     medians[phase].append(statistics.median(rounds))
                     best[phase].append(min(rounds))
-                    line = (f"repeat {repeat + 1} {phase:>3}: median round {medians[phase][-1] * 1e3:6.1f} ms, "
+                    line = (f"repeat {repeat + 1} {phase:>5}: median round {medians[phase][-1] * 1e3:6.1f} ms, "
                             f"{moved / medians[phase][-1] / 1e9:4.2f} GB/s (rounds {min(rounds) * 1e3:.1f}-"
                             f"{max(rounds) * 1e3:.1f} ms)")
                     if phase == "api":
@@ -386,26 +453,33 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  f"{backend['stop_reason']!r}")
                     print(line, flush=True)
                 ratios.append(medians["raw"][-1] / medians["api"][-1])
+                floors.append(medians["raw"][-1] / medians["floor"][-1])
         except ChildFailed as exc:
             print(f"FAILED: {exc}", file=sys.stderr)
             return 1
 
     print()
-    for phase, label in (("raw", "raw gloo send/recv"), ("api", "API download+upload")):
+    labels = {"raw": "raw gloo send/recv", "floor": "contract floor", "api": "API download+upload"}
+    for phase in PHASES:
         ms = [m * 1e3 for m in medians[phase]]
         rates = [moved / m / 1e9 for m in medians[phase]]
-        print(f"{label:>20}: median round {statistics.median(ms):6.1f} ms (band {_band(ms)}), "
+        print(f"{labels[phase]:>20}: median round {statistics.median(ms):6.1f} ms (band {_band(ms)}), "
               f"{statistics.median(rates):.2f} GB/s (band {_band(rates)}); best round {min(best[phase]) * 1e3:.1f} ms")
     print(f"{'':>20}  API round = download {statistics.median(downloads) * 1e3:.1f} ms + upload "
           f"{(statistics.median(medians['api']) - statistics.median(downloads)) * 1e3:.1f} ms (medians)")
     ratio = statistics.median(ratios)
     print(f"{'ratio API / raw':>20}: {ratio:.2f} (throughput, median of the {len(ratios)} paired repeats; band "
           f"{_band(ratios)}); ratio of best rounds {min(best['raw']) / min(best['api']):.2f}")
-    print(f"{'target':>20}: >= {TARGET}: {'PASS' if ratio >= TARGET else 'BELOW'}")
-    print(f"noise: per-repeat medians spread {_spread(medians['raw']):.0f}% (raw) and {_spread(medians['api']):.0f}% "
-          f"(API) of their median, paired ratios {_spread(ratios):.0f}%; load average {os.getloadavg()[0]:.1f} at "
-          f"the end ({os.cpu_count()} CPUs). Differences inside that spread are noise; a load average near or "
-          "above the CPU count means other processes shared the CPUs and the figures are not a baseline.")
+    print(f"{'ratio floor / raw':>20}: {statistics.median(floors):.2f} (band {_band(floors)}): the most a "
+          "contract-abiding implementation can reach here")
+    print(f"{'ratio API / floor':>20}: {statistics.median(medians['floor']) / statistics.median(medians['api']):.2f} "
+          "(what the framework costs beyond the work the contract requires)")
+    print(f"{'target':>20}: API / raw >= {TARGET}: {'PASS' if ratio >= TARGET else 'BELOW'}")
+    print(f"noise: per-repeat medians spread {_spread(medians['raw']):.0f}% (raw), {_spread(medians['floor']):.0f}% "
+          f"(floor) and {_spread(medians['api']):.0f}% (API) of their median, paired ratios {_spread(ratios):.0f}%; "
+          f"load average {os.getloadavg()[0]:.1f} at the end ({os.cpu_count()} CPUs). Differences inside that spread "
+          "are noise; a load average near or above the CPU count means other processes shared the CPUs and the "
+          "figures are not a baseline.")
     print(f"wall time {time.monotonic() - started:.0f} s")
     return 0
 
