@@ -109,6 +109,10 @@ class _AddressChange:
 
 _PING = Message(Kind.PING)
 
+#: Uploads of at least this many bytes are accumulated on the accumulation thread while the loop
+#: goes on; smaller ones are added on the loop, where the hand-off would cost more than the addition.
+OVERLAP_BYTES = 4 * 1024 * 1024
+
 
 def _end_message(reason: str) -> Message:
     return Message(Kind.END, encode_header({"reason": reason}))
@@ -748,12 +752,15 @@ class Server:
             {"accepted": bool(transfer.accepted), "reason": transfer.reason, "version": self.version})))
         handed = bool(judged and transfer.accepted)
         if handed:
-            self._accumulate(worker, lambda: self._accept(client, payload.tensors, transfer.num_samples, transfer.weight))
+            self._accumulate(worker, lambda: self._accept(client, payload.tensors, transfer.num_samples, transfer.weight),
+                             self.state.upload_schema.nbytes)
         self._fire(Event.AFTER_UPLOAD, transfer)
         return handed
 
-    def _accumulate(self, worker: _Worker, job: Callable[[], None]) -> None:
+    def _accumulate(self, worker: _Worker, job: Callable[[], None], nbytes: int) -> None:
         """Run an accumulation on the accumulation thread, so the loop can serve downloads meanwhile.
+
+        Uploads under :data:`OVERLAP_BYTES` are added on the loop at once.
 
         At most one runs at a time, and the loop settles it (:meth:`_settle`) before anything else
         reads or changes the aggregator or the accumulation order: every event but a download
@@ -768,6 +775,9 @@ class Server:
             finally:
                 worker.free.set()
 
+        if nbytes < OVERLAP_BYTES:
+            run()  # a hand-off to another thread costs more than adding a small upload
+            return
         if self._accumulator is None:
             self._accumulator = ThreadPoolExecutor(max_workers=1, thread_name_prefix="openfl-accumulate")
         self._accumulating = self._accumulator.submit(run)

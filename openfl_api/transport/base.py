@@ -151,7 +151,9 @@ class Pipe(ABC):
     """One side of the channel between the backend and one frontend.
 
     Only one thread uses a pipe at a time. ``alloc(n)`` passed to :meth:`recv` returns a 1-D uint8
-    tensor of exactly ``n`` bytes to receive a payload into, so buffers can be reused.
+    tensor of exactly ``n`` bytes to receive a payload into, so buffers can be reused. A pipe that
+    already holds the bytes in a buffer of its own that nobody else uses (the in-memory pipe holds
+    the sender's copy) may return that instead and not call ``alloc`` or ``progress``.
     """
 
     @abstractmethod

@@ -1,8 +1,8 @@
 """In-memory pipes: the same messages through queues, for unit tests and one-process simulation.
 
 A pipe is a pair of queues registered under the pipe's prefix in a process-wide registry; both
-sides meet there exactly as two gloo ranks meet through the store. Payloads are copied on send, so
-a sender may reuse its buffer as it would with gloo.
+sides meet there exactly as two gloo ranks meet through the store. Payloads are copied once, on
+send, so a sender may reuse its buffer as it would with gloo; the receiver gets that copy.
 """
 
 from __future__ import annotations
@@ -75,13 +75,9 @@ class MemoryPipe(Pipe):
         size = 0 if message.payload is None else message.payload.numel()
         frame = torch.tensor([MAGIC, int(message.kind), len(message.header), size, 1 if size else 0], dtype=torch.int64)
         check_frame(frame, limits)
-        payload = None
-        if size:
-            payload = alloc(size)
-            payload.copy_(message.payload)
-            if progress is not None:
-                progress(size)
-        return Message(message.kind, message.header, payload)
+        # The payload is the sender's private copy, made in send(): hand it over instead of copying
+        # it again into a buffer from ``alloc`` (nor is ``progress`` called: it all came at once).
+        return Message(message.kind, message.header, message.payload if size else None)
 
     def close(self) -> None:
         if not self._closed:

@@ -159,14 +159,14 @@ def _read_json(store: Store, key: str) -> Dict[str, Any]:
     return value
 
 
-def _wait(store: Store, key: str, timeout: timedelta) -> bool:
+def _wait(store: Store, key: str, timeout: timedelta, delay: float = 0.002) -> bool:
     """Wait up to ``timeout`` for ``key``; True if it exists.
 
-    ``check`` is polled with a short back-off instead of ``Store.wait``: a timed-out wait makes
-    TCPStore log a warning and holds the client's connection, delaying other threads' requests.
+    ``check`` is polled with a short back-off (from ``delay`` up to 50 ms) instead of
+    ``Store.wait``: a timed-out wait makes TCPStore log a warning and holds the client's
+    connection, delaying other threads' requests.
     """
     deadline = time.monotonic() + timeout.total_seconds()
-    delay = 0.002
     while True:
         if store.check([key]):
             return True
@@ -269,9 +269,13 @@ class Lobby:
     def _run(self) -> None:
         index = 1
         missing_since: Optional[float] = None
+        idle = False
         while not self._stop.is_set():
             key = f"{self.session}/join/{index}/hello"
-            if not _wait(self.store, key, _POLL):
+            # Once nobody has come for a whole poll, look every 50 ms only: an idle lobby should
+            # not keep taking the interpreter from the threads that train and aggregate.
+            idle = not _wait(self.store, key, _POLL, delay=0.05 if idle else 0.002)
+            if idle:
                 # A frontend that died between taking a number and writing its hello must not
                 # block those after it: skip its number once later ones exist and it is overdue.
                 try:
