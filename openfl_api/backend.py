@@ -710,7 +710,7 @@ class Server:
         """Validate, judge and answer an upload; True if its accumulation was handed on."""
         empty = torch.empty(0, dtype=torch.uint8)
         try:
-            header = parse_header(message.header)
+            header = parse_header(message.header, schema=self.state.upload_schema)
             payload = decode(header, message.payload if message.payload is not None else empty,
                              self.state.upload_schema, kind="update", scan=worker.scan)
             meta = validate_meta(payload.meta)

@@ -176,7 +176,7 @@ class Client:
         self._registered = True
         buffer = reply.payload if reply.payload is not None else torch.empty(0, dtype=torch.uint8)
         try:
-            header = parse_header(reply.header)
+            header = parse_header(reply.header, schema=state.download_schema)
             payload = decode(header, buffer, state.download_schema, kind="model", scan=self.scan)
             selected = self._check_selected(header.get("clients"))
         except PayloadError as exc:

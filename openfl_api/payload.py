@@ -125,7 +125,11 @@ class Schema:
             for spec, offset, size in zip(self.specs, self.offsets, self.sizes)
         ]
         self.entries_json = json.dumps(self.entries, separators=(",", ":"))
-        self._views: Optional[Tuple[Tuple[int, int], torch.Tensor, Dict[str, torch.Tensor]]] = None
+        #: How every header in this layout ends (see :func:`parse_header`).
+        self.entries_suffix = b',"tensors":' + self.entries_json.encode("utf-8") + b"}"
+        # The views of the last two buffers: a pipe's reused buffer, or the two a sender's
+        # fresh copies alternate between.
+        self._views: List[Tuple[Tuple[int, int], torch.Tensor, Dict[str, torch.Tensor]]] = []
         # Runs of neighbouring floating tensors of one dtype: one sum checks a whole run.
         self.finite_runs: List[Tuple[int, int, torch.dtype, List[int]]] = []
         for index, (spec, offset, size) in enumerate(zip(self.specs, self.offsets, self.sizes)):
@@ -151,12 +155,12 @@ class Schema:
         The views of the last buffer are kept, since receive buffers are reused message after message.
         """
         key = (buffer.data_ptr(), buffer.numel())
-        cached = self._views
-        if cached is None or cached[0] != key:
-            cached = self._views = (key, buffer, {
-                spec.name: _view(buffer, offset, spec) for spec, offset in zip(self.specs, self.offsets)
-            })
-        return dict(cached[2])
+        for cached in self._views:
+            if cached[0] == key:
+                return dict(cached[2])
+        views = {spec.name: _view(buffer, offset, spec) for spec, offset in zip(self.specs, self.offsets)}
+        self._views = [(key, buffer, views), *self._views[:1]]
+        return dict(views)
 
     def __repr__(self) -> str:
         return f"Schema({len(self.specs)} tensors, {self.nbytes} bytes)"
@@ -178,12 +182,24 @@ def encode_header(header: Mapping[str, Any]) -> bytes:
     return json.dumps(header, separators=(",", ":"), allow_nan=False).encode("utf-8")
 
 
-def parse_header(raw: bytes, limit: int = MAX_HEADER_BYTES) -> Dict[str, Any]:
-    """Parse untrusted JSON header bytes into a dictionary, or raise PayloadError."""
+def parse_header(raw: bytes, limit: int = MAX_HEADER_BYTES, schema: Optional["Schema"] = None) -> Dict[str, Any]:
+    """Parse untrusted JSON header bytes into a dictionary, or raise PayloadError.
+
+    With ``schema``, a header that ends with that schema's canonical ``"tensors"`` list (as
+    :func:`encode` writes it) is parsed without the list, and ``"tensors"`` is then
+    ``schema.entries`` itself: what a full parse gives, since the last of duplicate JSON keys wins.
+    """
     if len(raw) > limit:
         raise PayloadError(f"header is {len(raw)} bytes; at most {limit} are allowed")
+    raw = bytes(raw)
+    if schema is not None and raw.endswith(schema.entries_suffix):
+        head = raw[: -len(schema.entries_suffix)]
+        if not head.rstrip().endswith(b"{"):  # '{,"tensors":...}' is not JSON: let the full parse say so
+            fields = parse_header(head + b"}", limit)
+            fields["tensors"] = schema.entries
+            return fields
     try:
-        header = json.loads(bytes(raw).decode("utf-8"))
+        header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise PayloadError(f"header is not valid UTF-8 JSON ({exc.__class__.__name__}: {exc})") from None
     if not isinstance(header, dict):
@@ -210,7 +226,7 @@ def _header(schema: Schema, kind: str, version: int, sender: str, meta: Optional
         "meta": dict(meta or {}),
     })
     # The tensor entries are the same for every payload of a schema: splice in their JSON.
-    return head[:-1] + b',"tensors":' + schema.entries_json.encode("utf-8") + b"}"
+    return head[:-1] + schema.entries_suffix
 
 
 def _source(tensors: Mapping[str, torch.Tensor], spec: TensorSpec) -> torch.Tensor:
@@ -397,7 +413,9 @@ def decode(
     if total != buffer.numel():
         raise PayloadError(f"header says the buffer has {total} bytes but {buffer.numel()} arrived")
     entries = _expect_field(fields, "tensors", list)
-    if total == schema.nbytes and json.dumps(entries, separators=(",", ":")) == schema.entries_json:
+    if total == schema.nbytes and (
+        entries is schema.entries or json.dumps(entries, separators=(",", ":")) == schema.entries_json
+    ):
         # The canonical layout (compared as JSON, so true is not 1): every per-entry check below
         # holds; only the values are left.
         views = schema.views(buffer)

@@ -751,3 +751,26 @@ def test_a_scan_that_saw_a_non_finite_value_leads_decode_to_the_tensor() -> None
     scan.progress(buffer.numel())
     with pytest.raises(PayloadError, match="tensor 'small' holds NaN or Inf"):
         decode(encode_header(header), buffer, schema, kind="update", scan=scan)
+
+
+def test_a_canonical_header_parses_to_what_a_full_parse_gives() -> None:
+    tensors = mixed_tensors()
+    schema = Schema.from_tensors(tensors)
+    raw, _ = encode(tensors, schema, kind="update", version=4, sender="r", meta={"num_samples": 2})
+    fast = parse_header(raw, schema=schema)
+    assert fast["tensors"] is schema.entries
+    assert fast == parse_header(raw)
+
+
+def test_a_malformed_header_with_the_canonical_ending_is_still_refused() -> None:
+    schema = Schema.from_tensors(mixed_tensors())
+    with pytest.raises(PayloadError, match="not valid UTF-8 JSON"):
+        parse_header(b"{" + schema.entries_suffix, schema=schema)
+
+
+def test_the_last_of_two_tensor_lists_counts_as_in_a_full_parse() -> None:
+    tensors = mixed_tensors()
+    schema = Schema.from_tensors(tensors)
+    raw, _ = encode(tensors, schema, kind="update", version=4, sender="r")
+    doubled = raw[:1] + b'"tensors":[],' + raw[1:]
+    assert parse_header(doubled, schema=schema) == parse_header(doubled)
