@@ -118,6 +118,7 @@ class Schema:
         self.offsets: Tuple[int, ...] = tuple(offsets)
         self.nbytes = offset
         self.sizes: Tuple[int, ...] = tuple(spec.nbytes for spec in self.specs)
+        self._strides = tuple(_contiguous_strides(spec.shape) for spec in self.specs)
         #: The header's tensor entries of a payload in this layout, as :func:`encode` writes them.
         self.entries: List[Dict[str, Any]] = [
             {"name": spec.name, "dtype": dtype_name(spec.dtype), "shape": list(spec.shape),
@@ -127,8 +128,8 @@ class Schema:
         self.entries_json = json.dumps(self.entries, separators=(",", ":"))
         #: How every header in this layout ends (see :func:`parse_header`).
         self.entries_suffix = b',"tensors":' + self.entries_json.encode("utf-8") + b"}"
-        # The views of the last two buffers: a pipe's reused buffer, or the two a sender's
-        # fresh copies alternate between.
+        # The views of the last two buffers: each gloo pipe reuses its receive buffer (the
+        # in-memory pipe hands over a fresh one per message, so it misses).
         self._views: List[Tuple[Tuple[int, int], torch.Tensor, Dict[str, torch.Tensor]]] = []
         # Runs of neighbouring floating tensors of one dtype: one sum checks a whole run.
         self.finite_runs: List[Tuple[int, int, torch.dtype, List[int]]] = []
@@ -158,7 +159,17 @@ class Schema:
         for cached in self._views:
             if cached[0] == key:
                 return dict(cached[2])
-        views = {spec.name: _view(buffer, offset, spec) for spec, offset in zip(self.specs, self.offsets)}
+        typed: Dict[torch.dtype, Optional[torch.Tensor]] = {}
+        views = {}
+        for spec, offset, stride in zip(self.specs, self.offsets, self._strides):
+            itemsize = spec.dtype.itemsize
+            if spec.dtype not in typed:
+                aligned = buffer.numel() % itemsize == 0 and buffer.storage_offset() % itemsize == 0
+                typed[spec.dtype] = buffer.view(spec.dtype) if aligned else None
+            whole = typed[spec.dtype]
+            # One as_strided per tensor instead of a slice and two views: a third of the cost.
+            views[spec.name] = (_view(buffer, offset, spec) if whole is None else
+                                whole.as_strided(spec.shape, stride, whole.storage_offset() + offset // itemsize))
         self._views = [(key, buffer, views), *self._views[:1]]
         return dict(views)
 
@@ -370,6 +381,14 @@ def _staging(schema: Schema, out: Optional[torch.Tensor]) -> torch.Tensor:
             f"got {out.dtype} of shape {tuple(out.shape)}"
         )
     return out[: schema.nbytes]
+
+
+def _contiguous_strides(shape: Tuple[int, ...]) -> Tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
 
 
 def _view(buffer: torch.Tensor, offset: int, spec: TensorSpec) -> torch.Tensor:

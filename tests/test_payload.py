@@ -774,3 +774,18 @@ def test_the_last_of_two_tensor_lists_counts_as_in_a_full_parse() -> None:
     raw, _ = encode(tensors, schema, kind="update", version=4, sender="r")
     doubled = raw[:1] + b'"tensors":[],' + raw[1:]
     assert parse_header(doubled, schema=schema) == parse_header(doubled)
+
+
+@pytest.mark.parametrize("start", [0, 8], ids=["buffer at 0", "buffer at 8 in its storage"])
+def test_schema_views_are_the_views_a_slice_gives(start: int) -> None:
+    specs = [TensorSpec("a", torch.float32, (3, 4)), TensorSpec("b", torch.int64, ()),
+             TensorSpec("c", torch.float16, (5,)), TensorSpec("d", torch.float32, (0, 3)),
+             TensorSpec("e", torch.bool, (2, 2, 2))]
+    schema = Schema(specs)
+    buffer = torch.zeros(start + schema.nbytes, dtype=torch.uint8)[start:]
+    views = schema.views(buffer)
+    for spec, offset in zip(schema.specs, schema.offsets):
+        expected = buffer[offset : offset + spec.nbytes].view(spec.dtype).view(spec.shape)
+        got = views[spec.name]
+        assert (got.dtype, got.shape, got.stride(), got.data_ptr()) == (
+            expected.dtype, expected.shape, expected.stride(), expected.data_ptr())
