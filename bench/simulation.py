@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import resource
 import statistics
@@ -46,14 +45,9 @@ def mlp(seed: int):
 
     net = torch.nn.Sequential(torch.nn.Linear(FEATURES, HIDDEN), torch.nn.ReLU(), torch.nn.Linear(HIDDEN, HIDDEN),
                               torch.nn.ReLU(), torch.nn.Linear(HIDDEN, 10))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in net:
-            if isinstance(layer, torch.nn.Linear):
-                torch.nn.init.kaiming_uniform_(layer.weight, a=math.sqrt(5), generator=generator)
-                bound = 1 / math.sqrt(layer.in_features)
-                torch.nn.init.uniform_(layer.bias, -bound, bound, generator=generator)
-    return net
+    from openfl_api.simulation import init_linear_
+
+    return init_linear_(net, seed)
 
 
 def sampled(clients: int, fraction: float, seed: int, version: int) -> List[int]:

@@ -163,16 +163,21 @@ def _publish(path: str, record: Dict) -> None:
     os.replace(temporary, path)
 
 
-def child_raw(rank: int, port: int, rounds: int, out: str, timeout: float) -> None:
-    """One rank of the reference: ping-pong the flat state_dict bytes over raw gloo."""
+def _gloo_pair(rank: int, port: int, wait: timedelta):
+    """A two-rank ProcessGroupGloo on a TCPStore at 127.0.0.1, with the device the API's pipes use."""
     from torch.distributed import ProcessGroupGloo, TCPStore
 
-    wait = timedelta(seconds=timeout)
     store = TCPStore("127.0.0.1", port, 2, rank == 0, timeout=wait)
     options = ProcessGroupGloo._Options()
     options._devices = [ProcessGroupGloo.create_device(hostname="127.0.0.1")]
     options._timeout = wait
-    group = ProcessGroupGloo(store, rank, 2, options)
+    return ProcessGroupGloo(store, rank, 2, options)
+
+
+def child_raw(rank: int, port: int, rounds: int, out: str, timeout: float) -> None:
+    """One rank of the reference: ping-pong the flat state_dict bytes over raw gloo."""
+    wait = timedelta(seconds=timeout)
+    group = _gloo_pair(rank, port, wait)
     source = flat_bytes(build_model(seed=0))
     inbox = torch.empty_like(source)
     times: List[float] = []
@@ -202,14 +207,8 @@ def child_floor(rank: int, port: int, rounds: int, out: str, timeout: float) -> 
     for the check (every entry of this model is float32 or a small int64, so its bytes read as
     float32 are finite exactly when the model's floats are), one foreach copy, one foreach add.
     """
-    from torch.distributed import ProcessGroupGloo, TCPStore
-
     wait = timedelta(seconds=timeout)
-    store = TCPStore("127.0.0.1", port, 2, rank == 0, timeout=wait)
-    options = ProcessGroupGloo._Options()
-    options._devices = [ProcessGroupGloo.create_device(hostname="127.0.0.1")]
-    options._timeout = wait
-    group = ProcessGroupGloo(store, rank, 2, options)
+    group = _gloo_pair(rank, port, wait)
     model = build_model(seed=0 if rank == 0 else 1)
     tensors = [t.detach() for t in model.state_dict().values()]
     source = flat_bytes(model)  # rank 0's encoding of its model, made once as the API caches it

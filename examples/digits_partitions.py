@@ -22,7 +22,6 @@ scikit-learn (``pip install openfl_api[digits]``).
 from __future__ import annotations
 
 import argparse
-import math
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -31,7 +30,7 @@ import torch.nn.functional as F
 import openfl_api as ofl
 from openfl_api import aggregate, data
 from openfl_api.simulate import simulate
-from openfl_api.simulation import VirtualClients, split_clients
+from openfl_api.simulation import VirtualClients, init_linear_, split_clients
 
 CLIENTS = 10
 PARTITIONS = ("iid", "dirichlet", "labels")
@@ -42,14 +41,7 @@ def mlp(seed: int) -> torch.nn.Sequential:
     """MLP 64-64-10 initialised as torch.nn.Linear does, from its own generator (simulated ranks
     are threads sharing torch's global generator)."""
     net = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in net:
-            if isinstance(layer, torch.nn.Linear):
-                torch.nn.init.kaiming_uniform_(layer.weight, a=math.sqrt(5), generator=generator)
-                bound = 1 / math.sqrt(layer.in_features)
-                torch.nn.init.uniform_(layer.bias, -bound, bound, generator=generator)
-    return net
+    return init_linear_(net, seed)
 
 
 def split(partition: str, labels: torch.Tensor, seed: int) -> data.Partition:

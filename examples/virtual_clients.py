@@ -16,7 +16,6 @@ a fixed ``--seed`` gives bit-identical weights however the clients are split ove
 
 from __future__ import annotations
 
-import math
 import time
 
 import numpy as np
@@ -25,7 +24,7 @@ import torch.nn.functional as F
 
 import openfl_api as ofl
 from openfl_api import aggregate, data
-from openfl_api.simulation import ClientStates, VirtualClients, split_clients
+from openfl_api.simulation import ClientStates, VirtualClients, init_linear_, split_clients
 
 
 def mlp(features: int, hidden: int, classes: int, seed: int) -> torch.nn.Sequential:
@@ -33,14 +32,7 @@ def mlp(features: int, hidden: int, classes: int, seed: int) -> torch.nn.Sequent
     threads of one process share torch's global generator."""
     net = torch.nn.Sequential(torch.nn.Linear(features, hidden), torch.nn.ReLU(),
                               torch.nn.Linear(hidden, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, classes))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in net:
-            if isinstance(layer, torch.nn.Linear):
-                torch.nn.init.kaiming_uniform_(layer.weight, a=math.sqrt(5), generator=generator)
-                bound = 1 / math.sqrt(layer.in_features)
-                torch.nn.init.uniform_(layer.bias, -bound, bound, generator=generator)
-    return net
+    return init_linear_(net, seed)
 
 
 def client_data(client: str, samples: int, features: int, seed: int):

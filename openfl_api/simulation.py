@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import math
 import os
 import re
 import tempfile
@@ -43,7 +44,7 @@ import torch
 from openfl_api.backend import client_order
 from openfl_api.errors import ConfigurationError
 
-__all__ = ["VirtualClient", "VirtualClients", "ClientStates", "client_seed", "split_clients"]
+__all__ = ["VirtualClient", "VirtualClients", "ClientStates", "client_seed", "split_clients", "init_linear_"]
 
 TrainResult = Union[int, Tuple[int, Mapping[str, float]]]
 
@@ -61,6 +62,24 @@ def client_seed(seed: int, version: int, client: Union[int, str]) -> int:
         words = [1, *np.frombuffer(hashlib.sha256(text.encode("utf-8")).digest(), dtype=np.uint32).tolist()]
     state = np.random.SeedSequence([int(seed), int(version), *words]).generate_state(2, np.uint32)
     return (int(state[0]) << 31) ^ int(state[1])
+
+
+def init_linear_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Initialise every ``torch.nn.Linear`` in ``module`` as its ``reset_parameters`` does, but
+    from a generator seeded with ``seed``, and return ``module``.
+
+    Simulated ranks are threads of one process and share torch's global generator, so a model
+    built with ``torch.manual_seed`` would depend on thread timing; this does not.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in module.modules():
+            if isinstance(layer, torch.nn.Linear):
+                torch.nn.init.kaiming_uniform_(layer.weight, a=math.sqrt(5), generator=generator)
+                if layer.bias is not None:
+                    bound = 1 / math.sqrt(layer.in_features) if layer.in_features > 0 else 0
+                    torch.nn.init.uniform_(layer.bias, -bound, bound, generator=generator)
+    return module
 
 
 def split_clients(clients: Any, parts: int, index: int) -> list:

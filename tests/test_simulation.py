@@ -291,3 +291,15 @@ def test_the_command_line_exits_1_when_a_rank_fails(tmp_path, capsys):
     script.write_text("import openfl_api as ofl\nif ofl.parser.parse_args().rank == 1:\n    raise SystemExit(3)\n")
     assert main(["--nproc_per_node", "2", str(script)]) == 1
     assert "rank 1 failed: SystemExit: 3" in capsys.readouterr().err
+
+
+def test_init_linear_is_reproducible_and_leaves_the_global_generator_alone() -> None:
+    from openfl_api.simulation import init_linear_
+
+    first, second = (torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+                     for _ in range(2))
+    before = torch.get_rng_state()
+    init_linear_(first, seed=7)
+    init_linear_(second, seed=7)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
