@@ -33,12 +33,12 @@ from openfl_api.aggregate.functional import mix
 from openfl_api.asynchronous import Asynchronous
 from openfl_api.errors import ConfigurationError, PayloadError, ProtocolError, TransportError
 from openfl_api.payload import (
-    MAX_HEADER_BYTES, FiniteScan, decode, encode, encode_header, parse_header, split, validate_meta,
+    MAX_HEADER_BYTES, FiniteScan, decode, encode, encode_header, insert_field, parse_header, split, validate_meta,
 )
 from openfl_api.report import Ledger
 from openfl_api.state import SharedState
 from openfl_api.step import Event, Transfer
-from openfl_api.transport.base import REQUESTS, Kind, Limits, Message, Pipe
+from openfl_api.transport.base import REQUESTS, Kind, Limits, Message, Pieces, Pipe
 from openfl_api.transport.rendezvous import Lobby, Peer, open_store
 
 __all__ = ["Server", "Timeouts", "client_order", "newest_checkpoint"]
@@ -246,7 +246,7 @@ class Server:
         self._lobbies: Dict[Tuple[str, str], Lobby] = {}
         self._workers: Dict[int, _Worker] = {}
         self._waiting: List[Tuple[_Worker, Transfer]] = []
-        self._cache: Optional[Tuple[int, bytes, torch.Tensor]] = None
+        self._cache: Optional[Tuple[int, bytes, Pieces]] = None
         self._watcher: Optional[AddressFileWatcher] = None
         self._files: List[Path] = []
         self._clients: Dict[str, _Worker] = {}  # client id -> the worker hosting it
@@ -356,13 +356,13 @@ class Server:
         self._cache = None
         self.prepared.set()
 
-    def _encoded(self) -> Tuple[bytes, torch.Tensor]:
+    def _encoded(self) -> Tuple[bytes, Pieces]:
         if self._cache is None or self._cache[0] != self.version:
             header, buffer = encode(
                 self.state.download_tensors(self.optim_state), self.state.download_schema,
                 kind="model", version=self.version, sender=self.nick_name,
             )
-            self._cache = (self.version, header, buffer)
+            self._cache = (self.version, header, split(buffer))
         return self._cache[1], self._cache[2]
 
     def aggregate(self) -> bool:
@@ -687,13 +687,11 @@ class Server:
             self._offer(*item)
 
     def _serve(self, worker: _Worker, transfer: Transfer) -> None:
-        header, buffer = self._encoded()
+        header, pieces = self._encoded()
         transfer.version = self.version
         if worker.hosts_many or transfer.clients != list(worker.clients):
-            fields = parse_header(header)
-            fields["clients"] = list(transfer.clients)
-            header = encode_header(fields)
-        worker.reply(Message(Kind.MODEL, header, split(buffer)))
+            header = insert_field(header, "clients", list(transfer.clients))
+        worker.reply(Message(Kind.MODEL, header, pieces))
         self.ledger.add(worker.label, "downloads")
         self.log.debug(f"served version {self.version} to {worker.label}")
         self._fire(Event.AFTER_DOWNLOAD, transfer)

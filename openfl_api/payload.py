@@ -40,6 +40,7 @@ __all__ = [
     "FiniteScan",
     "decode",
     "encode_header",
+    "insert_field",
     "parse_header",
     "validate_meta",
 ]
@@ -191,6 +192,21 @@ class Payload:
 def encode_header(header: Mapping[str, Any]) -> bytes:
     """Serialise a header dictionary to compact JSON bytes."""
     return json.dumps(header, separators=(",", ":"), allow_nan=False).encode("utf-8")
+
+
+def insert_field(header: bytes, key: str, value: Any) -> bytes:
+    """Return an encoded header with ``key`` set to ``value``, placed ahead of its tensor list.
+
+    The tensor list stays last, so a receiver's :func:`parse_header` keeps its fast path, and the
+    rest of the header is not parsed and encoded again. ``key`` must not be in the header yet.
+    """
+    cut = header.rfind(b',"tensors":')
+    if cut < 0:
+        fields = parse_header(header)
+        fields[key] = value
+        return encode_header(fields)
+    item = json.dumps(key) + ":" + json.dumps(value, separators=(",", ":"), allow_nan=False)
+    return header[:cut] + b"," + item.encode("utf-8") + header[cut:]
 
 
 def parse_header(raw: bytes, limit: int = MAX_HEADER_BYTES, schema: Optional["Schema"] = None) -> Dict[str, Any]:

@@ -26,6 +26,7 @@ from openfl_api.payload import (
     encode,
     encode_header,
     encode_pieces,
+    insert_field,
     parse_header,
     split,
     validate_meta,
@@ -789,3 +790,12 @@ def test_schema_views_are_the_views_a_slice_gives(start: int) -> None:
         got = views[spec.name]
         assert (got.dtype, got.shape, got.stride(), got.data_ptr()) == (
             expected.dtype, expected.shape, expected.stride(), expected.data_ptr())
+
+
+def test_a_field_inserted_into_an_encoded_header_keeps_the_canonical_ending() -> None:
+    tensors = mixed_tensors()
+    schema = Schema.from_tensors(tensors)
+    raw, _ = encode(tensors, schema, kind="model", version=2, sender="backend")
+    inserted = insert_field(raw, "clients", ["3", "10"])
+    assert parse_header(inserted) == {**parse_header(raw), "clients": ["3", "10"]}
+    assert parse_header(inserted, schema=schema)["tensors"] is schema.entries
