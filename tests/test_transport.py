@@ -135,6 +135,55 @@ def test_the_memory_pipe_delivers_pieces_as_the_flat_buffer() -> None:
     backend.close()
 
 
+def test_a_frame_given_as_five_ints_is_checked_as_the_tensor_is() -> None:
+    assert check_frame((MAGIC, int(Kind.UPLOAD), 2, 8, 1), LIMITS) == (Kind.UPLOAD, 2, 8, 1)
+    with pytest.raises(ProtocolError, match="magic"):
+        check_frame((MAGIC + 1, int(Kind.UPLOAD), 2, 8, 1), LIMITS)
+
+
+def test_the_memory_pipe_copies_a_payload_unless_the_sender_hands_it_over() -> None:
+    backend, frontend = open_memory_pipe("owned-test", 0), open_memory_pipe("owned-test", 1)
+    kept, given = torch.ones(4, dtype=torch.uint8), torch.ones(4, dtype=torch.uint8)
+    frontend.send(Message(Kind.UPLOAD, b"{}", kept), TIMEOUT)
+    frontend.send(Message(Kind.UPLOAD, b"{}", given, owned=True), TIMEOUT)
+    copied = backend.recv(LIMITS, TIMEOUT, TIMEOUT, zeros).payload
+    handed = backend.recv(LIMITS, TIMEOUT, TIMEOUT, zeros).payload
+    assert copied.data_ptr() != kept.data_ptr() and torch.equal(copied, kept)
+    assert handed.data_ptr() == given.data_ptr()
+    frontend.close()
+    backend.close()
+
+
+def test_the_memory_pipe_refuses_a_message_over_the_receivers_limits() -> None:
+    backend, frontend = open_memory_pipe("limits-test", 0), open_memory_pipe("limits-test", 1)
+    frontend.send(Message(Kind.UPLOAD, b"{}", torch.ones(64, dtype=torch.uint8)), TIMEOUT)
+    with pytest.raises(ProtocolError, match="payload of 64 bytes is over the limit of 8"):
+        backend.recv(Limits(REQUESTS, 64, 8), TIMEOUT, TIMEOUT, zeros)
+    frontend.close()
+    backend.close()
+
+
+def test_after_deliver_to_the_senders_thread_hands_each_message_over_in_order() -> None:
+    backend, frontend = open_memory_pipe("deliver-test", 0), open_memory_pipe("deliver-test", 1)
+    frontend.send(Message(Kind.DOWNLOAD, b"queued"), TIMEOUT)  # before deliver_to: kept, then handed first
+    seen: List[Tuple[bytes, str]] = []
+    closed: List[str] = []
+    assert backend.deliver_to(lambda m: seen.append((m.header, threading.current_thread().name)), closed.append)
+    here = threading.current_thread().name
+    sender = threading.Thread(target=frontend.send, args=(Message(Kind.DOWNLOAD, b"sent"), TIMEOUT), name="sender")
+    sender.start()
+    sender.join(TIMEOUT.total_seconds())
+    frontend.close()
+    assert seen == [(b"queued", here), (b"sent", "sender")]
+    assert closed == ["connection closed by peer"]
+    backend.close()
+
+
+def test_a_pipe_that_needs_a_reading_thread_declines_deliver_to(pipes) -> None:
+    backend, _ = pipes
+    assert backend.deliver_to(lambda message: None, lambda reason: None) is False
+
+
 # ----------------------------------------------------------------- gloo pipes
 
 

@@ -27,7 +27,7 @@ from openfl_api.errors import ProtocolError, TransportError
 
 __all__ = [
     "Kind", "Message", "Pieces", "Limits", "Pipe", "MAGIC", "MAX_PIECES", "REQUESTS", "REPLIES",
-    "check_frame", "check_pieces", "payload_size",
+    "check_frame", "check_pieces", "frame_of", "payload_size",
 ]
 
 MAGIC = 0x0F1A_0002  # 0x0F1A_0001: the first wire format, one payload message and no piece table
@@ -68,9 +68,15 @@ class Pieces:
 
     def flat(self) -> torch.Tensor:
         """The payload gathered into one zero-padded buffer (for pipes that copy anyway)."""
-        buffer = torch.zeros(self.nbytes, dtype=torch.uint8)
+        buffer = torch.empty(self.nbytes, dtype=torch.uint8)
+        end = 0
         for offset, piece in self.pieces:
-            buffer[offset : offset + piece.numel()] = piece
+            if offset > end:
+                buffer[end:offset].zero_()
+            end = offset + piece.numel()
+            buffer[offset:end].copy_(piece)
+        if end < self.nbytes:
+            buffer[end:].zero_()
         return buffer
 
 
@@ -79,12 +85,15 @@ class Message:
     """One message: a kind, JSON header bytes and an optional payload.
 
     ``payload`` is a 1-D uint8 tensor, or :class:`Pieces` when sending; a received message always
-    holds the flat buffer.
+    holds the flat buffer. ``owned``: the sender hands its payload tensor over and never touches it
+    again, so a pipe that keeps payloads in memory (:attr:`Pipe.queues_sends`) may pass it on
+    without a copy.
     """
 
     kind: Kind
     header: bytes = b""
     payload: Union[torch.Tensor, Pieces, None] = None
+    owned: bool = False
 
 
 def payload_size(payload: Union[torch.Tensor, Pieces, None]) -> int:
@@ -105,15 +114,24 @@ class Limits:
     max_payload: int
 
 
-def check_frame(frame: torch.Tensor, limits: Limits) -> tuple:
-    """Validate a received frame; return ``(kind, header_bytes, payload_bytes, pieces)``.
+def frame_of(message: Message) -> Tuple[int, int, int, int, int]:
+    """The frame a message would travel with, for pipes that hand messages over in memory and
+    check them with :func:`check_frame` all the same."""
+    size = payload_size(message.payload)
+    return MAGIC, int(message.kind), len(message.header), size, 1 if size else 0
+
+
+def check_frame(frame: Union[torch.Tensor, Tuple[int, ...]], limits: Limits) -> tuple:
+    """Validate a received frame (the int64 tensor, or its five ints); return
+    ``(kind, header_bytes, payload_bytes, pieces)``.
 
     Raises:
         ProtocolError: bad magic number, unexpected kind, a size over the limits, or a piece count
             that does not fit the payload. The stream cannot be trusted after that, so the pipe
             must be closed.
     """
-    magic, kind, header_len, payload_len, pieces = (int(v) for v in frame.tolist())
+    words = frame.tolist() if isinstance(frame, torch.Tensor) else frame
+    magic, kind, header_len, payload_len, pieces = (int(v) for v in words)
     if magic != MAGIC:
         raise ProtocolError(f"frame has magic {magic:#x}, expected {MAGIC:#x}: the peer does not speak openfl_api")
     if kind not in {int(k) for k in limits.kinds}:
@@ -150,11 +168,17 @@ def check_pieces(table: torch.Tensor, payload_len: int) -> List[Tuple[int, int]]
 class Pipe(ABC):
     """One side of the channel between the backend and one frontend.
 
-    Only one thread uses a pipe at a time. ``alloc(n)`` passed to :meth:`recv` returns a 1-D uint8
+    Only one thread uses a pipe at a time, except on a pipe whose :attr:`queues_sends` is True:
+    there one thread may send while another receives. ``alloc(n)`` passed to :meth:`recv` returns a 1-D uint8
     tensor of exactly ``n`` bytes to receive a payload into, so buffers can be reused. A pipe that
     already holds the bytes in a buffer of its own that nobody else uses (the in-memory pipe holds
     the sender's copy) may return that instead and not call ``alloc`` or ``progress``.
     """
+
+    #: True when :meth:`send` only queues the message for a receiver in this process and returns
+    #: at once: the backend's loop then sends its replies itself instead of handing each one to
+    #: the pipe's thread (a thread switch per message saved; see ``backend._Worker.reply``).
+    queues_sends: bool = False
 
     @abstractmethod
     def send(self, message: Message, timeout: timedelta) -> None:
@@ -175,6 +199,18 @@ class Pipe(ABC):
         ``[0, end)`` of the buffer from ``alloc`` hold their final values (gaps between pieces
         are padding), so a receiver can check them while the rest is on the wire.
         """
+
+    def deliver_to(self, on_message: Callable[[Message], None], on_close: Callable[[str], None]) -> bool:
+        """Ask the pipe to hand each message from the peer to ``on_message`` on the peer's own
+        sending thread instead of keeping it for :meth:`recv`, and to call ``on_close(reason)``
+        once the peer is gone; messages that came before are handed over first, on the calling
+        thread. The receiver must check each message itself (:func:`frame_of`, :func:`check_frame`).
+
+        Returns:
+            False when the pipe cannot (it needs a thread of the receiver to read the wire): go on
+            with :meth:`recv`. Only pipes whose two sides share a process can.
+        """
+        return False
 
     @abstractmethod
     def close(self) -> None:

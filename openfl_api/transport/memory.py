@@ -15,13 +15,35 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 
 from openfl_api.errors import TransportError
-from openfl_api.transport.base import MAGIC, Limits, Message, Pieces, Pipe, check_frame
+from openfl_api.transport.base import Limits, Message, Pieces, Pipe, check_frame, frame_of
 
 __all__ = ["MemoryPipe", "open_memory_pipe"]
 
 _CLOSED = object()
-_registry: Dict[str, Tuple["queue.Queue", "queue.Queue"]] = {}
+_registry: Dict[str, Tuple["_Channel", "_Channel"]] = {}
 _lock = threading.Lock()
+
+
+class _Channel:
+    """One direction of a pipe: a queue, or, once the receiver asked for it, a handler that the
+    sender's thread calls with each message (:meth:`MemoryPipe.deliver_to`)."""
+
+    def __init__(self) -> None:
+        self.queue: "queue.SimpleQueue" = queue.SimpleQueue()
+        self.lock = threading.Lock()
+        self.on_message: Optional[Callable[[Message], None]] = None
+        self.on_close: Optional[Callable[[str], None]] = None
+
+    def put(self, item: object) -> None:
+        with self.lock:
+            on_message, on_close = self.on_message, self.on_close
+            if on_message is None:
+                self.queue.put(item)
+                return
+        if item is _CLOSED:
+            on_close("connection closed by peer")
+        else:
+            on_message(item)
 
 
 def open_memory_pipe(key: str, rank: int) -> "MemoryPipe":
@@ -31,7 +53,7 @@ def open_memory_pipe(key: str, rank: int) -> "MemoryPipe":
         if key in _registry:
             pair = _registry.pop(key)
         else:
-            pair = _registry[key] = (queue.Queue(), queue.Queue())
+            pair = _registry[key] = (_Channel(), _Channel())
     inbox, outbox = (pair[0], pair[1]) if rank == 0 else (pair[1], pair[0])
     return MemoryPipe(inbox, outbox)
 
@@ -39,7 +61,9 @@ def open_memory_pipe(key: str, rank: int) -> "MemoryPipe":
 class MemoryPipe(Pipe):
     """A pipe whose two sides live in one process."""
 
-    def __init__(self, inbox: "queue.Queue", outbox: "queue.Queue") -> None:
+    queues_sends = True
+
+    def __init__(self, inbox: _Channel, outbox: _Channel) -> None:
         self._inbox = inbox
         self._outbox = outbox
         self._closed = False
@@ -50,7 +74,7 @@ class MemoryPipe(Pipe):
         payload = message.payload
         if isinstance(payload, Pieces):
             payload = payload.flat()
-        elif payload is not None:
+        elif payload is not None and not message.owned:
             payload = payload.clone()
         self._outbox.put(Message(message.kind, bytes(message.header), payload))
 
@@ -65,21 +89,48 @@ class MemoryPipe(Pipe):
         if self._closed:
             raise TransportError("pipe failed while waiting for a message: it was closed on this side")
         try:
-            message = self._inbox.get(timeout=idle.total_seconds())
+            message = self._inbox.queue.get(timeout=idle.total_seconds())
         except queue.Empty:
             self._closed = True
             raise TransportError(f"pipe failed while waiting for a message: nothing came in {idle}") from None
         if message is _CLOSED:
             self._closed = True
             raise TransportError("pipe failed while waiting for a message: connection closed by peer")
-        size = 0 if message.payload is None else message.payload.numel()
-        frame = torch.tensor([MAGIC, int(message.kind), len(message.header), size, 1 if size else 0], dtype=torch.int64)
-        check_frame(frame, limits)
+        check_frame(frame_of(message), limits)
         # The payload is the sender's private copy, made in send(): hand it over instead of copying
         # it again into a buffer from ``alloc`` (nor is ``progress`` called: it all came at once).
-        return Message(message.kind, message.header, message.payload if size else None)
+        return _normal(message)
+
+    def deliver_to(self, on_message: Callable[[Message], None], on_close: Callable[[str], None]) -> bool:
+        """From now on the peer's :meth:`send` calls ``on_message(message)`` on the peer's thread,
+        and its :meth:`close` calls ``on_close(reason)``; messages already queued are handed over
+        here, on this thread, first. The receiver checks each message itself (:func:`frame_of`)."""
+        with self._inbox.lock:
+            pending = []
+            while True:
+                try:
+                    pending.append(self._inbox.queue.get_nowait())
+                except queue.Empty:
+                    break
+            self._inbox.on_message = lambda message: on_message(_normal(message))
+            self._inbox.on_close = on_close
+        for item in pending:
+            if item is _CLOSED:
+                on_close("connection closed by peer")
+            else:
+                on_message(_normal(item))
+        return True
 
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            with self._inbox.lock:
+                self._inbox.on_message = self._inbox.on_close = None
             self._outbox.put(_CLOSED)
+
+
+def _normal(message: Message) -> Message:
+    """A received message as gloo gives it: no payload rather than an empty one."""
+    if message.payload is not None and message.payload.numel() == 0:
+        return Message(message.kind, message.header, None)
+    return message
