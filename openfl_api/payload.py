@@ -119,6 +119,11 @@ class Schema:
         self.offsets: Tuple[int, ...] = tuple(offsets)
         self.nbytes = offset
         self.sizes: Tuple[int, ...] = tuple(spec.nbytes for spec in self.specs)
+        #: ``(start, end)`` of the alignment padding after each tensor that has some.
+        self.padding: Tuple[Tuple[int, int], ...] = tuple(
+            (offset + size, end) for offset, size, end in zip(self.offsets, self.sizes, (*self.offsets[1:], self.nbytes))
+            if offset + size < end
+        )
         self._strides = tuple(_contiguous_strides(spec.shape) for spec in self.specs)
         #: The header's tensor entries of a payload in this layout, as :func:`encode` writes them.
         self.entries: List[Dict[str, Any]] = [
@@ -129,9 +134,9 @@ class Schema:
         self.entries_json = json.dumps(self.entries, separators=(",", ":"))
         #: How every header in this layout ends (see :func:`parse_header`).
         self.entries_suffix = b',"tensors":' + self.entries_json.encode("utf-8") + b"}"
-        # The views of the last two buffers: each gloo pipe reuses its receive buffer (the
-        # in-memory pipe hands over a fresh one per message, so it misses).
-        self._views: List[Tuple[Tuple[int, int], torch.Tensor, Dict[str, torch.Tensor]]] = []
+        # The views of the last few buffers: each gloo pipe reuses its receive buffer and each
+        # sender its staging buffer (the in-memory pipe hands over a fresh one per message, so it misses).
+        self._views: List[Tuple[Tuple[int, int], torch.Tensor, Tuple[torch.Tensor, ...]]] = []
         # Runs of neighbouring floating tensors of one dtype: one sum checks a whole run.
         self.finite_runs: List[Tuple[int, int, torch.dtype, List[int]]] = []
         for index, (spec, offset, size) in enumerate(zip(self.specs, self.offsets, self.sizes)):
@@ -156,12 +161,17 @@ class Schema:
 
         The views of the last buffer are kept, since receive buffers are reused message after message.
         """
+        return dict(zip(self.by_name, self.view_list(buffer)))
+
+    def view_list(self, buffer: torch.Tensor, cache: bool = True) -> Tuple[torch.Tensor, ...]:
+        """Like :meth:`views`, as a tuple in the order of :attr:`specs`; ``cache=False`` for a
+        buffer that is used once."""
         key = (buffer.data_ptr(), buffer.numel())
         for cached in self._views:
             if cached[0] == key:
-                return dict(cached[2])
+                return cached[2]
         typed: Dict[torch.dtype, Optional[torch.Tensor]] = {}
-        views = {}
+        views = []
         for spec, offset, stride in zip(self.specs, self.offsets, self._strides):
             itemsize = spec.dtype.itemsize
             if spec.dtype not in typed:
@@ -169,10 +179,12 @@ class Schema:
                 typed[spec.dtype] = buffer.view(spec.dtype) if aligned else None
             whole = typed[spec.dtype]
             # One as_strided per tensor instead of a slice and two views: a third of the cost.
-            views[spec.name] = (_view(buffer, offset, spec) if whole is None else
-                                whole.as_strided(spec.shape, stride, whole.storage_offset() + offset // itemsize))
-        self._views = [(key, buffer, views), *self._views[:1]]
-        return dict(views)
+            views.append(_view(buffer, offset, spec) if whole is None else
+                         whole.as_strided(spec.shape, stride, whole.storage_offset() + offset // itemsize))
+        if not cache:
+            return tuple(views)
+        self._views = [(key, buffer, tuple(views)), *self._views[:2]]
+        return self._views[0][2]
 
     def __repr__(self) -> str:
         return f"Schema({len(self.specs)} tensors, {self.nbytes} bytes)"
@@ -295,9 +307,12 @@ def encode(
     """
     _check_identity(kind, version, sender)
     buffer = _staging(schema, out)
-    with torch.no_grad():
-        for spec, offset in zip(schema.specs, schema.offsets):
-            _view(buffer, offset, spec).copy_(_source(tensors, spec))
+    sources = [_source(tensors, spec) for spec in schema.specs]
+    # A fresh buffer's views are not cached: they would push out those of reused buffers.
+    targets = schema.view_list(buffer, cache=out is not None)
+    if sources:
+        with torch.no_grad():
+            torch._foreach_copy_(list(targets), sources)
     return _header(schema, kind, version, sender, meta), buffer
 
 
@@ -329,21 +344,26 @@ def encode_pieces(
     staging = _staging(schema, out)
     pieces: List[Tuple[int, torch.Tensor]] = []
     run: Optional[List[int]] = None  # [start, end) of the staging bytes gathered since the last own piece
-    with torch.no_grad():
-        for spec, offset, size in zip(schema.specs, schema.offsets, schema.sizes):
-            source = _source(tensors, spec)
-            if size >= PIECE_BYTES and source.device.type == "cpu" and source.is_contiguous():
-                if run is not None:
-                    pieces.append((run[0], staging[run[0] : run[1]]))
-                    run = None
-                pieces.append((offset, source.reshape(-1).view(torch.uint8)))
-                continue
-            if size == 0:
-                continue
-            _view(staging, offset, spec).copy_(source)
-            run = [offset, offset + size] if run is None else [run[0], offset + size]
-        if run is not None:
-            pieces.append((run[0], staging[run[0] : run[1]]))
+    targets: List[torch.Tensor] = []
+    sources: List[torch.Tensor] = []
+    for spec, offset, size, target in zip(schema.specs, schema.offsets, schema.sizes, schema.view_list(staging)):
+        source = _source(tensors, spec)
+        if size >= PIECE_BYTES and source.device.type == "cpu" and source.is_contiguous():
+            if run is not None:
+                pieces.append((run[0], staging[run[0] : run[1]]))
+                run = None
+            pieces.append((offset, source.reshape(-1).view(torch.uint8)))
+            continue
+        if size == 0:
+            continue
+        targets.append(target)
+        sources.append(source)
+        run = [offset, offset + size] if run is None else [run[0], offset + size]
+    if run is not None:
+        pieces.append((run[0], staging[run[0] : run[1]]))
+    if targets:
+        with torch.no_grad():
+            torch._foreach_copy_(targets, sources)  # one call for all the small tensors
     return _header(schema, kind, version, sender, meta), Pieces(schema.nbytes, tuple(pieces))
 
 
@@ -390,7 +410,10 @@ def _run_sum_finite(buffer: torch.Tensor, start: int, stop: int, dtype: torch.dt
 
 def _staging(schema: Schema, out: Optional[torch.Tensor]) -> torch.Tensor:
     if out is None:
-        return torch.zeros(schema.nbytes, dtype=torch.uint8)
+        buffer = torch.empty(schema.nbytes, dtype=torch.uint8)
+        for start, end in schema.padding:  # the tensors' bytes are all written next
+            buffer[start:end].zero_()
+        return buffer
     if out.dtype != torch.uint8 or out.dim() != 1 or out.numel() < schema.nbytes:
         raise ConfigurationError(
             f"out must be a 1-D uint8 tensor of at least {schema.nbytes} bytes, "

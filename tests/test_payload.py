@@ -172,6 +172,12 @@ def test_schema_nbytes_counts_aligned_slots() -> None:
     assert (schema.offsets, schema.nbytes) == ((0, 64), 128)
 
 
+def test_schema_padding_lists_every_gap_a_fresh_buffer_must_zero() -> None:
+    schema = Schema([TensorSpec("a", torch.float32, (2, 3)), TensorSpec("b", torch.int64, (2,)),
+                     TensorSpec("c", torch.float32, (16,))])
+    assert schema.padding == ((24, 64), (80, 128))
+
+
 # --- out= --------------------------------------------------------------------------------------
 
 
