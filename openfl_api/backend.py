@@ -38,7 +38,7 @@ from openfl_api.payload import (
 from openfl_api.report import Ledger
 from openfl_api.state import SharedState
 from openfl_api.step import Event, Transfer
-from openfl_api.transport.base import REQUESTS, Kind, Limits, Message, Pieces, Pipe
+from openfl_api.transport.base import REQUESTS, Kind, Limits, Message, Pieces, Pipe, check_frame, frame_of
 from openfl_api.transport.rendezvous import Lobby, Peer, open_store
 
 __all__ = ["Server", "Timeouts", "client_order", "newest_checkpoint"]
@@ -119,7 +119,11 @@ def _end_message(reason: str) -> Message:
 
 
 class _Worker:
-    """The I/O thread of one pipe: request in, to the loop, reply out."""
+    """The I/O thread of one pipe: request in, to the loop, reply out.
+
+    An in-process pipe (:meth:`Pipe.deliver_to`) needs no thread of its own past the start: each
+    request comes on the frontend's thread, which handles it at once (:meth:`Server.handle_now`).
+    """
 
     def __init__(self, server: "Server", pipe: Pipe, peer: Peer, lobby: Lobby) -> None:
         self.server = server
@@ -130,20 +134,33 @@ class _Worker:
         self.clients: Optional[Tuple[str, ...]] = None  # registered with the first request
         self.hosts_many = False  # True when the frontend named its clients (virtual clients)
         self.closing = False
-        self._replies: "queue.Queue[Message]" = queue.Queue()
+        self._replies: "queue.SimpleQueue[Message]" = queue.SimpleQueue()
         self._buffer = torch.empty(0, dtype=torch.uint8)
         # Set while the loop holds no upload in the receive buffer (it accumulates after its ACK).
         self.free = threading.Event()
         self.free.set()
         self.scan: Optional[FiniteScan] = None  # the finite check of the upload being received
+        self.joined = threading.Event()  # set once the loop has handled this worker's _Joined
+        self._gone_lock = threading.Lock()
+        self._is_gone = False
         self._thread = threading.Thread(target=self._run, name=f"openfl-pipe-{self.label}", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
     def reply(self, message: Message) -> None:
-        """Called by the loop: the answer to the request this worker is waiting on."""
-        self._replies.put(message)
+        """Called by the loop: the answer to the request this worker is waiting on.
+
+        A pipe that only queues what it sends (in-process) gets the reply from the loop itself;
+        other pipes get it from this worker's thread, so a slow peer never blocks the loop.
+        """
+        if not self.pipe.queues_sends:
+            self._replies.put(message)
+            return
+        try:
+            self.pipe.send(message, self.server.timeouts.transfer)
+        except TransportError:
+            pass  # closed on this side: the worker's thread ends at its next receive
 
     def _alloc(self, size: int) -> torch.Tensor:
         # The loop may still accumulate the previous upload after its ACK: wait until it is done.
@@ -176,11 +193,15 @@ class _Worker:
     def _run(self) -> None:
         timeouts = self.server.timeouts
         reason = "closed"
+        delivered = False
         try:
             # The request limits (largest upload) are known once the backend has its state_dict.
             while not self.server.prepared.wait(timeouts.tick.total_seconds()):
                 if self.server.ended or self.closing:
                     return
+            delivered = self.pipe.deliver_to(self._deliver, self._gone)
+            if delivered:
+                return  # from now on the frontend's thread brings each request
             while True:
                 message = self.pipe.recv(self.server.request_limits, timeouts.idle, timeouts.transfer, self._alloc,
                                          self._progress)
@@ -197,16 +218,52 @@ class _Worker:
                         reason = "address removed"
                         break
                     continue
-                self.pipe.send(self._await_reply(), timeouts.transfer)
+                if not self.pipe.queues_sends:  # otherwise the loop sends the reply itself
+                    self.pipe.send(self._await_reply(), timeouts.transfer)
         except ProtocolError as exc:
             reason = f"invalid message: {exc}"
             self.server.ledger.discard(self.label, reason)
         except TransportError as exc:
             reason = str(exc)
         finally:
-            self.pipe.close()
-            self.lobby.release(self.peer.rank)
-            self.server.post(_Left(self, reason), force=True)
+            if not delivered:
+                self._gone(reason)
+
+    def _deliver(self, message: Message) -> None:
+        """A request from an in-process pipe, on the frontend's thread: check it and handle it now,
+        as :meth:`_run` would with one it received."""
+        server = self.server
+        tick = server.timeouts.tick.total_seconds()
+        while not self.joined.wait(tick):  # the loop sees the join before the first request
+            if server.ended or self.closing:
+                break
+        try:
+            check_frame(frame_of(message), server.request_limits)
+        except ProtocolError as exc:
+            reason = f"invalid message: {exc}"
+            server.ledger.discard(self.label, reason)
+            self._gone(reason)
+            return
+        if message.kind is Kind.BYE:
+            self._gone("said goodbye")
+            return
+        if message.payload is not None:
+            self.free.clear()
+        if self.closing or not server.handle_now(_Request(self, message)):
+            self.free.set()
+            self.reply(_end_message(server.stop_reason or "this address was removed"))
+            if self.closing:
+                self._gone("address removed")
+
+    def _gone(self, reason: str) -> None:
+        """The pipe is done (the frontend left, broke it or was dropped): release its rank, tell the loop."""
+        with self._gone_lock:
+            if self._is_gone:
+                return
+            self._is_gone = True
+        self.pipe.close()
+        self.lobby.release(self.peer.rank)
+        self.server.post(_Left(self, reason), force=True)
 
 
 class Server:
@@ -241,7 +298,10 @@ class Server:
         self.optim_state: Dict[str, torch.Tensor] = {}
         self.request_limits = Limits(REQUESTS, MAX_HEADER_BYTES, 0)
         self.prepared = threading.Event()
-        self._events: "queue.Queue[Any]" = queue.Queue()
+        self._events: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
+        # Held while an event is handled, by the loop or by a frontend's thread (handle_now).
+        self._loop_lock = threading.RLock()
+        self._failure: Optional[BaseException] = None  # raised by handle_now, re-raised by the loop
         self._lock = threading.Lock()
         self._lobbies: Dict[Tuple[str, str], Lobby] = {}
         self._workers: Dict[int, _Worker] = {}
@@ -523,21 +583,60 @@ class Server:
                     event = self._events.get(timeout=tick)
                 except queue.Empty:
                     event = None
-                self._in_event = True
-                try:
-                    if event is not None:
-                        self._handle(event)
-                    self.loop_count += 1
-                    if self.stop_reason is None:
-                        self._fire(Event.AT_LOOP)
-                    if self.stop_reason is None:
-                        self._release_waiting()
-                finally:
-                    self._in_event = False
-                self._write_pending_checkpoints()
-            self._settle()
+                with self._loop_lock:
+                    self._reraise()
+                    self._turn(event)
+            with self._loop_lock:
+                self._reraise()
+                self._settle()
         finally:
-            self._end()
+            with self._loop_lock:
+                self._end()
+
+    def _turn(self, event: Any) -> None:
+        """One turn of the loop: handle ``event`` (None: a tick), fire ``at_loop``, release held
+        downloads, write the checkpoints asked for meanwhile."""
+        self._in_event = True
+        try:
+            if event is not None:
+                self._handle(event)
+            self.loop_count += 1
+            if self.stop_reason is None:
+                self._fire(Event.AT_LOOP)
+            if self.stop_reason is None:
+                self._release_waiting()
+        finally:
+            self._in_event = False
+        self._write_pending_checkpoints()
+
+    def handle_now(self, event: _Request) -> bool:
+        """Handle a request on the calling thread (an in-process pipe's frontend), as a turn of the
+        loop, one turn at a time with it: no thread switch per message. False, with nothing done,
+        once the loop is stopping.
+
+        What a turn raises goes to the loop, which stops and raises it from ``run()``; the
+        frontend is told the federation ended.
+        """
+        with self._loop_lock:
+            if self.ended or self.stop_reason is not None:
+                return False
+            try:
+                # The loop thread's torch modes, whatever the frontend's thread has set.
+                with torch.inference_mode(False), torch.enable_grad():
+                    self._turn(event)
+            except BaseException as exc:  # handed to the loop: run() raises it
+                self._failure = exc
+                self.stop(f"{type(exc).__name__} while handling a request of {event.worker.label}: {exc}")
+                event.worker.reply(_end_message(self.stop_reason))
+            finally:
+                if self.stop_reason is not None:
+                    self._events.put(None)  # wake the loop: it ends the federation
+            return True
+
+    def _reraise(self) -> None:
+        failure, self._failure = self._failure, None
+        if failure is not None:
+            raise failure
 
     def _handle(self, event: Any) -> None:
         if not (isinstance(event, _Request) and event.message.kind is Kind.DOWNLOAD):
@@ -551,7 +650,10 @@ class Server:
             self._workers[id(event.worker)] = event.worker
             peer = event.worker.peer
             self.log.info(f"rank {peer.rank} ({peer.nick_name}) joined on {peer.address.init_method}")
-            self._fire(Event.ON_JOIN, peer)
+            try:
+                self._fire(Event.ON_JOIN, peer)
+            finally:
+                event.worker.joined.set()
         elif isinstance(event, _Left):
             self._left(event.worker, event.reason)
         elif isinstance(event, _AddressChange):
@@ -871,6 +973,7 @@ class Server:
                 event.worker.reply(_end_message(reason))
             elif isinstance(event, _Joined):
                 self._workers[id(event.worker)] = event.worker
+                event.worker.joined.set()
             elif isinstance(event, _Left):
                 self._left(event.worker, event.reason)
 
@@ -878,7 +981,8 @@ class Server:
         """End the loop if it still runs, wait for frontends to leave, and close everything."""
         if not self.ended:
             self.stop("finish() was called")
-            self._end()
+            with self._loop_lock:
+                self._end()
         deadline = time.monotonic() + self.timeouts.drain.total_seconds()
         while self._workers and time.monotonic() < deadline:
             try:
@@ -889,6 +993,7 @@ class Server:
                 self._left(event.worker, event.reason)
             elif isinstance(event, _Joined):
                 self._workers[id(event.worker)] = event.worker
+                event.worker.joined.set()
             elif isinstance(event, _Request):
                 event.worker.reply(_end_message(self.stop_reason))
         for worker in self._workers.values():

@@ -18,12 +18,12 @@ import torch
 from openfl_api.address import Address
 from openfl_api.errors import AdmissionError, ConfigurationError, PayloadError, TransportError
 from openfl_api.payload import (
-    MAX_HEADER_BYTES, FiniteScan, Schema, decode, encode_header, encode_pieces, parse_header,
+    MAX_HEADER_BYTES, FiniteScan, Schema, decode, encode, encode_header, encode_pieces, parse_header,
 )
 from openfl_api.report import Ledger
 from openfl_api.state import SharedState
 from openfl_api.step import Event, Transfer
-from openfl_api.transport.base import Kind, Limits, Message, Pipe
+from openfl_api.transport.base import Kind, Limits, Message, Pieces, Pipe
 from openfl_api.transport.rendezvous import join, open_store
 
 __all__ = ["Client"]
@@ -222,22 +222,29 @@ class Client:
                             num_samples=num_samples, metrics=dict(metrics), client=client or "")
         self._fire(Event.BEFORE_UPLOAD, transfer)
         schema = state.upload_schema
-        if self._tx is None or self._tx.numel() < schema.nbytes:
-            self._tx = torch.zeros(schema.nbytes, dtype=torch.uint8)
         meta: Dict[str, Any] = {"num_samples": num_samples, "metrics": dict(metrics)}
         if client:
             meta["client"] = client
-        # Large tensors go to the pipe straight from the model; upload() returns only once they are sent.
-        header, pieces = encode_pieces(state.upload_tensors(), schema, kind="update", version=self.version,
-                                       sender=nick_name, meta=meta, out=self._tx)
+        pieces: Union[Pieces, torch.Tensor]
+        if self._pipe.queues_sends:
+            # The pipe keeps what it is sent in memory: copy once, into a buffer it may keep.
+            header, pieces = encode(state.upload_tensors(), schema, kind="update", version=self.version,
+                                    sender=nick_name, meta=meta)
+        else:
+            if self._tx is None or self._tx.numel() < schema.nbytes:
+                self._tx = torch.zeros(schema.nbytes, dtype=torch.uint8)
+            # Large tensors go to the pipe straight from the model; upload() returns only once they are sent.
+            header, pieces = encode_pieces(state.upload_tensors(), schema, kind="update", version=self.version,
+                                           sender=nick_name, meta=meta, out=self._tx)
 
         def request() -> Message:
+            owned = isinstance(pieces, torch.Tensor)  # encoded for this upload alone
             if self.hosted is None or self._registered:
-                return Message(Kind.UPLOAD, header, pieces)
+                return Message(Kind.UPLOAD, header, pieces, owned=owned)
             # A backend joined again has not heard of this frontend's clients yet.
             fields = parse_header(header)
             fields["meta"]["clients"] = self.hosted
-            return Message(Kind.UPLOAD, encode_header(fields), pieces)
+            return Message(Kind.UPLOAD, encode_header(fields), pieces, owned=owned)
 
         reply = self._exchange(request,
                                Limits(frozenset({Kind.ACK, Kind.END}), MAX_HEADER_BYTES, 0))

@@ -333,6 +333,78 @@ def test_a_raising_step_stops_the_loop_and_is_named_even_when_fired_by_another_s
     federation.backend.finish()
 
 
+class Threads(ofl.Step):
+    """Records (event, thread name) of the backend's events."""
+
+    roles = frozenset({"backend"})
+
+    def __init__(self):
+        self.seen = []
+
+    def on_join(self, api, peer):
+        self.seen.append(("on_join", threading.current_thread().name))
+
+    def before_download(self, api, transfer):
+        self.seen.append(("before_download", threading.current_thread().name))
+
+    def before_upload(self, api, transfer):
+        self.seen.append(("before_upload", threading.current_thread().name))
+
+
+def test_an_in_process_frontends_requests_are_handled_on_its_own_thread_after_its_join(federation):
+    threads = Threads()
+    federation.backend.set_aggregate_triggers(ofl.AggregateCount(count=1))
+    federation.backend.register_step(threads)
+    federation.backend.register_step(ofl.StopAtVersion(max_version=1))
+    federation.connect_backend()
+    federation.frontend(1, train_loop([]))
+    federation.serve_until_frontends_finish()
+    assert threads.seen[0][0] == "on_join"
+    assert ("before_download", "frontend-1") in threads.seen
+    assert ("before_upload", "frontend-1") in threads.seen
+
+
+def test_an_upload_made_in_inference_mode_leaves_the_backend_able_to_aggregate(federation):
+    federation.backend.set_aggregate_triggers(ofl.AggregateCount(count=1))
+    federation.backend.register_step(ofl.StopAtVersion(max_version=2))
+    federation.connect_backend()
+
+    def body(api, model, opt):
+        with torch.inference_mode():  # the backend's handling on this thread must not inherit it
+            while api.download():
+                if not api.upload(num_samples=1):
+                    break
+                api.update_version()
+        return api.version
+
+    federation.frontend(1, body)
+    federation.serve_until_frontends_finish()
+    assert federation.backend.version == 2
+    assert not any(t.is_inference() for t in federation.backend._server.state.aggregator._sums.values())
+
+
+def test_an_error_while_handling_an_in_process_request_is_raised_by_run_and_ends_the_frontend(federation, monkeypatch):
+    federation.backend.set_aggregate_triggers(ofl.AggregateCount(count=1))
+    federation.connect_backend()
+
+    def broken(worker, message):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(federation.backend._server, "_take_upload", broken)
+    ended = {}
+
+    def body(api, model, opt):
+        assert api.download()
+        ended["upload"] = api.upload()
+
+    federation.frontend(1, body)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        federation.backend.run()
+    federation.join()
+    assert ended["upload"] is False
+    assert "RuntimeError while handling a request" in federation.backend.stop_reason
+
+
 def test_a_frontend_admitted_before_run_can_upload_first(federation):
     federation.backend.set_aggregate_triggers(ofl.AggregateCount(count=1))
     federation.backend.register_step(ofl.StopAtVersion(max_version=1))
