@@ -23,7 +23,7 @@ import collections
 import threading
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch.utils.hooks import RemovableHandle
@@ -112,6 +112,8 @@ class API:
         self.timeouts = Timeouts(idle=timeout, transfer=transfer_timeout, connect=connect_timeout, drain=drain, tick=tick)
         self._steps: "collections.OrderedDict[int, Step]" = collections.OrderedDict()
         self._handlers: Dict[int, Dict[Event, Any]] = {}
+        self._attached_key: Tuple[int, Optional[int]] = (0, None)
+        self._attached_cache: Dict[Event, List[Tuple[Step, Any]]] = {}
         self._rank: Optional[int] = None
         self._server: Optional[Server] = None
         self._client: Optional[Client] = None
@@ -242,9 +244,8 @@ class API:
 
     def _fire(self, event: Event, *args: Any) -> None:
         role = FRONTEND if self._frontend else BACKEND
-        for key, step in list(self._steps.items()):
-            handler = self._handlers.get(key, {}).get(event)
-            if handler is None or role not in step.roles:
+        for step, handler in self._attached(event):
+            if role not in step.roles:
                 continue
             try:
                 handler(self, *args)
@@ -253,6 +254,22 @@ class API:
             except Exception as exc:
                 self.stop(f"step {step.name} raised at {event.value}")
                 raise StepError(step.name, event.value, f"{type(exc).__name__}: {exc}") from exc
+
+    def _attached(self, event: Event) -> List[Tuple[Step, Any]]:
+        """``(step, handler)`` of the attached steps that handle ``event``, in attach order.
+
+        Cached per event until a step is attached or removed: handle ids only grow, so the count
+        and the newest id change whenever the attached steps do.
+        """
+        key = (len(self._steps), next(reversed(self._steps), None))
+        if key != self._attached_key:
+            self._attached_key, self._attached_cache = key, {}
+        cached = self._attached_cache.get(event)
+        if cached is None:
+            cached = self._attached_cache[event] = [
+                (step, self._handlers[k][event]) for k, step in self._steps.items() if event in self._handlers.get(k, {})
+            ]
+        return cached
 
     # ----------------------------------------------------------------- set-up
     def build_connection(

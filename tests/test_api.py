@@ -469,6 +469,20 @@ def test_custom_steps_fire_in_attach_order_at_each_event(federation):
     ]
 
 
+def test_a_removed_step_stops_firing_and_a_step_attached_later_fires_after_the_others():
+    api = fast_api(False)
+    calls = []
+    first, second = api.register_step(Recorder("first", calls)), api.register_step(Recorder("second", calls))
+    api._fire(ofl.Event.AFTER_AGGREGATE)
+    first.remove()
+    api._fire(ofl.Event.AFTER_AGGREGATE)
+    api.register_step(Recorder("third", calls))
+    api._fire(ofl.Event.AFTER_AGGREGATE)
+    second.remove()
+    api._fire(ofl.Event.AFTER_AGGREGATE)
+    assert [label for label, _ in calls] == ["first", "second", "second", "second", "third", "third"]
+
+
 class GatedAggregator(aggregate.AverageAggregator):
     """FedAvg whose accumulation waits for ``gate``; ``entered`` is set once one has started."""
 
