@@ -812,7 +812,8 @@ class Server:
         try:
             header = parse_header(message.header, schema=self.state.upload_schema)
             payload = decode(header, message.payload if message.payload is not None else empty,
-                             self.state.upload_schema, kind="update", scan=worker.scan)
+                             self.state.upload_schema, kind="update", scan=worker.scan,
+                             reused=not worker.pipe.queues_sends)
             meta = validate_meta(payload.meta)
             refused = self._register(worker, payload.meta)
             client = payload.meta.get("client", worker.clients[0] if worker.clients and not worker.hosts_many else None)

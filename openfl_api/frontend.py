@@ -177,7 +177,8 @@ class Client:
         buffer = reply.payload if reply.payload is not None else torch.empty(0, dtype=torch.uint8)
         try:
             header = parse_header(reply.header, schema=state.download_schema)
-            payload = decode(header, buffer, state.download_schema, kind="model", scan=self.scan)
+            payload = decode(header, buffer, state.download_schema, kind="model", scan=self.scan,
+                             reused=not self._pipe.queues_sends)
             selected = self._check_selected(header.get("clients"))
         except PayloadError as exc:
             raise PayloadError(f"the backend sent an invalid model; nothing was loaded: {exc}") from exc

@@ -156,12 +156,13 @@ class Schema:
     def __len__(self) -> int:
         return len(self.specs)
 
-    def views(self, buffer: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def views(self, buffer: torch.Tensor, cache: bool = True) -> Dict[str, torch.Tensor]:
         """Views of every tensor of this layout in ``buffer`` (``schema.nbytes`` uint8 bytes).
 
-        The views of the last buffer are kept, since receive buffers are reused message after message.
+        With ``cache``, the views of the last three buffers are kept: receive and staging buffers are
+        reused message after message.
         """
-        return dict(zip(self.by_name, self.view_list(buffer)))
+        return dict(zip(self.by_name, self.view_list(buffer, cache)))
 
     def view_list(self, buffer: torch.Tensor, cache: bool = True) -> Tuple[torch.Tensor, ...]:
         """Like :meth:`views`, as a tuple in the order of :attr:`specs`; ``cache=False`` for a
@@ -311,8 +312,7 @@ def encode(
     # A fresh buffer's views are not cached: they would push out those of reused buffers.
     targets = schema.view_list(buffer, cache=out is not None)
     if sources:
-        with torch.no_grad():
-            torch._foreach_copy_(list(targets), sources)
+        torch._foreach_copy_(list(targets), sources)  # detached sources: no autograd to switch off
     return _header(schema, kind, version, sender, meta), buffer
 
 
@@ -362,8 +362,7 @@ def encode_pieces(
     if run is not None:
         pieces.append((run[0], staging[run[0] : run[1]]))
     if targets:
-        with torch.no_grad():
-            torch._foreach_copy_(targets, sources)  # one call for all the small tensors
+        torch._foreach_copy_(targets, sources)  # one call for all the small (detached) tensors
     return _header(schema, kind, version, sender, meta), Pieces(schema.nbytes, tuple(pieces))
 
 
@@ -443,12 +442,15 @@ def decode(
     kind: str,
     check_finite: bool = True,
     scan: Optional[FiniteScan] = None,
+    reused: bool = True,
 ) -> Payload:
     """Validate a received payload against ``schema`` and return views into ``buffer``.
 
     Nothing is copied: the returned tensors are views that stay valid while ``buffer`` is not
     reused. Every check runs before the caller can touch a value. ``scan``: the
     :class:`FiniteScan` that watched ``buffer`` arrive; the runs it found finite are not summed again.
+    ``reused``: False for a buffer that comes once (an in-memory pipe's), whose views are then not
+    kept in the schema's cache.
 
     Raises:
         PayloadError: the header is malformed, names/dtypes/shapes/sizes/offsets do not match
@@ -476,7 +478,7 @@ def decode(
     ):
         # The canonical layout (compared as JSON, so true is not 1): every per-entry check below
         # holds; only the values are left.
-        views = schema.views(buffer)
+        views = schema.views(buffer, cache=reused)
         if check_finite:
             scanned = scan is not None and scan.buffer is buffer and scan.schema is schema and scan.clean
             _check_runs_finite(buffer, schema, first=scan.done if scanned else 0)

@@ -81,6 +81,7 @@ class Aggregator(abc.ABC):
         self._dtypes: dict[str, torch.dtype] = {}
         self._count = 0
         self._total_weight = 0.0
+        self._names_checked: tuple = ()
 
     @property
     def params(self) -> list[torch.Tensor]:
@@ -167,7 +168,11 @@ class Aggregator(abc.ABC):
             or not (math.isfinite(weight) and weight >= 0)
         ):
             raise ConfigurationError(f"weight must be a finite number >= 0; got {weight!r}")
-        self._check_names(tensors)
+        # The names are checked once per layout: a backend adds uploads of one layout all along.
+        names = (tuple(tensors), self._param_names, self.state_keys, self.upload_keys)
+        if names != self._names_checked or not all(isinstance(x, torch.Tensor) for x in tensors.values()):
+            self._check_names(tensors)
+            self._names_checked = names
         if self._count:
             self._check_layout(tensors)
         else:
