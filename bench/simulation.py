@@ -1,11 +1,11 @@
 """Seconds per round of a one-process simulation against a plain PyTorch loop doing the same work.
 
-    python bench/simulation.py [--repeats 3] [--rounds 10] [--threads 1]
+    python bench/simulation.py [--repeats 3] [--rounds 10] [--threads 1] [--config K:FRACTION ...]
 
 Workload: MLP 784-200-200-10, 100 samples per client of FedProx's Synthetic(0.5, 0.5) with 784
 features (all clients' data generated up front and held in memory), 1 local epoch, batch 32, SGD
 lr 0.05, FedAvg weighted by samples. Configurations: K = 100 clients at fractions 1.0 and 0.1,
-K = 1,000 at 0.1.
+K = 1,000 at 0.1 (``--config 100:1.0`` runs only that one; repeat the option for several).
 
 - ``api``: ``openfl_api.simulate.simulate`` with 2 ranks (a backend thread and one frontend
   thread hosting all K clients through ``VirtualClients``), ``ClientSampling`` and
@@ -34,7 +34,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 CONFIGS = [(100, 1.0), (100, 0.1), (1000, 0.1)]
 SAMPLES, FEATURES, HIDDEN, BATCH, LR = 100, 784, 200, 32, 0.05
@@ -171,7 +171,7 @@ def parent(options: argparse.Namespace) -> None:
     print(f"bench/simulation.py: {options.repeats} repeats x {options.rounds} rounds, torch threads "
           f"{options.threads}, load average at start {os.getloadavg()[0]:.1f}")
     results: Dict[Any, Dict[str, List[Dict[str, Any]]]] = {}
-    for clients, fraction in CONFIGS:
+    for clients, fraction in options.config or CONFIGS:
         results[(clients, fraction)] = {"api": [], "plain": []}
         for repeat in range(options.repeats):
             for mode in (("api", "plain") if repeat % 2 == 0 else ("plain", "api")):
@@ -204,12 +204,26 @@ def parent(options: argparse.Namespace) -> None:
               f"{noise:.0%} | {rss['api']:.0f} / {rss['plain']:.0f} |")
 
 
+def config(text: str) -> Tuple[int, float]:
+    """``"K:FRACTION"`` -> ``(K, FRACTION)``, for ``--config``."""
+    clients, _, fraction = text.partition(":")
+    try:
+        k, f = int(clients), float(fraction)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected K:FRACTION such as 100:1.0, got {text!r}") from None
+    if k < 1 or not 0 < f <= 1:
+        raise argparse.ArgumentTypeError(f"K must be >= 1 and FRACTION in (0, 1], got {text!r}")
+    return k, f
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads in each child (default 1)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--config", type=config, action="append",
+                        help="K:FRACTION, e.g. 100:1.0; repeatable (default: all three configurations)")
     parser.add_argument("--child", choices=("api", "plain"), help=argparse.SUPPRESS)
     parser.add_argument("--clients", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--fraction", type=float, help=argparse.SUPPRESS)
