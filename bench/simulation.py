@@ -14,13 +14,18 @@ K = 1,000 at 0.1 (``--config 100:1.0`` runs only that one; repeat the option for
   state_dict into one model, train, add ``num_samples * weights`` to a running sum; divide.
 
 Both draw the same clients per round (numpy ``default_rng([seed, round])``) and the same batch
-order per client. Each (configuration, mode, repeat) runs in a fresh child process, modes
-alternating, so the peak RSS (``ru_maxrss``) is that mode's alone. A round is the time between two
-aggregations (for the API, measured by a backend step); the first round is timed from the start
-of the training loop. Steady state = median of rounds 2..N. Printed: medians over repeats with the
-range of the per-repeat medians, the API / plain ratio (of the medians, and its range over
-repeats), the same ratio in process CPU seconds (less sensitive to other load on the machine),
-the first round, the API's round-to-round spread (std / mean) and peak RSS.
+order per client. Each (configuration, repeat) starts one fresh child process per mode, so the
+peak RSS (``ru_maxrss``) is that mode's alone, and runs the two **in lockstep**: the parent lets one
+child run one round while the other waits (blocked on a pipe, using no CPU), then the other, the
+order swapping every round. The speed of this machine drifts by 30 % within minutes; paired
+rounds a few tenths of a second apart see the same drift, so their ratio is steady where the
+ratio of two separate runs is not. A round is the time from the parent's go to the next
+aggregation (for the API, marked by a backend step); the first round includes the first download.
+
+Printed per configuration: the steady-state round (median of rounds 2..N over all repeats) of
+each mode, the API / plain ratio as the median of the paired per-round ratios (with the range of
+the per-repeat medians), the same in process CPU seconds, the first round, the API's
+round-to-round spread (std / mean) and peak RSS.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import argparse
 import json
 import os
 import resource
+import select
 import statistics
 import subprocess
 import sys
@@ -68,14 +74,38 @@ def local_epoch(net, opt, x, y, generator) -> int:
     return len(y)
 
 
-def run_plain(datasets, clients: int, fraction: float, rounds: int, seed: int) -> Dict[str, List[float]]:
+class Gate:
+    """A child's side of the lockstep: wait for the parent's ``go`` before each round, report each
+    round's wall and process CPU seconds when it ends (one JSON line each on stdout)."""
+
+    def __init__(self) -> None:
+        self.started = (0.0, 0.0)
+
+    def start(self) -> None:
+        """Before the first round: say the child is ready, then wait for the go."""
+        print("ready", flush=True)
+        self._wait()
+
+    def done(self) -> None:
+        """A round ended: report it, then wait for the go of the next one (or the end)."""
+        wall, cpu = time.perf_counter() - self.started[0], time.process_time() - self.started[1]
+        print(json.dumps({"wall": wall, "cpu": cpu}), flush=True)
+        self._wait()
+
+    def _wait(self) -> None:
+        if sys.stdin.readline().strip() not in ("go", "end"):
+            raise SystemExit("the parent went away")
+        self.started = (time.perf_counter(), time.process_time())
+
+
+def run_plain(datasets, clients: int, fraction: float, rounds: int, seed: int, gate: Gate) -> None:
     import torch
     from openfl_api.simulation import client_seed  # the same per-client seeds as the API run
 
     net = mlp(seed)
     opt = torch.optim.SGD(net.parameters(), lr=LR)
     global_state = {k: v.clone() for k, v in net.state_dict().items()}
-    marks = [(time.perf_counter(), time.process_time())]
+    gate.start()
     for version in range(rounds):
         total = {k: torch.zeros_like(v) for k, v in global_state.items()}
         weight = 0
@@ -88,18 +118,10 @@ def run_plain(datasets, clients: int, fraction: float, rounds: int, seed: int) -
                     total[k].add_(v, alpha=n)
             weight += n
         global_state = {k: v / weight for k, v in total.items()}
-        marks.append((time.perf_counter(), time.process_time()))
-    return _durations(marks)
+        gate.done()
 
 
-def _durations(marks: List[Any]) -> Dict[str, List[float]]:
-    """Wall and process CPU seconds between consecutive ``(perf_counter, process_time)`` marks."""
-    marks = sorted(marks)
-    return {"wall": [b[0] - a[0] for a, b in zip(marks, marks[1:])],
-            "cpu": [b[1] - a[1] for a, b in zip(marks, marks[1:])]}
-
-
-def run_api(datasets, clients: int, fraction: float, rounds: int, seed: int) -> Dict[str, List[float]]:
+def run_api(datasets, clients: int, fraction: float, rounds: int, seed: int, gate: Gate) -> None:
     from datetime import timedelta
 
     import torch
@@ -109,13 +131,11 @@ def run_api(datasets, clients: int, fraction: float, rounds: int, seed: int) -> 
     from openfl_api.simulate import simulate
     from openfl_api.simulation import VirtualClients
 
-    marks: List[float] = []
-
     class Mark(ofl.Step):
         roles = frozenset({"backend"})
 
         def after_aggregate(self, api) -> None:
-            marks.append((time.perf_counter(), time.process_time()))
+            gate.done()  # the serve loop waits here for the next round's go
 
     def rank() -> None:
         args = ofl.parser.parse_args([])
@@ -137,12 +157,11 @@ def run_api(datasets, clients: int, fraction: float, rounds: int, seed: int) -> 
         with api:
             api.run()
             if args.rank > 0:
-                marks.append((time.perf_counter(), time.process_time()))  # round 1 starts
+                gate.start()
                 VirtualClients(api, net, train, seed=seed).run()
         api.finish()
 
     simulate(rank, nproc_per_node=2, timeout=timedelta(minutes=10))
-    return _durations(marks)
 
 
 def child(options: argparse.Namespace) -> None:
@@ -156,52 +175,98 @@ def child(options: argparse.Namespace) -> None:
     datasets = data.synthetic(options.clients, 0.5, 0.5, seed=options.seed, samples_per_client=SAMPLES,
                               num_features=FEATURES)
     run = run_api if options.child == "api" else run_plain
-    rounds = run(datasets, options.clients, options.fraction, options.rounds, options.seed)
-    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"rounds": rounds, "rss_mb": rss_mb}))
+    run(datasets, options.clients, options.fraction, options.rounds, options.seed, Gate())
+    print(json.dumps({"rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}), flush=True)
 
 
-def spread(values: List[float]) -> str:
-    return f"{statistics.median(values):.3f} ({min(values):.3f}-{max(values):.3f})"
+class Child:
+    """One child process of the lockstep, with a deadline on every line it owes."""
+
+    def __init__(self, mode: str, command: List[str], env: Dict[str, str]) -> None:
+        self.mode = mode
+        self.process = subprocess.Popen(command, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, text=True)
+
+    def line(self, timeout: float = 900.0) -> str:
+        ready, _, _ = select.select([self.process.stdout], [], [], timeout)
+        text = self.process.stdout.readline() if ready else ""
+        if not text:
+            self.process.kill()
+            error = self.process.communicate(timeout=30)[1]
+            sys.exit(f"child {self.mode} failed or timed out:\n{error[-3000:]}")
+        return text.strip()
+
+    def say(self, word: str) -> None:
+        self.process.stdin.write(word + "\n")
+        self.process.stdin.flush()
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.communicate(timeout=30)
+
+
+def lockstep(options: argparse.Namespace, clients: int, fraction: float, env: Dict[str, str]) -> Dict[str, Any]:
+    """Run both modes of one configuration in lockstep; each mode's rounds and peak RSS."""
+    children = {}
+    try:
+        for mode in ("api", "plain"):
+            command = [sys.executable, __file__, "--child", mode, "--clients", str(clients), "--fraction",
+                       str(fraction), "--rounds", str(options.rounds), "--threads", str(options.threads),
+                       "--seed", str(options.seed)]
+            children[mode] = Child(mode, command, env)
+        for child_ in children.values():
+            if child_.line() != "ready":
+                sys.exit(f"child {child_.mode} did not get ready")
+        rounds: Dict[str, List[Dict[str, float]]] = {"api": [], "plain": []}
+        for number in range(options.rounds):
+            for mode in (("api", "plain") if number % 2 == 0 else ("plain", "api")):
+                children[mode].say("go")
+                rounds[mode].append(json.loads(children[mode].line()))
+        result = {}
+        for mode, child_ in children.items():
+            child_.say("end")
+            result[mode] = {"rounds": rounds[mode], "rss_mb": json.loads(child_.line())["rss_mb"]}
+        return result
+    finally:
+        for child_ in children.values():
+            child_.close()
 
 
 def parent(options: argparse.Namespace) -> None:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]),
                                                         os.environ.get("PYTHONPATH", "")]))
-    print(f"bench/simulation.py: {options.repeats} repeats x {options.rounds} rounds, torch threads "
+    print(f"bench/simulation.py: {options.repeats} repeats x {options.rounds} rounds in lockstep, torch threads "
           f"{options.threads}, load average at start {os.getloadavg()[0]:.1f}")
-    results: Dict[Any, Dict[str, List[Dict[str, Any]]]] = {}
+    results = {}
     for clients, fraction in options.config or CONFIGS:
-        results[(clients, fraction)] = {"api": [], "plain": []}
-        for repeat in range(options.repeats):
-            for mode in (("api", "plain") if repeat % 2 == 0 else ("plain", "api")):
-                command = [sys.executable, __file__, "--child", mode, "--clients", str(clients), "--fraction",
-                           str(fraction), "--rounds", str(options.rounds), "--threads", str(options.threads),
-                           "--seed", str(options.seed)]
-                out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
-                if out.returncode != 0:
-                    sys.exit(f"child {mode} K={clients} f={fraction} failed:\n{out.stderr[-3000:]}")
-                results[(clients, fraction)][mode].append(json.loads(out.stdout.strip().splitlines()[-1]))
+        results[(clients, fraction)] = [lockstep(options, clients, fraction, env) for _ in range(options.repeats)]
     print(f"load average at end {os.getloadavg()[0]:.1f}\n")
-    print("Seconds per round; steady = median of rounds 2..N per run, then the median over runs with the range "
-          "of the per-run medians in brackets; CPU = process CPU seconds per round (all threads).\n")
-    print("| K | fraction | clients/round | API steady | plain steady | API / plain (per-run range) | "
+    print("Seconds per round; steady = median of rounds 2..N over all repeats with the range of the per-repeat "
+          "medians in brackets; API / plain = median of the paired per-round ratios (rounds 2..N), with the range "
+          "of the per-repeat medians; CPU = process CPU seconds (all threads).\n")
+    print("| K | fraction | clients/round | API steady | plain steady | API / plain (per-repeat range) | "
           "API / plain CPU | first round API / plain | API round spread | peak RSS MB API / plain |")
     print("|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
-    for (clients, fraction), modes in results.items():
-        steady = {m: [statistics.median(r["rounds"]["wall"][1:]) for r in runs] for m, runs in modes.items()}
-        cpu = {m: [statistics.median(r["rounds"]["cpu"][1:]) for r in runs] for m, runs in modes.items()}
-        first = {m: [r["rounds"]["wall"][0] for r in runs] for m, runs in modes.items()}
-        rss = {m: max(r["rss_mb"] for r in runs) for m, runs in modes.items()}
-        ratios = [a / p for a, p in zip(steady["api"], steady["plain"])]
-        ratio = statistics.median(steady["api"]) / statistics.median(steady["plain"])
-        cpu_ratio = statistics.median(cpu["api"]) / statistics.median(cpu["plain"])
-        per_round = [x for r in modes["api"] for x in r["rounds"]["wall"][1:]]
-        noise = statistics.pstdev(per_round) / statistics.mean(per_round)
-        print(f"| {clients} | {fraction} | {max(1, round(fraction * clients))} | {spread(steady['api'])} | "
-              f"{spread(steady['plain'])} | {ratio:.2f} ({min(ratios):.2f}-{max(ratios):.2f}) | {cpu_ratio:.2f} | "
-              f"{statistics.median(first['api']):.3f} / {statistics.median(first['plain']):.3f} | "
-              f"{noise:.0%} | {rss['api']:.0f} / {rss['plain']:.0f} |")
+    for (clients, fraction), repeats in results.items():
+        def steady(mode: str, key: str = "wall") -> List[List[float]]:
+            return [[r[key] for r in run[mode]["rounds"][1:]] for run in repeats]
+
+        paired = [[a / p for a, p in zip(api, plain)] for api, plain in zip(steady("api"), steady("plain"))]
+        paired_cpu = [[a / p for a, p in zip(api, plain)] for api, plain in zip(steady("api", "cpu"),
+                                                                                steady("plain", "cpu"))]
+        flat = {mode: [x for run in steady(mode) for x in run] for mode in ("api", "plain")}
+        per_repeat = {mode: [statistics.median(run) for run in steady(mode)] for mode in ("api", "plain")}
+        ratios = [statistics.median(run) for run in paired]
+        first = {mode: statistics.median(run[mode]["rounds"][0]["wall"] for run in repeats) for mode in ("api", "plain")}
+        rss = {mode: max(run[mode]["rss_mb"] for run in repeats) for mode in ("api", "plain")}
+        noise = statistics.pstdev(flat["api"]) / statistics.mean(flat["api"])
+        print(f"| {clients} | {fraction} | {max(1, round(fraction * clients))} | "
+              f"{statistics.median(flat['api']):.3f} ({min(per_repeat['api']):.3f}-{max(per_repeat['api']):.3f}) | "
+              f"{statistics.median(flat['plain']):.3f} ({min(per_repeat['plain']):.3f}-{max(per_repeat['plain']):.3f}) | "
+              f"{statistics.median(x for run in paired for x in run):.2f} ({min(ratios):.2f}-{max(ratios):.2f}) | "
+              f"{statistics.median(x for run in paired_cpu for x in run):.2f} | "
+              f"{first['api']:.3f} / {first['plain']:.3f} | {noise:.0%} | {rss['api']:.0f} / {rss['plain']:.0f} |")
 
 
 def config(text: str) -> Tuple[int, float]:
