@@ -30,9 +30,10 @@ exactly the state_dict's bytes; the API adds its frames, JSON headers and 64-byt
 - **floor** (what any implementation of the contract must at least do): the raw gloo round plus
   the passes over the bytes that DESIGN.md requires and nothing else. Rank 1 receives the model
   into a buffer, checks it for NaN/Inf (one ``sum`` per dtype run, as the API does) and copies it
-  into its model's tensors (``download()`` loads in place, and only after the check); it sends its
-  model back from the model's own memory; rank 0 receives it into a buffer, checks it and adds it
-  to a running sum (``add_`` with a weight). No headers, no steps, no threads. ``floor / raw`` says
+  into its model's tensors (``download()`` loads in place, and only after the check; split over two
+  threads, as the API does it); it sends its model back from the model's own memory; rank 0
+  receives it into a buffer, checks it and adds it to a running sum (``add_`` with a weight). No
+  headers, no steps, no other threads. ``floor / raw`` says
   how close to raw gloo a contract-abiding implementation can get on this machine; ``API /
   floor`` what the framework costs on top of that.
 
@@ -205,8 +206,11 @@ def child_floor(rank: int, port: int, rounds: int, out: str, timeout: float) -> 
 
     Everything is as cheap as it can be: one flat message each way, one ``sum`` over the buffer
     for the check (every entry of this model is float32 or a small int64, so its bytes read as
-    float32 are finite exactly when the model's floats are), one foreach copy, one foreach add.
+    float32 are finite exactly when the model's floats are), the copy split over two threads as
+    the API splits it (``openfl_api.state.copy_all_``), one foreach add.
     """
+    from openfl_api.state import copy_all_
+
     wait = timedelta(seconds=timeout)
     group = _gloo_pair(rank, port, wait)
     model = build_model(seed=0 if rank == 0 else 1)
@@ -236,7 +240,7 @@ def child_floor(rank: int, port: int, rounds: int, out: str, timeout: float) -> 
         else:
             group.recv([inbox], 0, 0).wait(wait)
             check()
-            torch._foreach_copy_(tensors, views)
+            copy_all_(tensors, views)
             # The model's bytes, sent from a buffer that equals it: as cheap as a send can be.
             group.send([inbox], 0, 0).wait(wait)
     if rank == 0:

