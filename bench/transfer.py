@@ -37,12 +37,18 @@ exactly the state_dict's bytes; the API adds its frames, JSON headers and 64-byt
   how close to raw gloo a contract-abiding implementation can get on this machine; ``API /
   floor`` what the framework costs on top of that.
 
-Each phase runs in two fresh processes (``subprocess``, this file with a hidden ``--child``
-argument), warms up for 2 rounds and times ``--rounds`` rounds. The phases alternate
-``--repeats`` times (raw/floor/API, API/floor/raw, ...) so drift on the machine hits all. Reported per phase:
-the median round (ms) and throughput (GB/s = 1e9 B/s, counting 2 x the state_dict bytes per round),
-and the min-max band of the per-repeat medians; then the ratio API / raw throughput, the median
-of the per-repeat (paired) ratios, against the target of 0.8.
+Each repeat starts every phase in two fresh processes (``subprocess``, this file with a hidden
+``--child`` argument), six at once, and runs them **in lockstep**: each phase warms up for 2
+rounds, then its timing rank (rank 0 for raw and floor, the frontend for the API) waits for the
+parent's go before each of its ``--rounds`` rounds; the parent lets one phase run one round while
+the other two wait (blocked on a pipe or on their peer, using no CPU), rotating the order every
+round. The speed of this machine drifts by tens of percent within minutes; rounds a tenth of a
+second apart see the same drift, so the ratio of paired rounds is steady where the ratio of two
+separate runs is not (sequential runs gave bands like 0.55-0.84 for one build; paired rounds,
+per-repeat medians within a few hundredths). Reported per phase: the median round (ms) over all
+timed rounds and throughput (GB/s = 1e9 B/s, counting 2 x the state_dict bytes per round), with
+the band of the per-repeat medians; then the ratio API / raw throughput, the median of the paired
+per-round ratios, against the target of 0.8.
 
 Noise: on a 2-CPU machine the two processes already fill both CPUs during a transfer (each
 side's gloo thread copies to or from the kernel), so anything else running shows up at once. The
@@ -63,6 +69,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import select
 import socket
 import statistics
 import subprocess
@@ -79,6 +86,7 @@ REPO = Path(__file__).resolve().parents[1]
 WARMUP = 2
 TARGET = 0.8
 PHASES = ("raw", "floor", "api")
+TIMER = {"raw": 0, "floor": 0, "api": 1}  # the rank that times a phase's rounds
 TOKEN = "bench-transfer-0123456789abcdef"
 
 
@@ -164,6 +172,36 @@ def _publish(path: str, record: Dict) -> None:
     os.replace(temporary, path)
 
 
+class Gate:
+    """The timing rank's side of the lockstep: before each timed round it waits for the parent's
+    ``go`` on stdin, after it reports the round as one JSON line on stdout; at the end it waits for
+    ``end``. The other rank of a phase just follows its peer."""
+
+    def __init__(self, active: bool) -> None:
+        self.active = active
+
+    def before(self, index: int) -> None:
+        if not self.active or index < WARMUP:
+            return
+        if index == WARMUP:
+            print("ready", flush=True)
+        self._expect("go")
+
+    def after(self, index: int, record: Dict) -> None:
+        if self.active and index >= WARMUP:
+            print(json.dumps(record), flush=True)
+
+    def finish(self) -> None:
+        if self.active:
+            self._expect("end")
+
+    @staticmethod
+    def _expect(word: str) -> None:
+        line = sys.stdin.readline().strip()
+        if line != word:
+            raise SystemExit(f"expected {word!r} from the parent, got {line!r}")
+
+
 def _gloo_pair(rank: int, port: int, wait: timedelta):
     """A two-rank ProcessGroupGloo on a TCPStore at 127.0.0.1, with the device the API's pipes use."""
     from torch.distributed import ProcessGroupGloo, TCPStore
@@ -181,20 +219,22 @@ def child_raw(rank: int, port: int, rounds: int, out: str, timeout: float) -> No
     group = _gloo_pair(rank, port, wait)
     source = flat_bytes(build_model(seed=0))
     inbox = torch.empty_like(source)
-    times: List[float] = []
-    for _ in range(WARMUP + rounds):
+    gate = Gate(active=rank == 0)
+    for index in range(WARMUP + rounds):
         if rank == 0:
+            gate.before(index)
             start = time.perf_counter()
             group.send([source], 1, 0).wait(wait)
             group.recv([inbox], 1, 0).wait(wait)
-            times.append(time.perf_counter() - start)
+            gate.after(index, {"round_s": time.perf_counter() - start})
         else:
             group.recv([inbox], 0, 0).wait(wait)
             group.send([inbox], 0, 0).wait(wait)
+    gate.finish()
     if rank == 0:
         if not torch.equal(inbox, source):
             raise SystemExit("raw gloo: the bytes that came back differ from those sent")
-        _publish(out, {"round_s": times[WARMUP:]})
+        _publish(out, {})
     else:
         _publish(out, {})
     group.barrier().wait(wait)
@@ -228,23 +268,25 @@ def child_floor(rank: int, port: int, rounds: int, out: str, timeout: float) -> 
         if not torch.isfinite(inbox.view(torch.float32).sum()):
             raise SystemExit("floor: a non-finite value arrived")
 
-    times: List[float] = []
-    for _ in range(WARMUP + rounds):
-        start = time.perf_counter()
+    gate = Gate(active=rank == 0)
+    for index in range(WARMUP + rounds):
         if rank == 0:
+            gate.before(index)
+            start = time.perf_counter()
             group.send([source], 1, 0).wait(wait)
             group.recv([inbox], 1, 0).wait(wait)
             check()
             torch._foreach_add_(sums, views, alpha=0.5)
-            times.append(time.perf_counter() - start)
+            gate.after(index, {"round_s": time.perf_counter() - start})
         else:
             group.recv([inbox], 0, 0).wait(wait)
             check()
             copy_all_(tensors, views)
             # The model's bytes, sent from a buffer that equals it: as cheap as a send can be.
             group.send([inbox], 0, 0).wait(wait)
+    gate.finish()
     if rank == 0:
-        _publish(out, {"round_s": times[WARMUP:]})
+        _publish(out, {})
     else:
         expected = build_model(seed=0).state_dict()
         if not all(torch.equal(t, expected[k]) for k, t in model.state_dict().items()):
@@ -283,11 +325,12 @@ def child_api(rank: int, port: int, rounds: int, out: str, timeout: float) -> No
     net = build_model(seed=0 if rank == 0 else 1)
     api.set_aggregator_and_optimizer(aggregate.AverageAggregator(net.parameters()))
     api.set_state_dict(net.state_dict(keep_vars=True))
-    times: List[float] = []
-    downloads: List[float] = []
+    gate = Gate(active=rank > 0)
+    ran = 0
     with api:
         api.run()
-        for _ in range(WARMUP + rounds):
+        for index in range(WARMUP + rounds):
+            gate.before(index)
             start = time.perf_counter()
             if not api.download():
                 break
@@ -295,15 +338,16 @@ def child_api(rank: int, port: int, rounds: int, out: str, timeout: float) -> No
             if not api.upload(num_samples=1):
                 break
             end = time.perf_counter()
-            times.append(end - start)
-            downloads.append(middle - start)
+            gate.after(index, {"round_s": end - start, "download_s": middle - start})
+            ran += 1
+        gate.finish()
     if rank > 0:
         expected = build_model(seed=0).state_dict()
         same = all(torch.equal(t, expected[k]) for k, t in net.state_dict().items())
-        if len(times) != WARMUP + rounds or not same:
+        if ran != WARMUP + rounds or not same:
             api.finish()
-            raise SystemExit(f"API: {len(times)} of {WARMUP + rounds} rounds ran, model loaded: {same}")
-        _publish(out, {"round_s": times[WARMUP:], "download_s": downloads[WARMUP:], "version": api.version})
+            raise SystemExit(f"API: {ran} of {WARMUP + rounds} rounds ran, model loaded: {same}")
+        _publish(out, {"version": api.version})
     else:
         _publish(out, {"version": api.version, "stop_reason": api.stop_reason})
     api.finish()
@@ -323,42 +367,79 @@ class ChildFailed(RuntimeError):
     """A child process failed, timed out or wrote no result."""
 
 
-def run_phase(phase: str, rounds: int, timeout: float, threads: int, workdir: Path) -> Tuple[Dict, Dict]:
-    """Run one phase in two fresh processes; return the records of rank 0 and rank 1."""
-    port = free_port()
+def run_lockstep(rounds: int, timeout: float, threads: int, workdir: Path) -> Dict[str, Dict]:
+    """Run the three phases at once, two fresh processes each, in lockstep.
+
+    The timing rank of each phase (rank 0 for raw and floor, the frontend for the API) waits for
+    the parent's go before each timed round; the parent lets one phase run one round while the
+    others wait (blocked on a pipe or on their peer, using no CPU), rotating the order every round.
+    Returns per phase the list of round records and the final records of rank 0 and rank 1.
+    """
     env = {k: v for k, v in os.environ.items() if k not in ("OPENFL_INIT_METHOD", "RANK", "WORLD_SIZE")}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env["OPENFL_API_TOKEN"] = TOKEN
-    procs: List[subprocess.Popen] = []
-    logs = []
-    outs = [workdir / f"{phase}_{port}_rank{rank}.json" for rank in (0, 1)]
+    procs: Dict[Tuple[str, int], subprocess.Popen] = {}
+    logs: Dict[Tuple[str, int], object] = {}
+    outs: Dict[Tuple[str, int], Path] = {}
+    deadline = time.monotonic() + timeout
+
+    def line(phase: str) -> str:
+        proc = procs[(phase, TIMER[phase])]
+        ready, _, _ = select.select([proc.stdout], [], [], max(0.1, deadline - time.monotonic()))
+        text = proc.stdout.readline() if ready else ""
+        if not text:
+            raise ChildFailed(f"{phase}: the timing rank wrote nothing more (it failed, or {timeout:.0f} s passed)")
+        return text.strip()
+
+    def say(phase: str, word: str) -> None:
+        proc = procs[(phase, TIMER[phase])]
+        proc.stdin.write(word + "\n")
+        proc.stdin.flush()
+
     try:
-        for rank in (0, 1):
-            log = open(workdir / f"{phase}_{port}_rank{rank}.log", "w+")
-            logs.append(log)
-            command = [sys.executable, str(Path(__file__).resolve()), "--child", phase, "--rank", str(rank),
-                       "--port", str(port), "--rounds", str(rounds), "--out", str(outs[rank]),
-                       "--timeout", str(timeout), "--threads", str(threads)]
-            procs.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT))
-        deadline = time.monotonic() + timeout
-        for rank, proc in enumerate(procs):
+        for phase in PHASES:
+            port = free_port()
+            for rank in (0, 1):
+                key = (phase, rank)
+                logs[key] = open(workdir / f"{phase}_{port}_rank{rank}.log", "w+")
+                outs[key] = workdir / f"{phase}_{port}_rank{rank}.json"
+                command = [sys.executable, str(Path(__file__).resolve()), "--child", phase, "--rank", str(rank),
+                           "--port", str(port), "--rounds", str(rounds), "--out", str(outs[key]),
+                           "--timeout", str(timeout), "--threads", str(threads)]
+                timer = rank == TIMER[phase]
+                procs[key] = subprocess.Popen(
+                    command, env=env, text=True, stdin=subprocess.PIPE if timer else subprocess.DEVNULL,
+                    stdout=subprocess.PIPE if timer else logs[key], stderr=logs[key])
+        for phase in PHASES:
+            if line(phase) != "ready":
+                raise ChildFailed(f"{phase}: the timing rank did not say ready")
+        records: Dict[str, List[Dict]] = {phase: [] for phase in PHASES}
+        for number in range(rounds):
+            turn = number % len(PHASES)
+            for phase in PHASES[turn:] + PHASES[:turn]:
+                say(phase, "go")
+                records[phase].append(json.loads(line(phase)))
+        for phase in PHASES:
+            say(phase, "end")
+        for key, proc in procs.items():
             try:
                 code = proc.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                raise ChildFailed(f"{phase} rank {rank} did not finish within {timeout:.0f} s") from None
-            if code != 0 or not outs[rank].exists():
-                raise ChildFailed(f"{phase} rank {rank} exited with {code}")
-        return tuple(json.loads(path.read_text()) for path in outs)
+                raise ChildFailed(f"{key[0]} rank {key[1]} did not finish within {timeout:.0f} s") from None
+            if code != 0 or not outs[key].exists():
+                raise ChildFailed(f"{key[0]} rank {key[1]} exited with {code}")
+        return {phase: {"rounds": records[phase], "ranks": [json.loads(outs[(phase, r)].read_text()) for r in (0, 1)]}
+                for phase in PHASES}
     except ChildFailed as exc:
-        _reap(procs)
+        _reap(list(procs.values()))
         details = []
-        for rank, log in enumerate(logs):
+        for (phase, rank), log in logs.items():
             log.seek(0)
             details.append(f"--- {phase} rank {rank} output (last 3000 chars) ---\n{log.read()[-3000:]}")
         raise ChildFailed(f"{exc}\n" + "\n".join(details)) from None
     finally:
-        _reap(procs)
-        for log in logs:
+        _reap(list(procs.values()))
+        for log in logs.values():
             log.close()
 
 
@@ -393,8 +474,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="timed rounds per phase and repeat, after 2 warm-up rounds (default 15)")
     parser.add_argument("--repeats", type=int, default=3,
                         help="fresh-process repeats of each phase, in alternating order (default 3)")
-    parser.add_argument("--timeout", type=float, default=90.0,
-                        help="seconds one phase may take before its processes are killed (default 90)")
+    parser.add_argument("--timeout", type=float, default=120.0,
+                        help="seconds one repeat (all three phases) may take before its processes are killed "
+                        "(default 120)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch.set_num_threads in every child process, 1 as under the launcher; "
                         "0 keeps torch's default (default 1)")
@@ -432,31 +514,31 @@ def main(argv: Sequence[str] | None = None) -> int:
           "stays 0: the backend serves its cached encoding; each upload is validated and added to the running sum")
     print()
 
-    medians: Dict[str, List[float]] = {phase: [] for phase in PHASES}
-    best: Dict[str, List[float]] = {phase: [] for phase in PHASES}
+    medians: Dict[str, List[float]] = {phase: [] for phase in PHASES}  # per repeat
+    every: Dict[str, List[float]] = {phase: [] for phase in PHASES}  # every timed round
     downloads: List[float] = []
-    ratios: List[float] = []  # raw / API per repeat
-    floors: List[float] = []  # raw / floor per repeat
+    paired: Dict[str, List[float]] = {"api": [], "floor": []}  # raw / phase, round by round
+    repeat_ratios: Dict[str, List[float]] = {"api": [], "floor": []}  # the median of each repeat's pairs
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="openfl-bench-") as tmp:
         try:
             for repeat in range(args.repeats):
-                for phase in PHASES if repeat % 2 == 0 else PHASES[::-1]:
-                    backend, frontend = run_phase(phase, args.rounds, args.timeout, args.threads, Path(tmp))
-                    rounds = (frontend if phase == "api" else backend)["round_s"]
-                    medians[phase].append(statistics.median(rounds))
-                    best[phase].append(min(rounds))
-                    line = (f"repeat {repeat + 1} {phase:>5}: median round {medians[phase][-1] * 1e3:6.1f} ms, "
-                            f"{moved / medians[phase][-1] / 1e9:4.2f} GB/s (rounds {min(rounds) * 1e3:.1f}-"
-                            f"{max(rounds) * 1e3:.1f} ms)")
-                    if phase == "api":
-                        downloads.append(statistics.median(frontend["download_s"]))
-                        line += (f"; download {downloads[-1] * 1e3:.1f} ms (median); versions: frontend "
-                                 f"{frontend['version']}, backend {backend['version']}; backend stopped: "
-                                 f"{backend['stop_reason']!r}")
-                    print(line, flush=True)
-                ratios.append(medians["raw"][-1] / medians["api"][-1])
-                floors.append(medians["raw"][-1] / medians["floor"][-1])
+                result = run_lockstep(args.rounds, args.timeout, args.threads, Path(tmp))
+                rounds = {phase: [r["round_s"] for r in result[phase]["rounds"]] for phase in PHASES}
+                for phase in PHASES:
+                    medians[phase].append(statistics.median(rounds[phase]))
+                    every[phase].extend(rounds[phase])
+                    print(f"repeat {repeat + 1} {phase:>5}: median round {medians[phase][-1] * 1e3:6.1f} ms, "
+                          f"{moved / medians[phase][-1] / 1e9:4.2f} GB/s (rounds {min(rounds[phase]) * 1e3:.1f}-"
+                          f"{max(rounds[phase]) * 1e3:.1f} ms)", flush=True)
+                downloads.extend(r["download_s"] for r in result["api"]["rounds"])
+                backend, frontend = result["api"]["ranks"]
+                print(f"           api: versions: frontend {frontend['version']}, backend {backend['version']}; "
+                      f"backend stopped: {backend['stop_reason']!r}")
+                for phase in ("api", "floor"):
+                    pairs = [raw / other for raw, other in zip(rounds["raw"], rounds[phase])]
+                    paired[phase].extend(pairs)
+                    repeat_ratios[phase].append(statistics.median(pairs))
         except ChildFailed as exc:
             print(f"FAILED: {exc}", file=sys.stderr)
             return 1
@@ -466,23 +548,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     for phase in PHASES:
         ms = [m * 1e3 for m in medians[phase]]
         rates = [moved / m / 1e9 for m in medians[phase]]
-        print(f"{labels[phase]:>20}: median round {statistics.median(ms):6.1f} ms (band {_band(ms)}), "
-              f"{statistics.median(rates):.2f} GB/s (band {_band(rates)}); best round {min(best[phase]) * 1e3:.1f} ms")
+        print(f"{labels[phase]:>20}: median round {statistics.median(every[phase]) * 1e3:6.1f} ms (per-repeat medians "
+              f"{_band(ms)}), {moved / statistics.median(every[phase]) / 1e9:.2f} GB/s (band {_band(rates)}); "
+              f"best round {min(every[phase]) * 1e3:.1f} ms")
     print(f"{'':>20}  API round = download {statistics.median(downloads) * 1e3:.1f} ms + upload "
-          f"{(statistics.median(medians['api']) - statistics.median(downloads)) * 1e3:.1f} ms (medians)")
-    ratio = statistics.median(ratios)
-    print(f"{'ratio API / raw':>20}: {ratio:.2f} (throughput, median of the {len(ratios)} paired repeats; band "
-          f"{_band(ratios)}); ratio of best rounds {min(best['raw']) / min(best['api']):.2f}")
-    print(f"{'ratio floor / raw':>20}: {statistics.median(floors):.2f} (band {_band(floors)}): the most a "
-          "contract-abiding implementation can reach here")
-    print(f"{'ratio API / floor':>20}: {statistics.median(medians['floor']) / statistics.median(medians['api']):.2f} "
+          f"{(statistics.median(every['api']) - statistics.median(downloads)) * 1e3:.1f} ms (medians)")
+    ratio = statistics.median(paired["api"])
+    print(f"{'ratio API / raw':>20}: {ratio:.2f} (throughput, median of {len(paired['api'])} paired rounds; "
+          f"per-repeat medians {_band(repeat_ratios['api'])}); ratio of best rounds "
+          f"{min(every['raw']) / min(every['api']):.2f}")
+    print(f"{'ratio floor / raw':>20}: {statistics.median(paired['floor']):.2f} (per-repeat medians "
+          f"{_band(repeat_ratios['floor'])}): the most a contract-abiding implementation can reach here")
+    print(f"{'ratio API / floor':>20}: {statistics.median(every['floor']) / statistics.median(every['api']):.2f} "
           "(what the framework costs beyond the work the contract requires)")
     print(f"{'target':>20}: API / raw >= {TARGET}: {'PASS' if ratio >= TARGET else 'BELOW'}")
+    quartiles = statistics.quantiles(paired["api"], n=4)
     print(f"noise: per-repeat medians spread {_spread(medians['raw']):.0f}% (raw), {_spread(medians['floor']):.0f}% "
-          f"(floor) and {_spread(medians['api']):.0f}% (API) of their median, paired ratios {_spread(ratios):.0f}%; "
-          f"load average {os.getloadavg()[0]:.1f} at the end ({os.cpu_count()} CPUs). Differences inside that spread "
-          "are noise; a load average near or above the CPU count means other processes shared the CPUs and the "
-          "figures are not a baseline.")
+          f"(floor) and {_spread(medians['api']):.0f}% (API) of their median; the paired API / raw ratios have "
+          f"quartiles {quartiles[0]:.2f}-{quartiles[2]:.2f}; load average {os.getloadavg()[0]:.1f} at the end "
+          f"({os.cpu_count()} CPUs). A load average near or above the CPU count means other processes shared the "
+          "CPUs and the figures are not a baseline.")
     print(f"wall time {time.monotonic() - started:.0f} s")
     return 0
 
