@@ -601,6 +601,9 @@ class Server:
             with self._loop_lock:
                 self._reraise()
                 self._settle()
+        except BaseException as exc:
+            self.stop(f"{type(exc).__name__} in the serve loop: {exc}")  # kept if a step stopped it first
+            raise
         finally:
             with self._loop_lock:
                 self._end()

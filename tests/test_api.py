@@ -17,7 +17,7 @@ from openfl_api.payload import MAX_HEADER_BYTES, encode, parse_header
 from openfl_api.state import SharedState
 from openfl_api.transport.base import Kind, Limits, Message
 
-from conftest import WAIT, Federation, Model, fast_api, memory_address, train_loop
+from conftest import WAIT, Model, fast_api, memory_address, train_loop
 
 
 def upload_constant(value: float, num_samples: int):
@@ -360,8 +360,10 @@ def test_an_in_process_frontends_requests_are_handled_on_its_own_thread_after_it
     federation.frontend(1, train_loop([]))
     federation.serve_until_frontends_finish()
     assert threads.seen[0][0] == "on_join"
-    assert ("before_download", "frontend-1") in threads.seen
-    assert ("before_upload", "frontend-1") in threads.seen
+    # A request sent before the pipe's thread handed delivery over comes on that thread; the
+    # upload, sent after the first answer, always comes on the frontend's.
+    assert {name for event, name in threads.seen if event == "before_download"} <= {"frontend-1", "openfl-pipe-test/rank1"}
+    assert [name for event, name in threads.seen if event == "before_upload"] == ["frontend-1"]
 
 
 def test_an_upload_made_in_inference_mode_leaves_the_backend_able_to_aggregate(federation):
@@ -403,6 +405,18 @@ def test_an_error_while_handling_an_in_process_request_is_raised_by_run_and_ends
     federation.join()
     assert ended["upload"] is False
     assert "RuntimeError while handling a request" in federation.backend.stop_reason
+
+
+def test_an_error_on_the_loops_own_thread_is_raised_by_run_and_named_in_the_stop_reason(federation, monkeypatch):
+    federation.connect_backend()
+
+    def broken():
+        raise RuntimeError("clock skew")
+
+    monkeypatch.setattr(federation.backend._server, "_release_waiting", broken)
+    with pytest.raises(RuntimeError, match="clock skew"):
+        federation.backend.run()
+    assert federation.backend.stop_reason == "RuntimeError in the serve loop: clock skew"
 
 
 def test_a_frontend_admitted_before_run_can_upload_first(federation):

@@ -23,7 +23,7 @@ from typing import Callable, List, Optional, Tuple, Union
 
 import torch
 
-from openfl_api.errors import ProtocolError, TransportError
+from openfl_api.errors import ProtocolError
 
 __all__ = [
     "Kind", "Message", "Pieces", "Limits", "Pipe", "MAGIC", "MAX_PIECES", "REQUESTS", "REPLIES",
