@@ -20,13 +20,13 @@ import torch
 from openfl_api.errors import ConfigurationError
 from openfl_api.payload import Schema, TensorSpec, dtype_name
 
-__all__ = ["SharedState", "OPTIM", "EXTRA"]
+__all__ = ["SharedState", "OPTIM", "EXTRA", "copy_all_"]
 
 OPTIM = "optim"
 EXTRA = "extra"
 
 #: Downloads of at least this many bytes are copied into the model by two threads: a copy is
-#: bound by memory bandwidth, which one core does not fill (44.7 MB: 4.8 -> 3.5 ms here).
+#: bound by memory bandwidth, which one core does not fill (46.8 MB: about 4.5 -> 3.5 ms in bench/transfer.py).
 SPLIT_COPY_BYTES = 16 * 1024 * 1024
 _copier: Optional[ThreadPoolExecutor] = None
 _copier_lock = threading.Lock()
