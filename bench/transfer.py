@@ -213,6 +213,19 @@ def _gloo_pair(rank: int, port: int, wait: timedelta):
     return ProcessGroupGloo(store, rank, 2, options)
 
 
+def _timed_ping(group, source: torch.Tensor, inbox: torch.Tensor, wait: timedelta, gate: Gate, index: int,
+                then=None) -> None:
+    """Rank 0's round of the raw and floor phases: send ``source`` to rank 1, receive its answer
+    into ``inbox``, run ``then()``; timed and reported through ``gate``."""
+    gate.before(index)
+    start = time.perf_counter()
+    group.send([source], 1, 0).wait(wait)
+    group.recv([inbox], 1, 0).wait(wait)
+    if then is not None:
+        then()
+    gate.after(index, {"round_s": time.perf_counter() - start})
+
+
 def child_raw(rank: int, port: int, rounds: int, out: str, timeout: float) -> None:
     """One rank of the reference: ping-pong the flat state_dict bytes over raw gloo."""
     wait = timedelta(seconds=timeout)
@@ -222,11 +235,7 @@ def child_raw(rank: int, port: int, rounds: int, out: str, timeout: float) -> No
     gate = Gate(active=rank == 0)
     for index in range(WARMUP + rounds):
         if rank == 0:
-            gate.before(index)
-            start = time.perf_counter()
-            group.send([source], 1, 0).wait(wait)
-            group.recv([inbox], 1, 0).wait(wait)
-            gate.after(index, {"round_s": time.perf_counter() - start})
+            _timed_ping(group, source, inbox, wait, gate, index)
         else:
             group.recv([inbox], 0, 0).wait(wait)
             group.send([inbox], 0, 0).wait(wait)
@@ -268,16 +277,14 @@ def child_floor(rank: int, port: int, rounds: int, out: str, timeout: float) -> 
         if not torch.isfinite(inbox.view(torch.float32).sum()):
             raise SystemExit("floor: a non-finite value arrived")
 
+    def check_and_add() -> None:
+        check()
+        torch._foreach_add_(sums, views, alpha=0.5)
+
     gate = Gate(active=rank == 0)
     for index in range(WARMUP + rounds):
         if rank == 0:
-            gate.before(index)
-            start = time.perf_counter()
-            group.send([source], 1, 0).wait(wait)
-            group.recv([inbox], 1, 0).wait(wait)
-            check()
-            torch._foreach_add_(sums, views, alpha=0.5)
-            gate.after(index, {"round_s": time.perf_counter() - start})
+            _timed_ping(group, source, inbox, wait, gate, index, then=check_and_add)
         else:
             group.recv([inbox], 0, 0).wait(wait)
             check()
