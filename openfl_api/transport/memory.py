@@ -1,8 +1,11 @@
 """In-memory pipes: the same messages through queues, for unit tests and one-process simulation.
 
-A pipe is a pair of queues registered under the pipe's prefix in a process-wide registry; both
+A pipe is a pair of channels registered under the pipe's prefix in a process-wide registry; both
 sides meet there exactly as two gloo ranks meet through the store. Payloads are copied once, on
-send, so a sender may reuse its buffer as it would with gloo; the receiver gets that copy.
+send, so a sender may reuse its buffer as it would with gloo; the receiver gets that copy (a sender
+that hands its buffer over, ``Message.owned``, is not copied at all). A channel is a queue until
+its receiver calls :meth:`MemoryPipe.deliver_to`; from then on each message is handed to the
+receiver's handler on the sender's own thread, with no thread switch.
 """
 
 from __future__ import annotations
