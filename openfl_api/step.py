@@ -1,8 +1,9 @@
 """Steps: small objects attached to one API that fire at a closed set of events.
 
 A step overrides the methods named after the events it cares about. Steps fire in the order they
-were attached, on the thread that owns the model (the backend's serve loop, or the frontend's
-caller), so they never race. They act through the API (``api.aggregate()``, ``api.stop(reason)``,
+were attached, while the model is owned by their event (the backend's serve loop holding its lock,
+on its own thread or, for an in-memory frontend's request, on that frontend's thread; or the
+frontend's caller), so they never race. They act through the API (``api.aggregate()``, ``api.stop(reason)``,
 ``api.save_checkpoint(path)``) and through the :class:`Transfer` they are given
 (``transfer.discard(reason)``), never through return values.
 
