@@ -236,8 +236,7 @@ class _Worker:
             reason = str(exc)
         finally:
             if not delivered:
-                self._gone(reason)
-            self.replied.set()
+                self._gone(reason)  # sets replied too
 
     def _deliver(self, message: Message) -> None:
         """A request from an in-process pipe, on the frontend's thread: check it and handle it now,
@@ -992,10 +991,14 @@ class Server:
                 event.worker.free.set()
                 event.worker.reply(_end_message(reason))
             elif isinstance(event, _Joined):
-                self._workers[id(event.worker)] = event.worker
-                event.worker.joined.set()
+                self._join_quietly(event.worker)
             elif isinstance(event, _Left):
                 self._left(event.worker, event.reason)
+
+    def _join_quietly(self, worker: _Worker) -> None:
+        """Record a join the loop did not get to (it has ended): no log line, no ``on_join``."""
+        self._workers[id(worker)] = worker
+        worker.joined.set()
 
     def finish(self) -> None:
         """End the loop if it still runs, wait for frontends to leave, and close everything."""
@@ -1012,8 +1015,7 @@ class Server:
             if isinstance(event, _Left):
                 self._left(event.worker, event.reason)
             elif isinstance(event, _Joined):
-                self._workers[id(event.worker)] = event.worker
-                event.worker.joined.set()
+                self._join_quietly(event.worker)
             elif isinstance(event, _Request):
                 event.worker.reply(_end_message(self.stop_reason))
         for worker in self._workers.values():

@@ -238,8 +238,9 @@ class Client:
             header, pieces = encode_pieces(state.upload_tensors(), schema, kind="update", version=self.version,
                                            sender=nick_name, meta=meta, out=self._tx)
 
+        owned = isinstance(pieces, torch.Tensor)  # encoded for this upload alone
+
         def request() -> Message:
-            owned = isinstance(pieces, torch.Tensor)  # encoded for this upload alone
             if self.hosted is None or self._registered:
                 return Message(Kind.UPLOAD, header, pieces, owned=owned)
             # A backend joined again has not heard of this frontend's clients yet.

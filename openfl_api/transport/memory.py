@@ -43,10 +43,15 @@ class _Channel:
             if on_message is None:
                 self.queue.put(item)
                 return
-        if item is _CLOSED:
-            on_close("connection closed by peer")
-        else:
-            on_message(item)
+        _hand(item, on_message, on_close)
+
+
+def _hand(item: object, on_message: Callable[[Message], None], on_close: Callable[[str], None]) -> None:
+    """Give a queued item to a receiver's handlers: a message, or the peer's close."""
+    if item is _CLOSED:
+        on_close("connection closed by peer")
+    else:
+        on_message(item)
 
 
 def open_memory_pipe(key: str, rank: int) -> "MemoryPipe":
@@ -108,6 +113,9 @@ class MemoryPipe(Pipe):
         """From now on the peer's :meth:`send` calls ``on_message(message)`` on the peer's thread,
         and its :meth:`close` calls ``on_close(reason)``; messages already queued are handed over
         here, on this thread, first. The receiver checks each message itself (:func:`frame_of`)."""
+        def normalized(message: Message) -> None:
+            on_message(_normal(message))
+
         with self._inbox.lock:
             pending = []
             while True:
@@ -115,13 +123,9 @@ class MemoryPipe(Pipe):
                     pending.append(self._inbox.queue.get_nowait())
                 except queue.Empty:
                     break
-            self._inbox.on_message = lambda message: on_message(_normal(message))
-            self._inbox.on_close = on_close
+            self._inbox.on_message, self._inbox.on_close = normalized, on_close
         for item in pending:
-            if item is _CLOSED:
-                on_close("connection closed by peer")
-            else:
-                on_message(_normal(item))
+            _hand(item, normalized, on_close)
         return True
 
     def close(self) -> None:
