@@ -21,7 +21,9 @@ Options
 -------
 
 ``--nproc_per_node N`` (default 1)
-    Ranks to start on this node, N >= 1.
+    Ranks to start on this node, N >= 1. With ``--nnodes 1`` N must be at least 2: a federation
+    needs the backend and at least one frontend, and a backend alone would wait for frontends
+    forever. With ``--nnodes`` above 1 a node may run a single rank.
 ``--nnodes N`` (default 1)
     Nodes taking part; the world size is ``nnodes * nproc_per_node``. Run the launcher once per node,
     with the same options except ``--node_rank``.
@@ -35,7 +37,7 @@ Options
 ``--init_method URL`` (default: none)
     ``tcp://HOST:PORT`` or ``file:///PATH``, handed to every rank as ``OPENFL_INIT_METHOD``. Without
     it ranks connect through ``MASTER_ADDR``/``MASTER_PORT``. ``memory://`` connects ranks inside one
-    process only, so it is refused when more than one rank is launched.
+    process only, so the launcher, which starts a process per rank, refuses it.
 ``--logdir DIR`` (default: none)
     Write each rank's stdout and stderr to ``DIR/rank_{RANK}.log`` (created; truncated at start)
     instead of the console.
@@ -203,12 +205,18 @@ class LaunchConfig:
     no_python: bool = False
 
     def __post_init__(self) -> None:
+        if self.nnodes < 1:
+            raise ConfigurationError(f"nnodes must be >= 1, got {self.nnodes}; pass --nnodes 1 or more")
+        if self.nnodes == 1 and self.nproc_per_node < 2:
+            # A backend alone would wait for frontends that never come.
+            raise ConfigurationError(
+                f"nproc_per_node must be >= 2 when nnodes is 1, got {self.nproc_per_node}; a federation "
+                "needs the backend and at least one frontend: pass --nproc_per_node 2 or more"
+            )
         if self.nproc_per_node < 1:
             raise ConfigurationError(
                 f"nproc_per_node must be >= 1, got {self.nproc_per_node}; pass --nproc_per_node 1 or more"
             )
-        if self.nnodes < 1:
-            raise ConfigurationError(f"nnodes must be >= 1, got {self.nnodes}; pass --nnodes 1 or more")
         if not 0 <= self.node_rank < self.nnodes:
             raise ConfigurationError(
                 f"node_rank must satisfy 0 <= node_rank < nnodes, got node_rank {self.node_rank} with "
@@ -257,11 +265,10 @@ def _check_init_method(init_method: str, world_size: int) -> None:
     """Raise ConfigurationError unless ``init_method`` lets ``world_size`` processes meet."""
     parts = urlsplit(init_method)
     if parts.scheme == "memory":
-        if world_size > 1:
-            raise ConfigurationError(
-                f"init_method {init_method!r} connects ranks inside one process only, but the launcher "
-                f"starts {world_size} processes; use tcp://HOST:PORT or file:///PATH"
-            )
+        raise ConfigurationError(
+            f"init_method {init_method!r} connects ranks inside one process only, but the launcher "
+            f"starts {world_size} processes; use tcp://HOST:PORT or file:///PATH"
+        )
     elif parts.scheme == "tcp":
         try:
             port = parts.port

@@ -392,22 +392,32 @@ def test_frontends_finishing_within_grace_after_the_backend_are_not_stopped(tmp_
 @pytest.mark.parametrize(
     ("args", "env", "message"),
     [
-        (["--nproc_per_node", "0", "SCRIPT"], {}, r"nproc_per_node must be >= 1, got 0"),
+        (["--nproc_per_node", "0", "SCRIPT"], {},
+         r"nproc_per_node must be >= 2 when nnodes is 1, got 0; a federation needs the backend and at least "
+         r"one frontend: pass --nproc_per_node 2 or more"),
+        (["--nproc_per_node", "1", "SCRIPT"], {},
+         r"nproc_per_node must be >= 2 when nnodes is 1, got 1; a federation needs the backend and at least "
+         r"one frontend: pass --nproc_per_node 2 or more"),
+        (["--nnodes", "2", "--nproc_per_node", "0", "--master_port", "29500", "SCRIPT"],
+         {"OPENFL_API_TOKEN": TOKEN}, r"nproc_per_node must be >= 1, got 0; pass --nproc_per_node 1 or more"),
         (["--nnodes", "2", "--node_rank", "2", "--master_port", "29500", "SCRIPT"],
          {"OPENFL_API_TOKEN": TOKEN}, r"node_rank must satisfy 0 <= node_rank < nnodes, got node_rank 2"),
-        (["missing.py"], {}, r"script 'missing\.py' does not exist"),
+        (["--nproc_per_node", "2", "missing.py"], {}, r"script 'missing\.py' does not exist"),
         (["--nnodes", "2", "SCRIPT"], {"OPENFL_API_TOKEN": TOKEN},
          r"--master_port is required when nnodes > 1"),
         (["--nnodes", "2", "--master_port", "29500", "SCRIPT"], {},
          r"OPENFL_API_TOKEN must be set when nnodes > 1"),
-        (["--master_port", "70000", "SCRIPT"], {}, r"master_port must be in 1\.\.65535, got 70000"),
+        (["--nproc_per_node", "2", "--master_port", "70000", "SCRIPT"], {},
+         r"master_port must be in 1\.\.65535, got 70000"),
         (["--nproc_per_node", "2", "--init_method", "memory://x", "SCRIPT"], {},
          r"connects ranks inside one process only"),
-        (["--init_method", "udp://host:1", "SCRIPT"], {}, r"init_method must start with tcp:// or file://"),
-        (["--server_output", "SCRIPT"], {}, r"--server_output .* needs --logdir"),
+        (["--nproc_per_node", "2", "--init_method", "udp://host:1", "SCRIPT"], {},
+         r"init_method must start with tcp:// or file://"),
+        (["--nproc_per_node", "2", "--server_output", "SCRIPT"], {},
+         r"--server_output .* needs --logdir"),
     ],
-    ids=["nproc-0", "node-rank-out-of-range", "missing-script", "nnodes-without-port",
-         "nnodes-without-token", "port-out-of-range", "memory-init-method", "unknown-scheme",
+    ids=["nproc-0", "backend-alone", "nproc-0-of-several-nodes", "node-rank-out-of-range", "missing-script",
+         "nnodes-without-port", "nnodes-without-token", "port-out-of-range", "memory-init-method", "unknown-scheme",
          "server-output-without-logdir"],
 )
 def test_usage_errors_exit_2_with_a_message(
@@ -428,11 +438,22 @@ def test_usage_errors_exit_2_with_a_message(
     assert (exited.value.code, bool(re.search(message, capsys.readouterr().err))) == (2, True)
 
 
-def test_usage_error_on_the_command_line_exits_2_before_starting_a_rank(tmp_path: Path) -> None:
-    script = _script(tmp_path, SLEEP)
+@pytest.mark.parametrize("nproc", ["0", "1"])
+def test_usage_error_on_the_command_line_exits_2_before_starting_a_rank(tmp_path: Path, nproc: str) -> None:
+    script = _script(tmp_path, "publish_pid()\n")
 
-    code, _, err = _run(tmp_path, "--nproc_per_node", "0", str(script), str(tmp_path))
+    code, _, err = _run(tmp_path, "--nproc_per_node", nproc, str(script), str(tmp_path))
 
-    assert (code, bool(re.search(r"error: nproc_per_node must be >= 1, got 0", err)), _pids(tmp_path)) == (
-        2, True, []
+    assert (code, err.splitlines()[-1], _pids(tmp_path)) == (
+        2,
+        f"python -m openfl_api.launch: error: nproc_per_node must be >= 2 when nnodes is 1, got {nproc}; "
+        "a federation needs the backend and at least one frontend: pass --nproc_per_node 2 or more",
+        [],
     ), err
+
+
+def test_a_node_of_several_may_run_a_single_rank(tmp_path: Path) -> None:
+    launched = _launched(tmp_path, DUMP_ENV, "--nnodes", "2", "--node_rank", "1", "--nproc_per_node", "1",
+                         "--master_port", "29557", env={"OPENFL_API_TOKEN": TOKEN})
+
+    assert (launched.code, launched.env(1)["RANK"], launched.env(1)["WORLD_SIZE"]) == (0, "1", "2"), launched.err
