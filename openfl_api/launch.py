@@ -90,22 +90,37 @@ A frontend exits with a non-zero code or is killed by a signal
     and keeps waiting for the others.
 The backend (global rank 0) exits, whatever its code
     The launcher waits up to ``--grace`` seconds for the other ranks on this node, then sends them
-    SIGTERM and, after another ``--grace``, SIGKILL.
+    SIGTERM and, after another ``--grace``, SIGKILL, saying so each time: ``sending SIGTERM to ranks
+    1, 2: still running 30s (--grace) after the backend (rank 0) exited``. Frontends normally leave
+    within moments of the backend, so the wait is announced only when ranks are still running 2
+    seconds after the backend exited and ``--grace`` is longer than that: ``ranks 1, 2 are still
+    running 2s after the backend (rank 0) exited with code 0; sending them SIGTERM in 28s (--grace
+    30) unless they exit first``. A run whose frontends exit within those 2 seconds prints nothing
+    about the wait.
 The launcher receives SIGINT (Ctrl-C) or SIGTERM
     It sends SIGINT to every rank still running, so that Python ranks get ``KeyboardInterrupt`` and
     can clean up; SIGTERM after ``--grace``; SIGKILL after another ``--grace``. Each further SIGINT
-    or SIGTERM to the launcher takes the next step at once.
+    or SIGTERM to the launcher takes the next step at once. When the backend's exit has already
+    led to SIGTERM, the launcher goes on from there, with SIGKILL.
 The launcher is killed with SIGKILL
     It cannot stop its ranks, which run on in their own sessions; stop them by their process group.
 
-At the end the launcher prints each rank's exit status to stderr and lists the failed ranks: those
-that exited non-zero before the launcher had signalled them.
+At the end the launcher prints a summary to stderr: each rank's exit status, then
+
+- ``failed ranks: 1``: the ranks that exited non-zero, or were killed by a signal, on their own;
+- ``stopped by the launcher: ranks 2, 3 (SIGTERM after the backend exited)``: the ranks the
+  launcher signalled before they exited, whatever their exit code, with the last signal it sent
+  them and why (one line per signal and reason);
+- ``no rank failed`` in place of both, and only then, when every rank exited on its own with 0.
 
 Exit codes
 ----------
 
 - The backend's exit code when global rank 0 runs on this node; ``128 + N`` when it was killed by
-  signal N, as shells report it.
+  signal N, as shells report it. This holds also when the launcher stopped frontends that were
+  still running ``--grace`` after the backend exited: the backend holds the federation's result
+  and decides when the federation is over, so frontends that outlive it do not change the
+  outcome. The summary lists them as stopped, so the case stays visible.
 - On a node without the backend: 0 when every rank exited 0, else 1.
 - 130 (SIGINT) or 143 (SIGTERM) when the launcher was interrupted before the backend had exited.
 - 2 for a usage error, with a message saying what must hold and how to fix it.
@@ -161,6 +176,9 @@ _PREFIX = "[openfl_api.launch]"
 # on the main thread within one interval, whichever thread the kernel delivered the signal to.
 _POLL_INTERVAL_S = 0.1
 _SHUTDOWN_STEPS = (signal.SIGINT, signal.SIGTERM, signal.SIGKILL)
+# Frontends normally exit within moments of the backend; only those still running this long after
+# it are worth a line on the console.
+_GRACE_NOTICE_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -423,7 +441,8 @@ class _Rank:
     rank: int
     process: subprocess.Popen[bytes]
     tee: Optional[threading.Thread] = None
-    stopped_by_launcher: bool = False
+    # How the launcher stopped it, as the summary says it: "SIGTERM after the backend exited".
+    stopped: Optional[str] = None
 
     @property
     def role(self) -> str:
@@ -433,6 +452,11 @@ class _Rank:
 def _ranks(ranks: Sequence[_Rank]) -> str:
     """Return ``"rank 1"`` or ``"ranks 1, 2"``."""
     return ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(str(r.rank) for r in ranks)
+
+
+def _seconds(duration: float) -> str:
+    """Return ``"30s"`` or ``"0.3s"``."""
+    return f"{duration:g}s"
 
 
 class _Supervisor:
@@ -447,6 +471,13 @@ class _Supervisor:
         self._handled = 0
         self._next_steps: list[signal.Signals] = []
         self._next_step_at: Optional[float] = None
+        self._last_step: Optional[signal.Signals] = None
+        # What the next step waits for, as in "still running 30s (--grace) after <this>".
+        self._waiting_after = ""
+        # Why the ranks are being stopped, as in "SIGTERM <this>".
+        self._stopping_because = ""
+        self._grace_notice_at: Optional[float] = None
+        self._backend_code = 0
         self._backend_status_counts = False
         self.interrupted_by: Optional[signal.Signals] = None
 
@@ -522,8 +553,12 @@ class _Supervisor:
             for exited in [r for r in self._running if r.process.poll() is not None]:
                 self._running.remove(exited)
                 self._on_exit(exited)
-            if self._next_step_at is not None and time.monotonic() >= self._next_step_at:
-                self._take_next_step()
+            now = time.monotonic()
+            if self._grace_notice_at is not None and now >= self._grace_notice_at and self._running:
+                self._announce_grace()
+            if self._next_step_at is not None and now >= self._next_step_at:
+                grace = self._config.grace.total_seconds()
+                self._take_next_step(f"still running {_seconds(grace)} (--grace) after {self._waiting_after}")
             if self._running:
                 time.sleep(_POLL_INTERVAL_S)
 
@@ -533,11 +568,23 @@ class _Supervisor:
             self._handled += 1
             if self.interrupted_by is None:
                 self.interrupted_by = received
-                _say(f"received {received.name}; stopping ranks (send it again to escalate)")
-                self._next_steps = list(_SHUTDOWN_STEPS)
-                self._take_next_step()
+                self._grace_notice_at = None
+                self._stopping_because = f"after the launcher received {received.name}"
+                # A shutdown that the backend's exit began goes on from the step it reached.
+                first = 0 if self._last_step is None else _SHUTDOWN_STEPS.index(self._last_step) + 1
+                self._next_steps = list(_SHUTDOWN_STEPS[first:])
+                if not self._next_steps:
+                    _say(f"received {received.name}; {_ranks(self._running)} got SIGKILL already; "
+                         "waiting for the kernel to end them")
+                    continue
+                plan = ", then ".join(step.name for step in self._next_steps)
+                if len(self._next_steps) > 1:
+                    plan += (f", {_seconds(self._config.grace.total_seconds())} (--grace) apart while any "
+                             "still runs; send SIGINT or SIGTERM again to take the next step at once")
+                _say(f"received {received.name}; stopping the ranks with {plan}")
+                self._take_next_step(None)
             elif self._next_steps:
-                self._take_next_step()
+                self._take_next_step(f"the launcher received {received.name} while stopping them")
 
     def _on_exit(self, exited: _Rank) -> None:
         code = exited.process.returncode
@@ -548,27 +595,41 @@ class _Supervisor:
         self._backend_status_counts = self.interrupted_by is None
         if self._running and self.interrupted_by is None:
             grace = self._config.grace.total_seconds()
-            _say(f"backend (rank 0) exited with code {_describe(code)}; waiting up to {grace:g}s "
-                 f"for {_ranks(self._running)} before stopping them")
             self._next_steps = [signal.SIGTERM, signal.SIGKILL]
             self._next_step_at = time.monotonic() + grace
+            self._waiting_after = "the backend (rank 0) exited"
+            self._stopping_because = "after the backend exited"
+            self._backend_code = code
+            if grace > _GRACE_NOTICE_S:
+                self._grace_notice_at = time.monotonic() + _GRACE_NOTICE_S
 
-    def _take_next_step(self) -> None:
+    def _announce_grace(self) -> None:
+        self._grace_notice_at = None
+        grace = self._config.grace.total_seconds()
+        one = len(self._running) == 1
+        _say(f"{_ranks(self._running)} {'is' if one else 'are'} still running {_seconds(_GRACE_NOTICE_S)} "
+             f"after the backend (rank 0) exited with code {_describe(self._backend_code)}; sending "
+             f"{'it' if one else 'them'} SIGTERM in {_seconds(grace - _GRACE_NOTICE_S)} (--grace "
+             f"{grace:g}) unless {'it exits' if one else 'they exit'} first")
+
+    def _take_next_step(self, why: Optional[str]) -> None:
+        """Send the next shutdown signal to every rank still running; ``why`` it is sent now."""
         step = self._next_steps.pop(0)
-        if self._running:
-            _say(f"sending {step.name} to {_ranks(self._running)}")
-        self._signal_running(step)
+        # A rank that exited since the last poll is reaped here, so that it is not counted as stopped.
+        targets = [r for r in self._running if r.process.poll() is None]
+        if targets:
+            _say(f"sending {step.name} to {_ranks(targets)}" + (f": {why}" if why else ""))
+        for target in targets:
+            target.stopped = f"{step.name} {self._stopping_because}"
+            try:
+                os.killpg(target.process.pid, step)
+            except ProcessLookupError:
+                pass  # exited since the poll above; the loop will reap it
+        self._last_step = step
+        self._waiting_after = step.name
         self._next_step_at = None
         if self._next_steps:
             self._next_step_at = time.monotonic() + self._config.grace.total_seconds()
-
-    def _signal_running(self, sig: signal.Signals) -> None:
-        for running in self._running:
-            running.stopped_by_launcher = True
-            try:
-                os.killpg(running.process.pid, sig)
-            except ProcessLookupError:
-                pass  # exited since the last poll; the loop will reap it
 
     def kill_remaining(self) -> None:
         """SIGKILL and reap every rank still running, and let rank 0's output drain."""
@@ -584,14 +645,23 @@ class _Supervisor:
                 started.tee.join(timeout=self._config.grace.total_seconds())
 
     def summarize(self) -> None:
-        """Print each rank's exit status and the failed ranks to stderr."""
+        """Print each rank's exit status, the failed ranks and the ranks it stopped to stderr."""
         _say("summary:")
         for started in self._ranks:
-            code = started.process.returncode
-            note = ", stopped by the launcher" if started.stopped_by_launcher and code != 0 else ""
-            _say(f"  rank {started.rank} ({started.role}) exited with code {_describe(code)}{note}")
-        failed = [str(r.rank) for r in self._ranks if r.process.returncode != 0 and not r.stopped_by_launcher]
-        _say(f"failed ranks: {', '.join(failed)}" if failed else "no rank failed")
+            note = ", stopped by the launcher" if started.stopped is not None else ""
+            _say(f"  rank {started.rank} ({started.role}) exited with code "
+                 f"{_describe(started.process.returncode)}{note}")
+        failed = [r for r in self._ranks if r.stopped is None and r.process.returncode != 0]
+        if failed:
+            _say(f"failed ranks: {', '.join(str(r.rank) for r in failed)}")
+        stopped: dict[str, list[_Rank]] = {}
+        for started in self._ranks:
+            if started.stopped is not None:
+                stopped.setdefault(started.stopped, []).append(started)
+        for how, ranks in stopped.items():
+            _say(f"stopped by the launcher: {_ranks(ranks)} ({how})")
+        if not failed and not stopped:
+            _say("no rank failed")
 
     def exit_code(self) -> int:
         """Return the launcher's exit code, as the module docstring's "Exit codes" describes."""

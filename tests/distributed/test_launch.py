@@ -144,6 +144,21 @@ def _run(tmp_path: Path, *args: str, env: Optional[Mapping[str, str]] = None) ->
     return process.returncode, out, err
 
 
+L = "[openfl_api.launch]"  # the prefix of the launcher's own lines on stderr
+OMP_NOTE = (f"{L} setting OMP_NUM_THREADS=1 for each rank (as torchrun does) so that the ranks do not overload "
+            "the machine; set it yourself to tune it")
+
+
+def _lines(err: str) -> list[str]:
+    """Every line of ``err``, with the free port the launcher chose written as PORT."""
+    return re.sub(r"127\.0\.0\.1:\d+", "127.0.0.1:PORT", err).splitlines()
+
+
+def _said(err: str) -> list[str]:
+    """The launcher's own lines of ``err``, without the ranks' output."""
+    return [line for line in _lines(err) if line.startswith(L)]
+
+
 def _signal_after_ranks_started(
     tmp_path: Path, process: subprocess.Popen[str], nproc: int, sig: signal.Signals
 ) -> None:
@@ -326,7 +341,10 @@ def test_sigterm_to_the_launcher_stops_and_reaps_every_rank(tmp_path: Path) -> N
         _signal_after_ranks_started(tmp_path, process, 3, signal.SIGTERM)
         _, err = process.communicate(timeout=TIMEOUT_S)
 
-        assert process.returncode == 128 + signal.SIGTERM, err
+        assert (process.returncode, _said(err)[-1]) == (
+            128 + signal.SIGTERM,
+            f"{L} stopped by the launcher: ranks 0, 1, 2 (SIGINT after the launcher received SIGTERM)",
+        ), err
         _wait_for(lambda: not any(_alive(pid) for pid in _pids(tmp_path)), "every rank to be gone")
 
 
@@ -358,8 +376,9 @@ def test_second_ctrl_c_escalates_at_once(tmp_path: Path) -> None:
         process.send_signal(signal.SIGINT)
         _, err = process.communicate(timeout=TIMEOUT_S)
 
-    assert (process.returncode, re.findall(r"rank \d exited with code (.*)\n", err)) == (
-        128 + signal.SIGINT, ["-15 (SIGTERM)", "-15 (SIGTERM)"]
+    assert (process.returncode, re.findall(r"rank \d exited with code (.*)\n", err), _said(err)[-1]) == (
+        128 + signal.SIGINT, ["-15 (SIGTERM)", "-15 (SIGTERM)"],
+        f"{L} stopped by the launcher: ranks 0, 1 (SIGTERM after the launcher received SIGINT)",
     ), err
 
 
@@ -376,7 +395,34 @@ def test_frontends_are_stopped_grace_after_the_backend_exited(tmp_path: Path) ->
     ), err
 
 
-def test_frontends_finishing_within_grace_after_the_backend_are_not_stopped(tmp_path: Path) -> None:
+def test_ranks_stopped_after_the_backend_exited_are_reported_as_stopped_not_failed(tmp_path: Path) -> None:
+    # Rank 1 fails on its own; the backend exits once the launcher has reaped it; ranks 2 and 3
+    # run on until the launcher stops them.
+    script = _script(tmp_path, """
+        if RANK == 1:
+            publish_pid()
+            sys.exit(3)
+        if RANK == 0:
+            wait_until(lambda: (OUT / "pid_1").exists())
+            wait_until(lambda: reaped(int((OUT / "pid_1").read_text())))
+            sys.exit(0)
+    """, SLEEP)
+
+    code, _, err = _run(tmp_path, "--nproc_per_node", "4", "--grace", "0.3", str(script), str(tmp_path))
+
+    assert (code, _said(err)[-7:]) == (0, [
+        f"{L} summary:",
+        f"{L}   rank 0 (backend) exited with code 0",
+        f"{L}   rank 1 (frontend) exited with code 3",
+        f"{L}   rank 2 (frontend) exited with code -15 (SIGTERM), stopped by the launcher",
+        f"{L}   rank 3 (frontend) exited with code -15 (SIGTERM), stopped by the launcher",
+        f"{L} failed ranks: 1",
+        f"{L} stopped by the launcher: ranks 2, 3 (SIGTERM after the backend exited)",
+    ]), err
+
+
+def test_clean_run_prints_no_shutdown_messages(tmp_path: Path) -> None:
+    # The frontends exit on their own right after the backend, well within --grace.
     script = _script(tmp_path, """
         publish_pid()
         if RANK > 0:
@@ -386,7 +432,35 @@ def test_frontends_finishing_within_grace_after_the_backend_are_not_stopped(tmp_
 
     code, _, err = _run(tmp_path, "--nproc_per_node", "3", "--grace", "15", str(script), str(tmp_path))
 
-    assert (code, "SIGTERM" in err, "no rank failed" in err) == (0, False, True), err
+    assert (code, _lines(err)) == (0, [
+        f"{L} starting ranks 0..2 of world_size 3 (master 127.0.0.1:PORT)",
+        f"{L} all ranks share this console; pass --logdir DIR to keep each rank's output in its own file",
+        OMP_NOTE,
+        f"{L} summary:",
+        f"{L}   rank 0 (backend) exited with code 0",
+        f"{L}   rank 1 (frontend) exited with code 0",
+        f"{L}   rank 2 (frontend) exited with code 0",
+        f"{L} no rank failed",
+    ]), err
+
+
+def test_frontends_still_running_shortly_after_the_backend_exited_are_announced(tmp_path: Path) -> None:
+    script = _script(tmp_path, """
+        if RANK == 0:
+            sys.exit(0)
+    """, SLEEP)
+
+    code, _, err = _run(tmp_path, "--nproc_per_node", "3", "--grace", "3", str(script), str(tmp_path))
+
+    said = _said(err)
+    assert (code, said[3:5], sorted(said[5:7]), said[-1]) == (0, [
+        f"{L} ranks 1, 2 are still running 2s after the backend (rank 0) exited with code 0; sending them "
+        "SIGTERM in 1s (--grace 3) unless they exit first",
+        f"{L} sending SIGTERM to ranks 1, 2: still running 3s (--grace) after the backend (rank 0) exited",
+    ], [
+        f"{L} rank 1 exited with code -15 (SIGTERM)",
+        f"{L} rank 2 exited with code -15 (SIGTERM)",
+    ], f"{L} stopped by the launcher: ranks 1, 2 (SIGTERM after the backend exited)"), err
 
 
 @pytest.mark.parametrize(
@@ -417,8 +491,8 @@ def test_frontends_finishing_within_grace_after_the_backend_are_not_stopped(tmp_
          r"--server_output .* needs --logdir"),
     ],
     ids=["nproc-0", "backend-alone", "nproc-0-of-several-nodes", "node-rank-out-of-range", "missing-script",
-         "nnodes-without-port", "nnodes-without-token", "port-out-of-range", "memory-init-method", "unknown-scheme",
-         "server-output-without-logdir"],
+         "nnodes-without-port", "nnodes-without-token", "port-out-of-range", "memory-init-method",
+         "unknown-scheme", "server-output-without-logdir"],
 )
 def test_usage_errors_exit_2_with_a_message(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
