@@ -88,6 +88,19 @@ Failure modes
 A frontend exits with a non-zero code or is killed by a signal
     The federation goes on: the launcher prints ``rank 2 exited with code -9 (SIGKILL)`` to stderr
     and keeps waiting for the others.
+A rank fails with ``--logdir``
+    When a rank exits non-zero, or is killed by a signal the launcher did not send, the launcher
+    shows the end of its log on stderr: its last 20 lines, taken from the log's last 8 KiB (a line
+    cut by that bound is dropped, or kept behind ``...`` when it is the only one), each behind the
+    rank's tag::
+
+        [openfl_api.launch] rank 1 exited with code 1; the last 4 lines of its log logs/rank_1.log:
+        [rank 1] Traceback (most recent call last):
+        [rank 1]   File "train.py", line 12, in <module>
+        [rank 1]     raise ValueError("boom")
+        [rank 1] ValueError: boom
+
+    Rank 0 with ``--server_output`` is the exception: its output is on the console already.
 The backend (global rank 0) exits, whatever its code
     The launcher waits up to ``--grace`` seconds for the other ranks on this node, then sends them
     SIGTERM and, after another ``--grace``, SIGKILL, saying so each time: ``sending SIGTERM to ranks
@@ -179,6 +192,10 @@ _SHUTDOWN_STEPS = (signal.SIGINT, signal.SIGTERM, signal.SIGKILL)
 # Frontends normally exit within moments of the backend; only those still running this long after
 # it are worth a line on the console.
 _GRACE_NOTICE_S = 2.0
+# How much of a failed rank's log the launcher shows: enough for a traceback's end, bounded in bytes
+# so that a rank that wrote one endless line cannot flood the console.
+_LOG_TAIL_LINES = 20
+_LOG_TAIL_BYTES = 8192
 
 
 @dataclass(frozen=True)
@@ -424,6 +441,21 @@ def _say(message: str) -> None:
     print(f"{_PREFIX} {message}", file=sys.stderr, flush=True)
 
 
+def _log_tail(path: Path) -> list[str]:
+    """Return the last lines of the file at ``path``: at most _LOG_TAIL_LINES, from its last _LOG_TAIL_BYTES.
+
+    The first line read is cut when the file is longer than the bound: it is dropped, or kept behind
+    ``...`` when it is the only line.
+    """
+    with path.open("rb") as log:
+        start = max(0, log.seek(0, os.SEEK_END) - _LOG_TAIL_BYTES)
+        log.seek(start)
+        lines = log.read(_LOG_TAIL_BYTES).decode(errors="replace").splitlines()
+    if start > 0 and lines:
+        lines = lines[1:] if len(lines) > 1 else ["..." + lines[0]]
+    return lines[-_LOG_TAIL_LINES:]
+
+
 def _tee(source: IO[bytes], log: IO[bytes]) -> None:
     """Copy ``source`` to ``log`` and to the launcher's stdout until end of file, then close both."""
     with source, log:
@@ -589,7 +621,10 @@ class _Supervisor:
     def _on_exit(self, exited: _Rank) -> None:
         code = exited.process.returncode
         if code != 0:
-            _say(f"rank {exited.rank} exited with code {_describe(code)}")
+            if exited.stopped is None:
+                self._report_failure(exited)
+            else:
+                _say(f"rank {exited.rank} exited with code {_describe(code)}")
         if exited.rank != 0:
             return
         self._backend_status_counts = self.interrupted_by is None
@@ -602,6 +637,26 @@ class _Supervisor:
             self._backend_code = code
             if grace > _GRACE_NOTICE_S:
                 self._grace_notice_at = time.monotonic() + _GRACE_NOTICE_S
+
+    def _report_failure(self, failed: _Rank) -> None:
+        """Say that ``failed`` exited on its own with a non-zero code, and show the end of its log."""
+        message = f"rank {failed.rank} exited with code {_describe(failed.process.returncode)}"
+        if self._config.logdir is None or failed.tee is not None:
+            _say(message)  # its output is on the console already
+            return
+        path = self._config.logdir / f"rank_{failed.rank}.log"
+        try:
+            tail = _log_tail(path)
+        except OSError as error:
+            _say(f"{message}; its log {path} could not be read: {error}")
+            return
+        if not tail:
+            _say(f"{message}; its log {path} is empty")
+            return
+        lines = "the last line" if len(tail) == 1 else f"the last {len(tail)} lines"
+        _say(f"{message}; {lines} of its log {path}:")
+        sys.stderr.write("".join(f"[rank {failed.rank}] {line}\n" for line in tail))
+        sys.stderr.flush()
 
     def _announce_grace(self) -> None:
         self._grace_notice_at = None

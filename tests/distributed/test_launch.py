@@ -316,6 +316,56 @@ def test_crashed_frontend_does_not_stop_the_others(tmp_path: Path) -> None:
     assert re.search(r"failed ranks: 1\n", err), err
 
 
+def test_failed_rank_shows_the_end_of_its_log(tmp_path: Path) -> None:
+    # Ranks 1..3 fail in three ways; rank 0 (on the console through --server_output) fails last.
+    script = _script(tmp_path, """
+        publish_pid()
+        if RANK == 1:
+            for line in range(30):
+                print(f"line {line}")
+            print("boom", file=sys.stderr)
+            sys.exit(3)
+        if RANK == 2:
+            print("about to die")
+            os.kill(os.getpid(), signal.SIGKILL)
+        if RANK == 3:
+            sys.stdout.write("y" * 100_000)
+            sys.exit(4)
+        for rank in (1, 2, 3):
+            wait_until(lambda: (OUT / f"pid_{rank}").exists())
+            wait_until(lambda: reaped(int((OUT / f"pid_{rank}").read_text())))
+        sys.exit(5)
+    """)
+
+    code, out, err = _run(tmp_path, "--nproc_per_node", "4", "--logdir", "logs", "--server_output",
+                          str(script), str(tmp_path))
+
+    lines = _lines(err)
+
+    def block(header: str, length: int) -> list[str]:
+        assert header in lines, err
+        start = lines.index(header)
+        return lines[start:start + 1 + length]
+
+    assert (code, out) == (5, ""), err
+    assert block(f"{L} rank 1 exited with code 3; the last 20 lines of its log logs/rank_1.log:", 20) == [
+        f"{L} rank 1 exited with code 3; the last 20 lines of its log logs/rank_1.log:",
+        *(f"[rank 1] line {line}" for line in range(11, 30)),
+        "[rank 1] boom",
+    ]
+    assert block(f"{L} rank 2 exited with code -9 (SIGKILL); the last line of its log logs/rank_2.log:", 1) == [
+        f"{L} rank 2 exited with code -9 (SIGKILL); the last line of its log logs/rank_2.log:",
+        "[rank 2] about to die",
+    ]
+    # Bounded in bytes: of one 100 000-byte line, only the last 8 KiB, marked as cut.
+    assert block(f"{L} rank 3 exited with code 4; the last line of its log logs/rank_3.log:", 1) == [
+        f"{L} rank 3 exited with code 4; the last line of its log logs/rank_3.log:",
+        "[rank 3] ..." + "y" * 8192,
+    ]
+    # Rank 0's output is on the console already.
+    assert f"{L} rank 0 exited with code 5" in lines, err
+
+
 @pytest.mark.parametrize(
     ("exit_statement", "expected"),
     [("sys.exit(5)", 5), ("os.kill(os.getpid(), signal.SIGKILL)", 128 + signal.SIGKILL)],
