@@ -116,7 +116,15 @@ The launcher receives SIGINT (Ctrl-C) or SIGTERM
     or SIGTERM to the launcher takes the next step at once. When the backend's exit has already
     led to SIGTERM, the launcher goes on from there, with SIGKILL.
 The launcher is killed with SIGKILL
-    It cannot stop its ranks, which run on in their own sessions; stop them by their process group.
+    On Linux its ranks die with it. Each rank, before it runs the script, asks the kernel to send
+    it SIGKILL when its parent, the launcher, dies (``prctl(PR_SET_PDEATHSIG)``, through ``ctypes``
+    in a ``preexec_fn``): SIGKILL, because no one is left to escalate past a rank that ignores
+    SIGTERM. A rank whose launcher died between the fork and that request finds that its parent
+    changed and kills itself the same way, without running the script. Processes that a rank starts
+    itself are not covered (their parent is the rank), nor is a set-user-ID, set-group-ID or
+    file-capability program run with ``--no_python``, for which the kernel drops the request. On
+    other platforms the ranks run on in their own sessions; stop each one by its process group,
+    ``kill -- -PID`` with the rank's pid.
 
 At the end the launcher prints a summary to stderr: each rank's exit status, then
 
@@ -160,6 +168,7 @@ Two nodes with two ranks each; run on both, with ``--node_rank 1`` on the second
 from __future__ import annotations
 
 import argparse
+import ctypes
 import math
 import os
 import secrets
@@ -174,7 +183,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from types import FrameType
-from typing import IO, Mapping, Optional, Sequence
+from typing import IO, Callable, Mapping, Optional, Sequence
 from urllib.parse import urlsplit
 
 from openfl_api.errors import ConfigurationError
@@ -196,6 +205,10 @@ _GRACE_NOTICE_S = 2.0
 # so that a rank that wrote one endless line cannot flood the console.
 _LOG_TAIL_LINES = 20
 _LOG_TAIL_BYTES = 8192
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+# SIGKILL rather than SIGTERM: once the launcher is dead no one is left to escalate past a rank
+# that ignores or outlasts SIGTERM.
+_PARENT_DEATH_SIGNAL = signal.SIGKILL
 
 
 @dataclass(frozen=True)
@@ -456,6 +469,34 @@ def _log_tail(path: Path) -> list[str]:
     return lines[-_LOG_TAIL_LINES:]
 
 
+def _parent_death_hook(launcher_pid: int) -> Optional[Callable[[], None]]:
+    """Return a ``preexec_fn`` that makes a rank die with the launcher, or None off Linux.
+
+    The hook runs in the child between fork and exec. It asks the kernel for SIGKILL when the parent
+    dies (``prctl(PR_SET_PDEATHSIG)``), then checks that the parent is still ``launcher_pid``: a
+    launcher that died before the request was made is caught there, and the child kills itself
+    with the same signal instead of running the script.
+
+    Args:
+        launcher_pid: The launcher's pid, ``os.getpid()`` in the launcher.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    # Resolved here, in the launcher: loading a library in the child between fork and exec is unsafe.
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    prctl.restype = ctypes.c_int
+
+    def die_with_launcher() -> None:
+        if prctl(_PR_SET_PDEATHSIG, int(_PARENT_DEATH_SIGNAL), 0, 0, 0) != 0:
+            error = ctypes.get_errno()
+            raise OSError(error, f"prctl(PR_SET_PDEATHSIG) failed: {os.strerror(error)}")
+        if os.getppid() != launcher_pid:
+            os.kill(os.getpid(), _PARENT_DEATH_SIGNAL)
+
+    return die_with_launcher
+
+
 def _tee(source: IO[bytes], log: IO[bytes]) -> None:
     """Copy ``source`` to ``log`` and to the launcher's stdout until end of file, then close both."""
     with source, log:
@@ -525,12 +566,26 @@ class _Supervisor:
         if config.nproc_per_node > 1 and "OMP_NUM_THREADS" not in os.environ:
             _say("setting OMP_NUM_THREADS=1 for each rank (as torchrun does) so that the ranks do not "
                  "overload the machine; set it yourself to tune it")
-        for local_rank in range(config.nproc_per_node):
-            started = self._start_rank(config.node_rank * config.nproc_per_node + local_rank, local_rank)
-            self._ranks.append(started)
-            self._running.append(started)
+        # The kernel sends the parent-death signal when the thread that forked the child ends, so
+        # every rank is started from this thread, which lives as long as the launcher.
+        die_with_launcher = _parent_death_hook(os.getpid())
+        try:
+            for local_rank in range(config.nproc_per_node):
+                rank = config.node_rank * config.nproc_per_node + local_rank
+                started = self._start_rank(rank, local_rank, die_with_launcher)
+                self._ranks.append(started)
+                self._running.append(started)
+        finally:
+            # Forking runs Python code in the child (the hook), which can deadlock on a lock that
+            # another thread held at the fork; so the output threads start once every rank is forked.
+            for started in self._ranks:
+                if started.tee is not None:
+                    started.tee.start()
 
-    def _start_rank(self, rank: int, local_rank: int) -> _Rank:
+    def _start_rank(
+        self, rank: int, local_rank: int, die_with_launcher: Optional[Callable[[], None]]
+    ) -> _Rank:
+        """Start ``rank``; with ``--server_output`` rank 0 comes back with its output thread not started."""
         config = self._config
         env = dict(os.environ)
         env.update(
@@ -556,7 +611,9 @@ class _Supervisor:
             command = [sys.executable, "-u", config.script, *config.script_args]
 
         if config.logdir is None:
-            return _Rank(rank, subprocess.Popen(command, env=env, start_new_session=True))
+            return _Rank(rank, subprocess.Popen(
+                command, env=env, start_new_session=True, preexec_fn=die_with_launcher
+            ))
         log = (config.logdir / f"rank_{rank}.log").open("wb")
         tee_to_console = rank == 0 and config.server_output
         try:
@@ -566,6 +623,7 @@ class _Supervisor:
                 stdout=subprocess.PIPE if tee_to_console else log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=die_with_launcher,
             )
         except BaseException:
             log.close()
@@ -575,7 +633,6 @@ class _Supervisor:
             return _Rank(rank, process)
         assert process.stdout is not None  # stdout=PIPE above
         tee = threading.Thread(target=_tee, args=(process.stdout, log), name="rank-0-output", daemon=True)
-        tee.start()
         return _Rank(rank, process, tee=tee)
 
     def supervise(self) -> None:

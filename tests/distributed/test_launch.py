@@ -398,6 +398,49 @@ def test_sigterm_to_the_launcher_stops_and_reaps_every_rank(tmp_path: Path) -> N
         _wait_for(lambda: not any(_alive(pid) for pid in _pids(tmp_path)), "every rank to be gone")
 
 
+def _running(pid: int) -> bool:
+    """True while ``pid`` runs; a zombie, which whoever adopted it may never reap, counts as gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_ranks_die_with_a_launcher_killed_by_sigkill(tmp_path: Path) -> None:
+    # The ranks ignore SIGINT and SIGTERM, so only SIGKILL from the kernel can end them this soon.
+    script = _script(tmp_path, """
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    """, SLEEP)
+
+    with _launcher(tmp_path, "--nproc_per_node", "2", str(script), str(tmp_path)) as process:
+        _wait_for(lambda: len(_pids(tmp_path)) == 2, "2 ranks to write their pid")
+        process.kill()
+        process.wait(timeout=TIMEOUT_S)
+
+        _wait_for(lambda: not any(_running(pid) for pid in _pids(tmp_path)), "the ranks to die", timeout=5)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_rank_whose_launcher_died_before_the_parent_death_signal_was_set_does_not_run(tmp_path: Path) -> None:
+    # The hook runs in the child between fork and exec; a launcher pid that is not the child's parent
+    # is what the child sees when the launcher died before the hook ran.
+    marker = tmp_path / "ran"
+    hook = launch._parent_death_hook(launcher_pid=os.getpid() + 1_000_000)
+
+    child = subprocess.Popen([sys.executable, "-c", f"open({str(marker)!r}, 'w')"], preexec_fn=hook)
+    try:
+        code = child.wait(timeout=TIMEOUT_S)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(timeout=5)
+
+    assert (code, marker.exists()) == (-signal.SIGKILL, False)
+
+
 def test_ranks_ignoring_sigint_and_sigterm_are_killed_after_grace(tmp_path: Path) -> None:
     script = _script(tmp_path, """
         signal.signal(signal.SIGINT, signal.SIG_IGN)
