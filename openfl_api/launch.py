@@ -21,9 +21,10 @@ Options
 -------
 
 ``--nproc_per_node N`` (default 1)
-    Ranks to start on this node, N >= 1. With ``--nnodes 1`` N must be at least 2: a federation
-    needs the backend and at least one frontend, and a backend alone would wait for frontends
-    forever. With ``--nnodes`` above 1 a node may run a single rank.
+    Ranks to start on this node. On a single node (``--nnodes 1``) N >= 2: a federation needs the
+    backend and at least one frontend, and a backend alone would wait for frontends forever, so
+    N = 1 there, the default included, is a usage error. With ``--nnodes`` above 1, N >= 1: a node
+    may run a single rank.
 ``--nnodes N`` (default 1)
     Nodes taking part; the world size is ``nnodes * nproc_per_node``. Run the launcher once per node,
     with the same options except ``--node_rank``.
@@ -40,7 +41,8 @@ Options
     process only, so the launcher, which starts a process per rank, refuses it.
 ``--logdir DIR`` (default: none)
     Write each rank's stdout and stderr to ``DIR/rank_{RANK}.log`` (created; truncated at start)
-    instead of the console.
+    instead of the console. When a rank fails, the end of its log is shown on stderr (see
+    "Failure modes").
 ``--server_output``
     With ``--logdir``: rank 0's output also goes to the launcher's stdout.
 ``--grace SECONDS`` (default 30)
@@ -81,13 +83,15 @@ The launcher's environment, plus:
 
 Python ranks run unbuffered (``python -u``), so their output appears as it is written. Each rank
 runs in a session of its own: a Ctrl-C in the terminal reaches the launcher only, which forwards it.
+On Linux each rank also dies with the launcher (see "Failure modes").
 
 Failure modes
 -------------
 
 A frontend exits with a non-zero code or is killed by a signal
     The federation goes on: the launcher prints ``rank 2 exited with code -9 (SIGKILL)`` to stderr
-    and keeps waiting for the others.
+    (with ``--logdir`` followed by the end of the rank's log, as the next entry says) and keeps
+    waiting for the others.
 A rank fails with ``--logdir``
     When a rank exits non-zero, or is killed by a signal the launcher did not send, the launcher
     shows the end of its log on stderr: its last 20 lines, taken from the log's last 8 KiB (a line
@@ -126,9 +130,11 @@ The launcher is killed with SIGKILL
     other platforms the ranks run on in their own sessions; stop each one by its process group,
     ``kill -- -PID`` with the rank's pid.
 
-At the end the launcher prints a summary to stderr: each rank's exit status, then
+At the end the launcher prints a summary to stderr: each rank's exit status (``rank 2 (frontend)
+exited with code -15 (SIGTERM), stopped by the launcher``), then
 
-- ``failed ranks: 1``: the ranks that exited non-zero, or were killed by a signal, on their own;
+- ``failed ranks: 1``: the ranks that exited non-zero, or were killed by a signal, before the
+  launcher had signalled them;
 - ``stopped by the launcher: ranks 2, 3 (SIGTERM after the backend exited)``: the ranks the
   launcher signalled before they exited, whatever their exit code, with the last signal it sent
   them and why (one line per signal and reason);
@@ -276,9 +282,14 @@ class LaunchConfig:
                 "--master_port 29500, or leave it out on a single node to get a free one"
             )
         if self.grace < timedelta(0):
-            raise ConfigurationError(f"grace must be >= 0 seconds, got {self.grace.total_seconds()}")
+            raise ConfigurationError(
+                f"grace must be >= 0 seconds, got {self.grace.total_seconds()}; pass --grace 0 or more"
+            )
         if not self.token:
-            raise ConfigurationError(f"token must not be empty; set {TOKEN_VAR} or leave it unset")
+            raise ConfigurationError(
+                "token must not be empty: every rank presents it to the backend; pass one such as "
+                "secrets.token_hex(16)"
+            )
         if self.server_output and self.logdir is None:
             raise ConfigurationError(
                 "--server_output copies rank 0's log file to the console, so it needs --logdir; "
@@ -361,7 +372,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "See the module docstring of openfl_api.launch for the full manual.",
     )
     parser.add_argument("--nproc_per_node", "--nproc-per-node", type=int, default=1,
-                        help="ranks to start on this node (default 1)")
+                        help="ranks to start on this node (default 1; at least 2 when nnodes is 1)")
     parser.add_argument("--nnodes", type=int, default=1, help="nodes taking part (default 1)")
     parser.add_argument("--node_rank", "--node-rank", type=int, default=0,
                         help="index of this node, 0 <= node_rank < nnodes (default 0)")
@@ -394,7 +405,9 @@ def _config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> L
             "reach the backend on the same port; pass e.g. --master_port 29500 on every node"
         )
     if not math.isfinite(args.grace):
-        raise ConfigurationError(f"--grace must be a finite number of seconds, got {args.grace}")
+        raise ConfigurationError(
+            f"--grace must be a finite number of seconds, got {args.grace}; pass e.g. --grace 30"
+        )
     token = environ.get(TOKEN_VAR, "")
     if not token:
         if args.nnodes > 1:
@@ -801,10 +814,13 @@ def launch(config: LaunchConfig) -> int:
     """
     supervisor = _Supervisor(config)
     first, last = config.node_rank * config.nproc_per_node, (config.node_rank + 1) * config.nproc_per_node - 1
-    _say(f"starting ranks {first}..{last} of world_size {config.world_size} "
-         f"(master {config.master_addr}:{config.master_port})")
+    ranks = f"rank {first}" if first == last else f"ranks {first}..{last}"
+    meeting = (f"init_method {config.init_method}" if config.init_method is not None
+               else f"master {config.master_addr}:{config.master_port}")
+    _say(f"starting {ranks} of world_size {config.world_size} ({meeting})")
     if config.logdir is not None:
-        _say(f"each rank writes to {config.logdir / 'rank_{RANK}.log'}")
+        console = "; rank 0 also to this console" if config.server_output and first == 0 else ""
+        _say(f"each rank writes to {config.logdir / 'rank_{RANK}.log'}{console}")
     elif config.nproc_per_node > 1:
         _say("all ranks share this console; pass --logdir DIR to keep each rank's output in its own file")
     previous = {sig: signal.signal(sig, supervisor.on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}

@@ -271,6 +271,7 @@ def test_init_method_reaches_every_rank(tmp_path: Path) -> None:
     launched = _launched(tmp_path, DUMP_ENV, "--nproc_per_node", "2", "--init_method", url)
 
     assert [launched.env(rank)["OPENFL_INIT_METHOD"] for rank in range(2)] == [url, url], launched.err
+    assert _said(launched.err)[0] == f"{L} starting ranks 0..1 of world_size 2 (init_method {url})"
 
 
 def test_options_accept_hyphens_as_well_as_underscores(tmp_path: Path) -> None:
@@ -295,6 +296,7 @@ def test_logdir_holds_each_ranks_output_in_its_own_fresh_file(logged: Launched) 
 
 def test_server_output_echoes_rank_0_and_only_rank_0_to_the_console(logged: Launched) -> None:
     assert set(logged.out.splitlines()) == {"out 0", "err 0"}, logged.err
+    assert _said(logged.err)[1] == f"{L} each rank writes to logs/rank_{{RANK}}.log; rank 0 also to this console"
 
 
 def test_crashed_frontend_does_not_stop_the_others(tmp_path: Path) -> None:
@@ -391,8 +393,13 @@ def test_sigterm_to_the_launcher_stops_and_reaps_every_rank(tmp_path: Path) -> N
         _signal_after_ranks_started(tmp_path, process, 3, signal.SIGTERM)
         _, err = process.communicate(timeout=TIMEOUT_S)
 
-        assert (process.returncode, _said(err)[-1]) == (
-            128 + signal.SIGTERM,
+        said = _said(err)
+        assert (process.returncode, said[3:5], said[-1]) == (
+            128 + signal.SIGTERM, [
+                f"{L} received SIGTERM; stopping the ranks with SIGINT, then SIGTERM, then SIGKILL, 10s (--grace) "
+                "apart while any still runs; send SIGINT or SIGTERM again to take the next step at once",
+                f"{L} sending SIGINT to ranks 0, 1, 2",
+            ],
             f"{L} stopped by the launcher: ranks 0, 1, 2 (SIGINT after the launcher received SIGTERM)",
         ), err
         _wait_for(lambda: not any(_alive(pid) for pid in _pids(tmp_path)), "every rank to be gone")
@@ -582,10 +589,14 @@ def test_frontends_still_running_shortly_after_the_backend_exited_are_announced(
          r"init_method must start with tcp:// or file://"),
         (["--nproc_per_node", "2", "--server_output", "SCRIPT"], {},
          r"--server_output .* needs --logdir"),
+        (["--nproc_per_node", "2", "--grace", "-1", "SCRIPT"], {},
+         r"grace must be >= 0 seconds, got -1\.0; pass --grace 0 or more"),
+        (["--nproc_per_node", "2", "--grace", "inf", "SCRIPT"], {},
+         r"--grace must be a finite number of seconds, got inf; pass e\.g\. --grace 30"),
     ],
     ids=["nproc-0", "backend-alone", "nproc-0-of-several-nodes", "node-rank-out-of-range", "missing-script",
          "nnodes-without-port", "nnodes-without-token", "port-out-of-range", "memory-init-method",
-         "unknown-scheme", "server-output-without-logdir"],
+         "unknown-scheme", "server-output-without-logdir", "negative-grace", "infinite-grace"],
 )
 def test_usage_errors_exit_2_with_a_message(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
@@ -623,4 +634,6 @@ def test_a_node_of_several_may_run_a_single_rank(tmp_path: Path) -> None:
     launched = _launched(tmp_path, DUMP_ENV, "--nnodes", "2", "--node_rank", "1", "--nproc_per_node", "1",
                          "--master_port", "29557", env={"OPENFL_API_TOKEN": TOKEN})
 
-    assert (launched.code, launched.env(1)["RANK"], launched.env(1)["WORLD_SIZE"]) == (0, "1", "2"), launched.err
+    assert (launched.code, launched.env(1)["RANK"], launched.env(1)["WORLD_SIZE"], _said(launched.err)[0]) == (
+        0, "1", "2", f"{L} starting rank 1 of world_size 2 (master 127.0.0.1:PORT)"
+    ), launched.err
