@@ -522,10 +522,13 @@ def test_ranks_stopped_after_the_backend_exited_are_reported_as_stopped_not_fail
 
 
 def test_clean_run_prints_no_shutdown_messages(tmp_path: Path) -> None:
-    # The frontends exit on their own right after the backend, well within --grace.
+    # The backend exits once the frontends are up; they exit on their own right after it, well
+    # within --grace.
     script = _script(tmp_path, """
         publish_pid()
-        if RANK > 0:
+        if RANK == 0:
+            wait_until(lambda: (OUT / "pid_1").exists() and (OUT / "pid_2").exists())
+        else:
             wait_until(lambda: (OUT / "pid_0").exists())
             wait_until(lambda: reaped(int((OUT / "pid_0").read_text())))
     """)
