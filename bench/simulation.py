@@ -51,7 +51,7 @@ def mlp(seed: int):
 
     net = torch.nn.Sequential(torch.nn.Linear(FEATURES, HIDDEN), torch.nn.ReLU(), torch.nn.Linear(HIDDEN, HIDDEN),
                               torch.nn.ReLU(), torch.nn.Linear(HIDDEN, 10))
-    from openfl_api.simulation import init_linear_
+    from openfl_api.virtual_clients import init_linear_
 
     return init_linear_(net, seed)
 
@@ -100,7 +100,7 @@ class Gate:
 
 def run_plain(datasets, clients: int, fraction: float, rounds: int, seed: int, gate: Gate) -> None:
     import torch
-    from openfl_api.simulation import client_seed  # the same per-client seeds as the API run
+    from openfl_api.virtual_clients import client_seed  # the same per-client seeds as the API run
 
     net = mlp(seed)
     opt = torch.optim.SGD(net.parameters(), lr=LR)
@@ -129,7 +129,7 @@ def run_api(datasets, clients: int, fraction: float, rounds: int, seed: int, gat
     import openfl_api as ofl
     from openfl_api import aggregate
     from openfl_api.simulate import simulate
-    from openfl_api.simulation import VirtualClients
+    from openfl_api.virtual_clients import VirtualClients
 
     class Mark(ofl.Step):
         roles = frozenset({"backend"})

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 import openfl_api as ofl
 from openfl_api import aggregate, data
 from openfl_api.simulate import simulate
-from openfl_api.simulation import VirtualClients, init_linear_, split_clients
+from openfl_api.virtual_clients import VirtualClients, init_linear_, split_clients
 
 CLIENTS = 10
 PARTITIONS = ("iid", "dirichlet", "labels")

@@ -6,7 +6,7 @@
 The same script, unchanged, runs as one process (``simulate``: backend and frontends are threads
 over memory:// pipes) or as one process per rank (``launch``). The frontends share the clients
 (frontend ``r`` hosts every ``(world_size - 1)``-th id from ``r - 1``) and train them one after the
-other on one reusable model (:class:`~openfl_api.simulation.VirtualClients`). Each client's data
+other on one reusable model (:class:`~openfl_api.virtual_clients.VirtualClients`). Each client's data
 is FedProx's Synthetic(0.5, 0.5), drawn from the client's id when it trains, so memory does not
 grow with the number of clients. The backend samples ``--fraction`` of the clients per version
 (``ClientSampling``, after all of them have joined) and accumulates their updates in id order, so
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 import openfl_api as ofl
 from openfl_api import aggregate, data
-from openfl_api.simulation import ClientStates, VirtualClients, init_linear_, split_clients
+from openfl_api.virtual_clients import ClientStates, VirtualClients, init_linear_, split_clients
 
 
 def mlp(features: int, hidden: int, classes: int, seed: int) -> torch.nn.Sequential:

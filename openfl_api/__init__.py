@@ -44,10 +44,10 @@ _LAZY = {
     "ClientSampling": "openfl_api.step",
     "ReportSilent": "openfl_api.step",
     "Asynchronous": "openfl_api.asynchronous",
-    "VirtualClients": "openfl_api.simulation",
-    "ClientStates": "openfl_api.simulation",
+    "VirtualClients": "openfl_api.virtual_clients",
+    "ClientStates": "openfl_api.virtual_clients",
 }
-_SUBMODULES = ("aggregate", "data", "logger", "parser", "simulation", "utils")
+_SUBMODULES = ("aggregate", "data", "logger", "parser", "virtual_clients", "utils")
 
 __all__ = [
     *_LAZY,

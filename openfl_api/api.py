@@ -28,15 +28,17 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 from torch.utils.hooks import RemovableHandle
 
+from openfl_api import checkpoint, waiting
 from openfl_api.address import Address, _env_int, load_address_file
 from openfl_api.asynchronous import Asynchronous
-from openfl_api.backend import Server, Timeouts, newest_checkpoint
+from openfl_api.backend import Server
 from openfl_api.errors import AddressError, ConfigurationError, RoleError, StepError
 from openfl_api.frontend import Client, check_upload_meta
 from openfl_api.logger import bind
 from openfl_api.parser import environ
 from openfl_api.state import SharedState
 from openfl_api.step import BACKEND, FRONTEND, Event, Step
+from openfl_api.timeouts import Timeouts
 from openfl_api.transport.rendezvous import Peer, token_from
 
 __all__ = ["API"]
@@ -60,6 +62,8 @@ class API:
         connect_timeout: how long a frontend waits to be admitted.
         drain: how long the backend's :meth:`finish` waits for frontends to leave.
         tick: how often an idle serve loop fires ``at_loop``.
+        status_interval: how often a wait that lasts says what it waits for: the backend's open
+            version (uploads in, uploads missing, who is connected), a frontend's download or join.
         asynchronous: backend: an :class:`~openfl_api.Asynchronous` turns on asynchronous mode
             (``download()`` answered at once, staleness-weighted uploads); None is synchronous.
         clients: frontend: the ids of the virtual clients this process hosts (ints or str); each
@@ -82,6 +86,7 @@ class API:
         connect_timeout: timedelta = timedelta(minutes=5),
         drain: timedelta = timedelta(seconds=10),
         tick: timedelta = timedelta(milliseconds=100),
+        status_interval: timedelta = timedelta(seconds=10),
         asynchronous: Optional[Asynchronous] = None,
         clients: Optional[Sequence[Union[int, str]]] = None,
         reconnect: timedelta = timedelta(seconds=60),
@@ -109,7 +114,8 @@ class API:
         self._frontend = frontend
         self._token = token_from(token if token is not None else environ().get("OPENFL_API_TOKEN"))
         self._nick_name = nick_name
-        self.timeouts = Timeouts(idle=timeout, transfer=transfer_timeout, connect=connect_timeout, drain=drain, tick=tick)
+        self.timeouts = Timeouts(idle=timeout, transfer=transfer_timeout, connect=connect_timeout, drain=drain, tick=tick,
+                                 status=status_interval)
         self._steps: "collections.OrderedDict[int, Step]" = collections.OrderedDict()
         self._handlers: Dict[int, Dict[Event, Any]] = {}
         self._attached_key: Tuple[int, Optional[int]] = (0, None)
@@ -162,9 +168,9 @@ class API:
         return 0
 
     @property
-    def received(self) -> int:
-        """Backend: uploads accepted since the last aggregation."""
-        return self._require_server("received").received
+    def accepted(self) -> int:
+        """Backend: uploads accepted for the current version (since the last aggregation)."""
+        return self._require_server("accepted").accepted
 
     @property
     def loop_count(self) -> int:
@@ -271,6 +277,19 @@ class API:
             ]
         return cached
 
+    def _uploads_needed(self) -> Optional[Tuple[int, str]]:
+        """The most uploads an attached backend step needs to aggregate the current version, and
+        which step (its ``uploads_needed(api)``); None when no step says."""
+        best: Optional[Tuple[int, str]] = None
+        for step in self._steps.values():
+            method = getattr(step, "uploads_needed", None)
+            if BACKEND not in step.roles or not callable(method):
+                continue
+            needed = method(self)
+            if needed is not None and (best is None or needed > best[0]):
+                best = (int(needed), repr(step))
+        return best
+
     # ----------------------------------------------------------------- set-up
     def build_connection(
         self,
@@ -323,7 +342,8 @@ class API:
                 f"a frontend needs rank >= 1 on its address, got {addresses[0].rank}; rank 0 is the backend"
             )
         if not self._token:
-            self.log.warning("no admission token (--token or OPENFL_API_TOKEN): any process can join this federation")
+            self.log.warning("no admission token (API(token=...) or OPENFL_API_TOKEN): any process can join this "
+                             "federation")
         self._client = Client(self._fire, self.timeouts, self.log, clients=self._hosted, reconnect=self._reconnect)
         self._client.connect(addresses[0], self._token, self.nick_name)
 
@@ -332,9 +352,10 @@ class API:
             if address.rank != 0:
                 raise AddressError(f"the backend serves addresses as rank 0, got rank {address.rank} in {address}")
         if not self._token:
-            self.log.warning("no admission token (--token or OPENFL_API_TOKEN): any process can join this federation")
+            self.log.warning("no admission token (API(token=...) or OPENFL_API_TOKEN): any process can join this "
+                             "federation")
         self._server = Server(self._fire, self.timeouts, self._token, self.nick_name, self.log,
-                              asynchronous=self._asynchronous)
+                              asynchronous=self._asynchronous, needs=self._uploads_needed)
         for address in addresses:
             self._server.serve(address)
         if address_file is not None:
@@ -477,28 +498,19 @@ class API:
         Called from a step while the serve loop handles an event, the file is written once every
         step has seen that event, so the saved state of the steps is consistent."""
         server = self._require_server("save_checkpoint()")
-        server.checkpoint(str(path), lambda: {key: step.state_dict() for key, step in self._stateful_steps()})
-
-    def _stateful_steps(self) -> List[Any]:
-        """``(key, step)`` for attached steps with ``state_dict``/``load_state_dict``; keys follow attach order."""
-        return [(f"{index}:{step.name}", step) for index, step in enumerate(self._steps.values())
-                if callable(getattr(step, "state_dict", None)) and callable(getattr(step, "load_state_dict", None))]
+        server.checkpoint(str(path), lambda: checkpoint.step_states(list(self._steps.values())))
 
     def _prepare_backend(self, server: Server) -> None:
         server.prepare(self._shared_state(), self._server_optimizer)
         if self._resume is None:
             return
-        found = newest_checkpoint(self._resume, self.log)
+        found = checkpoint.newest(self._resume, self.log)
         if found is None:
             self.log.info(f"no checkpoint {self._resume}.<version> to resume from; starting at version 0")
             return
         source, data = found
         steps = server.load_checkpoint(data, source)
-        for key, step in self._stateful_steps():
-            if key in steps:
-                step.load_state_dict(steps[key])
-            else:
-                self.log.warning(f"{source} holds no state for step {key}; it starts afresh")
+        checkpoint.load_step_states(list(self._steps.values()), steps, source, self.log)
 
     # ----------------------------------------------------------------- the end
     def report(self) -> str:
@@ -508,18 +520,22 @@ class API:
 
     def finish(self) -> None:
         """Close every pipe and log the transfer table. The backend first waits for its serve loop."""
+        self._finish(interrupted=False)
+
+    def _finish(self, interrupted: bool) -> None:
         if self._finished:
             return
         self._finished = True
         if self._server is not None:
             if self._thread is not None:
-                self._thread.join(self.timeouts.idle.total_seconds())
+                with waiting.logged(self.log, self.timeouts.status, "the serve loop to stop (a stop step to fire)"):
+                    self._thread.join(self.timeouts.idle.total_seconds() if not interrupted else 1.0)
                 if self._thread.is_alive():
                     self._server.stop(f"finish() waited {self.timeouts.idle} for the serve loop")
                     self._thread.join(5)
-            self._server.finish()
+            self._server.finish(drain=not interrupted)
         elif self._client is not None:
-            self._client.finish()
+            self._client.finish(interrupted=interrupted)
         self.log.info(f"finished: {self.nick_name}\n{self.report()}")
         if self._thread_error is not None:
             raise self._thread_error
@@ -529,9 +545,10 @@ class API:
 
     def __exit__(self, exc_type: Any, exc: Any, traceback: Any) -> None:
         if exc_type is not None and not self._finished:
-            self.stop(f"{exc_type.__name__} in the training loop")
+            interrupted = issubclass(exc_type, KeyboardInterrupt)
+            self.stop("interrupted (KeyboardInterrupt)" if interrupted else f"{exc_type.__name__} in the training loop")
             try:
-                self.finish()
+                self._finish(interrupted=interrupted)
             except Exception as finish_error:
                 self.log.debug(f"finish() after {exc_type.__name__} failed too: {finish_error}")
 

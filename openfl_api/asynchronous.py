@@ -17,6 +17,11 @@ With ``k > 1`` it is buffered asynchronous aggregation in the manner of FedBuff 
 FedBuff proper averages client *deltas* and applies them with a server learning rate; here clients
 upload models (the contract of DESIGN.md §4) and the average of models is mixed with ``alpha``.
 A ``server_optimizer`` given to ``set_aggregator_and_optimizer`` then sees the mixed model.
+
+Start policy: the backend serves no model until ``min_frontends`` frontends are connected (by
+default every frontend its addresses' ``world_size`` allows), so frontends that start a little
+later than the first do not miss the versions the first one would otherwise race through. While
+it waits, the status line names who is missing.
 """
 
 from __future__ import annotations
@@ -43,11 +48,14 @@ class Asynchronous:
             (default, ``a = 0.5``) or :class:`~openfl_api.aggregate.Hinge`.
         max_staleness: the largest accepted staleness; staler updates are discarded and counted.
             None accepts any staleness.
+        min_frontends: frontends that must be connected before the first model is served; None
+            waits for every frontend the served addresses' ``world_size`` allows.
     """
 
     alpha: float = 0.6
     staleness: Staleness = field(default_factory=Polynomial)
     max_staleness: Optional[int] = 16
+    min_frontends: Optional[int] = None
 
     def __post_init__(self) -> None:
         alpha = self.alpha
@@ -61,6 +69,9 @@ class Asynchronous:
         bound = self.max_staleness
         if bound is not None and (isinstance(bound, bool) or not isinstance(bound, numbers.Integral) or bound < 0):
             raise ConfigurationError(f"Asynchronous(max_staleness=...) must be an int >= 0 or None; got {bound!r}")
+        least = self.min_frontends
+        if least is not None and (isinstance(least, bool) or not isinstance(least, numbers.Integral) or least < 1):
+            raise ConfigurationError(f"Asynchronous(min_frontends=...) must be an int >= 1 or None; got {least!r}")
 
     def weight(self, d: int) -> float:
         """The staleness weight of an update ``d`` versions old, checked to lie in ``(0, 1]``."""

@@ -3,12 +3,18 @@
 Every call is one request and one reply over the frontend's pipe. ``download()`` asks for a
 model whose version is at least the local version (the synchronous rule keeps clients in
 lock-step); the reply is validated against the local schema before it is copied into the user's
-tensors. The end of the federation is not an error: the calls return False.
+tensors. The end of the federation is not an error: the calls return False. A refusal is:
+a frontend whose model differs from the backend's gets a :class:`ConfigurationError` naming the
+first differences, one refused for another reason an :class:`AdmissionError`.
+
+The first request registers the frontend: it carries the layout of its model (``schema``) and,
+with virtual clients, the ids it hosts. While a reply takes long, a line every ``status`` interval
+says what the frontend waits for and what the backend last said of its version. On the main
+thread the pipe's blocking waits run on a helper thread, so Ctrl-C is never held up.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from datetime import timedelta
 from typing import Any, Callable, Dict, List, Mapping, Optional, Union
@@ -17,16 +23,19 @@ import torch
 
 from openfl_api.address import Address
 from openfl_api.errors import AdmissionError, ConfigurationError, PayloadError, TransportError
+from openfl_api.ledger import Ledger
 from openfl_api.payload import (
-    MAX_HEADER_BYTES, FiniteScan, Schema, decode, encode, encode_header, encode_pieces, parse_header,
+    MAX_HEADER_BYTES, FiniteScan, Schema, decode, dtype_name, encode, encode_header, encode_pieces, parse_header,
+    validate_meta,
 )
-from openfl_api.report import Ledger
 from openfl_api.state import SharedState
 from openfl_api.step import Event, Transfer
+from openfl_api.timeouts import Timeouts
 from openfl_api.transport.base import Kind, Limits, Message, Pieces, Pipe
 from openfl_api.transport.rendezvous import join, open_store
+from openfl_api.waiting import Helper, interruptible, logged
 
-__all__ = ["Client"]
+__all__ = ["Client", "check_upload_meta"]
 
 MAX_REJOINS = 3  # joins again per request before a broken pipe is reported
 
@@ -36,11 +45,13 @@ class Client:
 
     Args:
         fire: ``fire(event, *args)`` runs the API's steps.
-        timeouts: every wait (see :class:`~openfl_api.backend.Timeouts`).
+        timeouts: every wait.
         log: a bound logger.
+        clients: the virtual client ids this frontend hosts, or None: it is one client.
+        reconnect: how long to keep trying to join a backend that went away without ending.
     """
 
-    def __init__(self, fire: Callable[..., None], timeouts: Any, log: Any,
+    def __init__(self, fire: Callable[..., None], timeouts: Timeouts, log: Any,
                  clients: Optional[List[str]] = None, reconnect: timedelta = timedelta(0)) -> None:
         self._fire = fire
         self.hosted = clients  # virtual client ids, or None: this frontend is one client
@@ -64,12 +75,17 @@ class Client:
         self._tx: Optional[torch.Tensor] = None
         self._scan_schema: Optional[Schema] = None
         self.scan: Optional[FiniteScan] = None  # watches the payload of the reply being received
+        self._io: Optional[Helper] = None  # runs the pipe's blocking waits when on the main thread
+        self._backend_said = ""  # the status in the backend's last ping
+        self._uploaded_from: Optional[int] = None  # the version the last upload was trained from
+        self._schema: Optional[List[List[Any]]] = None  # the model's layout, sent when registering
 
     def connect(self, address: Address, token: bytes, nick_name: str, timeout: Optional[timedelta] = None) -> None:
         """Join the backend at ``address``; blocks until admitted."""
         timeout = timeout or self.timeouts.connect
-        self._store = open_store(address, backend=False, timeout=timeout)
-        self._pipe, self.backend_name, self._ended_on_store = join(address, self._store, token, nick_name, timeout)
+        self._store = open_store(address, backend=False, timeout=timeout, log=self.log)
+        self._pipe, self.backend_name, self._ended_on_store = join(
+            address, self._store, token, nick_name, timeout, log=self.log, status=self.timeouts.status)
         self.address, self._token, self._nick_name = address, token, nick_name
         self._registered = False
         self.log.info(f"joined {self.backend_name} at {address.init_method} as rank {address.rank}")
@@ -111,12 +127,17 @@ class Client:
             self.scan.progress(end)
 
     def _exchange(self, request: Union[Message, Callable[[], Message]], limits: Limits,
-                  schema: Optional[Schema] = None) -> Optional[Message]:
+                  schema: Optional[Schema] = None, what: str = "the backend's answer") -> Optional[Message]:
         """Send a request (or build it: ``request()``) and receive its reply; None once ended.
 
         A broken pipe with no end recorded on the store means the backend went away (or dropped
-        this frontend): join again for up to ``reconnect`` and repeat the request. ``schema``: the
-        layout of the reply's payload, checked for finite values while it arrives (``self.scan``).
+        this frontend): join again for up to ``reconnect`` and repeat the request. ``what`` names
+        the reply in the lines logged while it takes long. ``schema``: the layout of the reply's
+        payload, checked for finite values while it arrives (``self.scan``).
+
+        Raises:
+            ConfigurationError: the backend refused this frontend's model.
+            AdmissionError: the backend refused this frontend for another reason.
         """
         self._scan_schema, self.scan = schema, None
         if isinstance(request, Message):
@@ -125,11 +146,8 @@ class Client:
         limits = Limits(limits.kinds | {Kind.PING}, limits.max_header, limits.max_payload)
         while True:
             try:
-                self._pipe.send(request(), self.timeouts.transfer)
-                reply = self._pipe.recv(limits, self.timeouts.idle, self.timeouts.transfer, self._alloc, self._progress)
-                while reply.kind is Kind.PING:  # the backend holds the request and checks on us
-                    reply = self._pipe.recv(limits, self.timeouts.idle, self.timeouts.transfer, self._alloc,
-                                            self._progress)
+                with logged(self.log, self.timeouts.status, lambda: self._waiting_for(what)):
+                    reply = self._round_trip(request(), limits)
                 break
             except TransportError as exc:
                 ended = self._ended_on_store()
@@ -147,9 +165,44 @@ class Client:
                     f"lost the backend at {self.address.init_method}, which did not record an end: {exc}"
                 ) from exc
         if reply.kind is Kind.END:
-            self._end(str(_header_or_empty(reply.header).get("reason", "the federation ended")))
+            fields = _header_or_empty(reply.header)
+            reason = str(fields.get("reason", "the federation ended"))[:2000]
+            code = fields.get("code")
+            if code in ("refused", "mismatch"):
+                self._end(reason)
+                self.log.error(f"the backend {reason}")
+                raise (ConfigurationError if code == "mismatch" else AdmissionError)(f"the backend {reason}")
+            self._end(reason)
             return None
         return reply
+
+    def _round_trip(self, message: Message, limits: Limits) -> Message:
+        """Send ``message`` and receive the reply, skipping the backend's pings (remembering their status)."""
+        pipe = self._pipe
+        if pipe.queues_sends:  # in-process: the backend answers on this thread, nothing blocks long
+            pipe.send(message, self.timeouts.transfer)
+            return self._receive(pipe, limits)
+        if self._io is None:
+            self._io = Helper("openfl-frontend-io")
+
+        def call() -> Message:
+            pipe.send(message, self.timeouts.transfer)
+            return self._receive(pipe, limits)
+
+        return interruptible(call, self._io)
+
+    def _receive(self, pipe: Pipe, limits: Limits) -> Message:
+        reply = pipe.recv(limits, self.timeouts.idle, self.timeouts.transfer, self._alloc, self._progress)
+        while reply.kind is Kind.PING:  # the backend holds the request and checks on us
+            status = _header_or_empty(reply.header).get("status")
+            if isinstance(status, str):
+                self._backend_said = status[:500]
+            reply = pipe.recv(limits, self.timeouts.idle, self.timeouts.transfer, self._alloc, self._progress)
+        return reply
+
+    def _waiting_for(self, what: str) -> str:
+        said = f"; the backend says: {self._backend_said}" if self._backend_said else ""
+        return f"{what} from {self.backend_name or 'the backend'} at {self.address.init_method}{said}"
 
     def _end(self, reason: str) -> None:
         self.ended = True
@@ -165,12 +218,14 @@ class Client:
 
         def request() -> Message:
             fields: Dict[str, Any] = {"version": self.version}
-            if self.hosted is not None and not self._registered:
-                fields["clients"] = self.hosted
+            if not self._registered:
+                fields.update(self._registration(state))
             return Message(Kind.DOWNLOAD, encode_header(fields))
 
         limits = Limits(frozenset({Kind.MODEL, Kind.END}), MAX_HEADER_BYTES, state.download_schema.nbytes)
-        reply = self._exchange(request, limits, state.download_schema)
+        self._backend_said = ""
+        reply = self._exchange(request, limits, state.download_schema,
+                               what=f"the model of version {self.version} or later")
         if reply is None:
             return False
         self._registered = True
@@ -184,11 +239,25 @@ class Client:
             raise PayloadError(f"the backend sent an invalid model; nothing was loaded: {exc}") from exc
         self.selected = transfer.clients = selected
         state.apply(payload.tensors)
+        if payload.version == self._uploaded_from and self.hosted is None:
+            self.log.warning(
+                f"downloaded version {payload.version} again, which this frontend has already uploaded an update "
+                "for: call api.update_version() after api.upload(), so that download() waits for the next version"
+            )
         self.version = transfer.version = payload.version
         self.ledger.add(self.backend_name, "downloads")
         self.log.debug(f"downloaded version {payload.version}")
         self._fire(Event.AFTER_DOWNLOAD, transfer)
         return True
+
+    def _registration(self, state: SharedState) -> Dict[str, Any]:
+        """What the first request of a pipe carries: the model's layout, and the hosted client ids."""
+        if self._schema is None:
+            self._schema = [[s.name, dtype_name(s.dtype), list(s.shape)] for s in state.upload_schema.specs]
+        fields: Dict[str, Any] = {"schema": self._schema}
+        if self.hosted is not None:
+            fields["clients"] = self.hosted
+        return fields
 
     def _check_selected(self, named: Any) -> List[str]:
         hosted = self.hosted if self.hosted is not None else []
@@ -241,18 +310,19 @@ class Client:
         owned = isinstance(pieces, torch.Tensor)  # encoded for this upload alone
 
         def request() -> Message:
-            if self.hosted is None or self._registered:
+            if self._registered:
                 return Message(Kind.UPLOAD, header, pieces, owned=owned)
-            # A backend joined again has not heard of this frontend's clients yet.
+            # A backend joined again has not heard of this frontend yet.
             fields = parse_header(header)
-            fields["meta"]["clients"] = self.hosted
+            fields["meta"].update(self._registration(state))
             return Message(Kind.UPLOAD, encode_header(fields), pieces, owned=owned)
 
-        reply = self._exchange(request,
-                               Limits(frozenset({Kind.ACK, Kind.END}), MAX_HEADER_BYTES, 0))
+        reply = self._exchange(request, Limits(frozenset({Kind.ACK, Kind.END}), MAX_HEADER_BYTES, 0),
+                               what=f"the answer to the upload trained from version {self.version}")
         if reply is None:
             return False
         self._registered = True
+        self._uploaded_from = self.version
         ack = _header_or_empty(reply.header)
         transfer.accepted = bool(ack.get("accepted"))
         transfer.reason = str(ack.get("reason", ""))[:500]
@@ -265,15 +335,17 @@ class Client:
         self._fire(Event.AFTER_UPLOAD, transfer)
         return True
 
-    def finish(self) -> None:
-        """Say goodbye to the backend and release the pipe."""
+    def finish(self, interrupted: bool = False) -> None:
+        """Say goodbye to the backend and release the pipe; ``interrupted``: at once, no goodbye
+        (a wait of the pipe may still be blocked on the helper thread)."""
         if self._pipe is None:
             return
-        try:
-            self._pipe.send(Message(Kind.BYE), self.timeouts.transfer)
-        except TransportError:
-            pass
-        self._pipe.close()
+        if not interrupted:
+            try:
+                self._pipe.send(Message(Kind.BYE), self.timeouts.transfer)
+            except TransportError:
+                pass
+            self._pipe.close()
         self._pipe = None
         self._store = None
 
@@ -286,16 +358,10 @@ def _header_or_empty(raw: bytes) -> Dict[str, Any]:
 
 
 def check_upload_meta(num_samples: Any, metrics: Any) -> Dict[str, Any]:
-    """Validate ``upload()``'s arguments before anything is sent."""
-    if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
-        raise ConfigurationError(f"upload(num_samples=...) must be an integer >= 1, got {num_samples!r}")
-    if not isinstance(metrics, Mapping):
-        raise ConfigurationError(f"upload(metrics=...) must be a dict of str to float, got {type(metrics).__name__}")
-    clean = {}
-    for key, value in metrics.items():
-        if isinstance(value, torch.Tensor) and value.numel() == 1:
-            value = value.item()
-        if not isinstance(key, str) or not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-            raise ConfigurationError(f"upload(metrics=...) entry {key!r} must map a str to a finite number, got {value!r}")
-        clean[key] = float(value)
-    return {"num_samples": num_samples, "metrics": clean}
+    """Validate ``upload()``'s arguments before anything is sent, with the backend's own check.
+
+    One-element tensors among the metrics (a loss) are taken as their value.
+    """
+    if isinstance(metrics, Mapping):
+        metrics = {k: v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else v for k, v in metrics.items()}
+    return validate_meta({"num_samples": num_samples, "metrics": metrics}, error=ConfigurationError, where="upload")

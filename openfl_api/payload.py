@@ -572,30 +572,36 @@ def _all_finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(tensor).all())
 
 
-def validate_meta(meta: Mapping[str, Any]) -> Dict[str, Any]:
-    """Check upload metadata from a peer: ``num_samples`` and a flat ``metrics`` dictionary.
+def validate_meta(meta: Mapping[str, Any], error: type = PayloadError, where: str = "meta") -> Dict[str, Any]:
+    """Check upload metadata: ``num_samples`` and a flat ``metrics`` dictionary.
+
+    The one check of both sides: the frontend runs it on ``upload()``'s arguments
+    (``error=ConfigurationError, where="upload"``), the backend on what a peer sent.
 
     Returns:
         ``{"num_samples": int, "metrics": {str: float}}``.
 
     Raises:
-        PayloadError: a field is missing, of the wrong type, out of range, or not finite.
+        error: a field is missing, of the wrong type, out of range, or not finite.
     """
+    label = (lambda name: f"upload({name}=...)") if where == "upload" else (lambda name: f"{where} {name!r}")
     num_samples = meta.get("num_samples")
     if not isinstance(num_samples, int) or isinstance(num_samples, bool) or not 1 <= num_samples <= 2**53:
-        raise PayloadError(f"meta 'num_samples' must be an integer in [1, 2**53], got {num_samples!r}"[:200])
+        raise error(f"{label('num_samples')} must be an integer in [1, 2**53], got {num_samples!r}"[:200])
     metrics = meta.get("metrics", {})
-    if not isinstance(metrics, dict) or len(metrics) > MAX_METRICS:
-        raise PayloadError(f"meta 'metrics' must be an object with at most {MAX_METRICS} entries")
+    if not isinstance(metrics, Mapping) or len(metrics) > MAX_METRICS:
+        raise error(f"{label('metrics')} must be a dict of at most {MAX_METRICS} str to finite numbers, "
+                    f"got {type(metrics).__name__}"[:200])
     clean: Dict[str, float] = {}
     for key, value in metrics.items():
-        if len(key) > MAX_NAME_CHARS or not key.isprintable():
-            raise PayloadError(f"metric name {key[:40]!r} must be printable and at most {MAX_NAME_CHARS} characters")
+        if not isinstance(key, str) or len(key) > MAX_NAME_CHARS or not key.isprintable():
+            raise error(f"{label('metrics')}: metric name {str(key)[:40]!r} must be a printable str of at most "
+                        f"{MAX_NAME_CHARS} characters")
         try:
             number = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
         except OverflowError:
             number = math.inf
         if not math.isfinite(number):
-            raise PayloadError(f"metric {key!r} must be a finite number, got {str(value)[:40]}")
+            raise error(f"{label('metrics')}: metric {key!r} must be a finite number, got {str(value)[:40]}")
         clean[key] = number
     return {"num_samples": num_samples, "metrics": clean}

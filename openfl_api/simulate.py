@@ -15,7 +15,7 @@ Usage
     python -m openfl_api.simulate [--nproc_per_node N] -m package.module [module args ...]
 
 Rank 0 is the backend, ranks 1..N-1 the frontends; with virtual clients
-(:class:`~openfl_api.simulation.VirtualClients`) ``--nproc_per_node 2`` already simulates any
+(:class:`~openfl_api.virtual_clients.VirtualClients`) ``--nproc_per_node 2`` already simulates any
 number of clients. ``OPENFL_API_TOKEN`` is kept when set, else one random token per run is given
 to every rank (as the launcher does); ``os.environ`` is never changed.
 

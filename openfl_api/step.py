@@ -40,6 +40,7 @@ Writing a step::
 from __future__ import annotations
 
 import contextvars
+import difflib
 import enum
 import inspect
 import math
@@ -164,11 +165,24 @@ class _AttachOnBuild(type):
         return step
 
 
+_EVENT_PREFIXES = ("at_", "on_", "before_", "after_")
+#: Public methods of steps that are not events (helpers the backend or checkpoints call).
+NOT_EVENTS = frozenset({"handlers", "state_dict", "load_state_dict", "uploads_needed"})
+
+
 class Step(metaclass=_AttachOnBuild):
     """Base class of steps: override the methods of the events to handle.
 
+    Every event is a method here that does nothing; a step overrides the ones it handles. A
+    public method whose name looks like an event but is none (``after_uplaod``) is refused when
+    the step is attached, with the closest event named: it would never fire.
+
     ``roles`` says where the step fires (``{"backend"}``, ``{"frontend"}`` or both); the default
     is both. Inside ``with StepAt(api):`` a step attaches to ``api`` when it is built.
+
+    A backend step that triggers aggregation may also define ``uploads_needed(api) -> int | None``:
+    the uploads it needs to aggregate the current version, which the backend's status line names
+    when a version stalls.
     """
 
     roles: FrozenSet[str] = frozenset({BACKEND, FRONTEND})
@@ -178,16 +192,44 @@ class Step(metaclass=_AttachOnBuild):
         """The name used in log lines and errors."""
         return type(self).__name__
 
+    def at_loop(self, api: Any) -> None:
+        """Backend: each turn of the serve loop (each request or event handled, or every ``tick``)."""
+
+    def on_join(self, api: Any, peer: Any) -> None:
+        """Backend: a frontend was admitted."""
+
+    def on_leave(self, api: Any, peer: Any) -> None:
+        """Backend: a frontend's pipe closed (goodbye, crash, timeout, address removed)."""
+
+    def before_download(self, api: Any, transfer: "Transfer") -> None:
+        """Backend: a download is about to be served (``transfer.hold(reason)`` holds it); frontend:
+        ``api.download()`` is about to ask."""
+
+    def after_download(self, api: Any, transfer: "Transfer") -> None:
+        """Backend: the model was handed to the pipe; frontend: the model was loaded into the tensors."""
+
+    def before_upload(self, api: Any, transfer: "Transfer") -> None:
+        """Backend: a valid upload arrived, not yet judged (``transfer.discard(reason)`` drops it);
+        frontend: ``api.upload()`` is about to send."""
+
+    def after_upload(self, api: Any, transfer: "Transfer") -> None:
+        """Backend: the upload was accepted or discarded (``transfer.accepted``, ``transfer.reason``);
+        frontend: the backend answered."""
+
+    def after_aggregate(self, api: Any) -> None:
+        """Backend: a new global version exists."""
+
     def handlers(self) -> Dict[Event, Any]:
         """Return the bound methods this step overrides, checked against each event's signature.
 
         Raises:
-            ConfigurationError: an overridden method cannot take the event's arguments.
+            ConfigurationError: an overridden method cannot take the event's arguments, or a public
+                method looks like an event but is none.
         """
+        self._check_names()
         found: Dict[Event, Any] = {}
         for event in Event:
-            method = getattr(type(self), event.value, None)
-            if method is None or method is getattr(Step, event.value, None):
+            if getattr(type(self), event.value) is getattr(Step, event.value):
                 continue
             bound = getattr(self, event.value)
             try:
@@ -200,6 +242,21 @@ class Step(metaclass=_AttachOnBuild):
                 ) from None
             found[event] = bound
         return found
+
+    def _check_names(self) -> None:
+        events = [event.value for event in Event]
+        for attribute in dir(type(self)):
+            if attribute.startswith("_") or attribute in events or attribute in NOT_EVENTS:
+                continue
+            if not callable(getattr(type(self), attribute, None)):
+                continue
+            closest = difflib.get_close_matches(attribute, events, n=1, cutoff=0.75)
+            if closest or attribute.startswith(_EVENT_PREFIXES):
+                hint = f"did you mean {closest[0]}? " if closest else ""
+                raise ConfigurationError(
+                    f"step {self.name} has a method {attribute}() that is no event, so it would never fire: "
+                    f"{hint}The events are {', '.join(events)}. Rename it, or start a helper's name with '_'"
+                )
 
     def __repr__(self) -> str:
         return f"{self.name}()"
@@ -236,8 +293,8 @@ class _Aggregates(Step):
     def __init__(self, checkpoint: Union[str, Path, None]) -> None:
         self.checkpoint = _check_checkpoint(checkpoint)
 
-    def _aggregate(self, api: Any) -> None:
-        if api.aggregate() and self.checkpoint is not None:
+    def after_aggregate(self, api: Any) -> None:
+        if self.checkpoint is not None:
             api.save_checkpoint(f"{self.checkpoint}.{api.version}")
 
 
@@ -256,8 +313,11 @@ class AggregateCount(_Aggregates):
         self.count = count
 
     def after_upload(self, api: Any, transfer: Transfer) -> None:
-        if transfer.accepted and api.received >= self.count:
-            self._aggregate(api)
+        if transfer.accepted and api.accepted >= self.count:
+            api.aggregate()
+
+    def uploads_needed(self, api: Any) -> int:
+        return self.count
 
     def __repr__(self) -> str:
         return f"AggregateCount(count={self.count})"
@@ -282,11 +342,12 @@ class AggregatePeriod(_Aggregates):
         self._since = time.monotonic()
 
     def at_loop(self, api: Any) -> None:
-        if time.monotonic() - self._since >= self.period.total_seconds() and api.received > 0:
-            self._aggregate(api)
+        if time.monotonic() - self._since >= self.period.total_seconds() and api.accepted > 0:
+            api.aggregate()
 
     def after_aggregate(self, api: Any) -> None:
         self._since = time.monotonic()
+        super().after_aggregate(api)
 
     def __repr__(self) -> str:
         return f"AggregatePeriod(period={self.period})"
@@ -379,16 +440,20 @@ class Deadline(_Aggregates):
         if time.monotonic() - self._since < self.after.total_seconds():
             return
         needed = self.needed(api)
-        if api.received >= needed:
-            api.log.info(f"deadline of version {api.version} passed: aggregating {api.received} uploads (quorum {needed})")
-            self._aggregate(api)
+        if api.accepted >= needed:
+            api.log.info(f"deadline of version {api.version} passed: aggregating {api.accepted} uploads (quorum {needed})")
+            api.aggregate()
         elif self._warned != api.version:
             self._warned = api.version
-            api.log.warning(f"deadline of version {api.version} passed with {api.received} of the {needed} uploads "
+            api.log.warning(f"deadline of version {api.version} passed with {api.accepted} of the {needed} uploads "
                             "the quorum needs; waiting for the quorum")
 
     def after_aggregate(self, api: Any) -> None:
         self._since = time.monotonic()
+        super().after_aggregate(api)
+
+    def uploads_needed(self, api: Any) -> int:
+        return self.needed(api)
 
     def __repr__(self) -> str:
         return f"Deadline(after={self.after}, quorum={self.quorum})"

@@ -12,7 +12,7 @@ import torch
 
 import openfl_api as ofl
 from openfl_api import aggregate
-from openfl_api import backend as backend_module
+from openfl_api.backend import accumulate
 from openfl_api.payload import MAX_HEADER_BYTES, encode, parse_header
 from openfl_api.state import SharedState
 from openfl_api.transport.base import Kind, Limits, Message
@@ -207,8 +207,8 @@ def test_checkpoints_are_written_per_version_and_load_with_weights_only(federati
     federation.frontend(1, upload_constant(2.0, num_samples=1))
     federation.serve_until_frontends_finish()
     saved = torch.load(tmp_path / "ckpt.1", weights_only=True)
-    assert saved["version"] == 1
-    assert torch.equal(saved["state_dict"]["weight"], torch.full((2, 3), 2.0))
+    assert saved["versions"]["version"] == 1
+    assert torch.equal(saved["model"]["state_dict"]["weight"], torch.full((2, 3), 2.0))
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.1"]
 
 
@@ -296,7 +296,7 @@ def test_an_address_added_to_a_watched_file_is_served_and_a_removed_one_closed(f
     assert late.download()
     ofl.dump_address_file(path, [first])
     deadline = time.monotonic() + WAIT
-    while second.key in federation.backend._server._lobbies and time.monotonic() < deadline:
+    while second.key in federation.backend._server.addresses.lobbies and time.monotonic() < deadline:
         time.sleep(0.01)  # polling the backend's own state, not waiting for another rank
     assert late.download() is False  # the backend closed b: the next request gets END
     assert "removed" in late.stop_reason
@@ -382,7 +382,7 @@ def test_an_upload_made_in_inference_mode_leaves_the_backend_able_to_aggregate(f
     federation.frontend(1, body)
     federation.serve_until_frontends_finish()
     assert federation.backend.version == 2
-    assert not any(t.is_inference() for t in federation.backend._server.state.aggregator._sums.values())
+    assert not any(t.is_inference() for t in federation.backend._server.model.aggregator._sums.values())
 
 
 def test_an_error_while_handling_an_in_process_request_is_raised_by_run_and_ends_the_frontend(federation, monkeypatch):
@@ -392,7 +392,7 @@ def test_an_error_while_handling_an_in_process_request_is_raised_by_run_and_ends
     def broken(worker, message):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(federation.backend._server, "_take_upload", broken)
+    monkeypatch.setattr(federation.backend._server.exchange, "upload", broken)
     ended = {}
 
     def body(api, model, opt):
@@ -413,7 +413,7 @@ def test_an_error_on_the_loops_own_thread_is_raised_by_run_and_named_in_the_stop
     def broken():
         raise RuntimeError("clock skew")
 
-    monkeypatch.setattr(federation.backend._server, "_release_waiting", broken)
+    monkeypatch.setattr(federation.backend._server.exchange, "release_waiting", broken)
     with pytest.raises(RuntimeError, match="clock skew"):
         federation.backend.run()
     assert federation.backend.stop_reason == "RuntimeError in the serve loop: clock skew"
@@ -474,10 +474,10 @@ def test_custom_steps_fire_in_attach_order_at_each_event(federation):
         ("first", "before_download"), ("second", "before_download"),
         ("first", "after_download"), ("second", "after_download"),
         ("first", "before_upload"), ("second", "before_upload"),
-        ("first", "after_upload accepted=True"),
-        # AggregateCount, attached between the recorders, aggregates here:
+        # AggregateCount, attached between the recorders, asks for the aggregation in its
+        # after_upload; it happens once every step has seen the upload.
+        ("first", "after_upload accepted=True"), ("second", "after_upload accepted=True"),
         ("first", "after_aggregate v1"), ("second", "after_aggregate v1"),
-        ("second", "after_upload accepted=True"),
         ("first", "before_download"), ("second", "before_download"),
         ("first", "after_download"), ("second", "after_download"),
     ]
@@ -510,7 +510,7 @@ class GatedAggregator(aggregate.AverageAggregator):
 
 
 def test_a_download_is_served_while_an_upload_is_still_accumulated(federation, monkeypatch):
-    monkeypatch.setattr(backend_module, "OVERLAP_BYTES", 0)  # this model is tiny; overlap it anyway
+    monkeypatch.setattr(accumulate, "OVERLAP_BYTES", 0)  # this model is tiny; overlap it anyway
     GatedAggregator.gate.clear()
     GatedAggregator.entered.clear()
     federation.backend.set_aggregate_triggers(ofl.AggregateCount(count=2))

@@ -550,7 +550,7 @@ def test_validate_meta_rejects_a_bad_num_samples(num_samples: Any) -> None:
 @pytest.mark.parametrize("metrics", [[], "loss", None, {f"m{i}": 0.0 for i in range(65)}],
                          ids=["list", "str", "null", "65-entries"])
 def test_validate_meta_rejects_bad_metrics(metrics: Any) -> None:
-    with pytest.raises(PayloadError, match="meta 'metrics' must be an object with at most 64 entries"):
+    with pytest.raises(PayloadError, match="meta 'metrics' must be a dict of at most 64 str to finite numbers"):
         validate_meta({"num_samples": 1, "metrics": metrics})
 
 
@@ -560,7 +560,7 @@ def test_validate_meta_accepts_64_metrics() -> None:
 
 @pytest.mark.parametrize("name", ["x" * 257, "a\nb", "tab\there", "\x00"], ids=["long", "newline", "tab", "nul"])
 def test_validate_meta_rejects_a_bad_metric_name(name: str) -> None:
-    with pytest.raises(PayloadError, match="must be printable and at most 256 characters"):
+    with pytest.raises(PayloadError, match="must be a printable str of at most 256 characters"):
         validate_meta({"num_samples": 1, "metrics": {name: 1.0}})
 
 
@@ -573,6 +573,17 @@ def test_validate_meta_accepts_a_256_character_metric_name() -> None:
 def test_validate_meta_rejects_a_bad_metric_value(value: Any) -> None:
     with pytest.raises(PayloadError, match="metric 'loss' must be a finite number"):
         validate_meta({"num_samples": 1, "metrics": {"loss": value}})
+
+
+def test_the_frontend_checks_upload_arguments_with_the_backends_check_and_names_the_argument() -> None:
+    from openfl_api.errors import ConfigurationError
+    from openfl_api.frontend import check_upload_meta
+
+    with pytest.raises(ConfigurationError, match=r"upload\(num_samples=...\) must be an integer in \[1, 2\*\*53\]"):
+        check_upload_meta(0, {})
+    with pytest.raises(ConfigurationError, match=r"upload\(metrics=...\): metric 'loss' must be a finite number"):
+        check_upload_meta(1, {"loss": float("nan")})
+    assert check_upload_meta(2, {"loss": torch.tensor(0.5)}) == {"num_samples": 2, "metrics": {"loss": 0.5}}
 
 
 # --- fuzzing -----------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Virtual clients (openfl_api.simulation) and the one-process simulation (openfl_api.simulate),
+"""Virtual clients (openfl_api.virtual_clients) and the one-process simulation (openfl_api.simulate),
 in this process over memory:// pipes; the launcher and memory figures are in
 tests/distributed/test_simulation_processes.py."""
 
@@ -16,7 +16,7 @@ import openfl_api as ofl
 from openfl_api import aggregate
 from openfl_api.parser import environ, environment, parse_args
 from openfl_api.simulate import SimulationError, main, simulate
-from openfl_api.simulation import ClientStates, VirtualClients, client_seed, split_clients
+from openfl_api.virtual_clients import ClientStates, VirtualClients, client_seed, split_clients
 
 from conftest import WAIT
 
@@ -294,7 +294,7 @@ def test_the_command_line_exits_1_when_a_rank_fails(tmp_path, capsys):
 
 
 def test_init_linear_is_reproducible_and_leaves_the_global_generator_alone() -> None:
-    from openfl_api.simulation import init_linear_
+    from openfl_api.virtual_clients import init_linear_
 
     first, second = (torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
                      for _ in range(2))

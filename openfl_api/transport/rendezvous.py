@@ -32,6 +32,7 @@ import weakref
 import json
 import os
 import secrets
+import socket
 import sys
 import threading
 import time
@@ -48,6 +49,7 @@ from openfl_api.logger import bind
 from openfl_api.transport.base import Pipe
 from openfl_api.transport.gloo import open_gloo_pipe
 from openfl_api.transport.memory import open_memory_pipe
+from openfl_api.waiting import interruptible, logged, seconds
 
 __all__ = ["Peer", "open_store", "Lobby", "join", "token_from", "PROTOCOL"]
 
@@ -93,21 +95,24 @@ def _mac(token: bytes, *parts: Any) -> str:
     return hmac.new(token, "|".join(str(p) for p in parts).encode("utf-8"), hashlib.sha256).hexdigest()
 
 
-def open_store(address: Address, backend: bool, timeout: timedelta) -> Store:
+def open_store(address: Address, backend: bool, timeout: timedelta, log: Any = None) -> Store:
     """Open the address's store: host it (tcp, backend), connect to it, or open the file.
+
+    A frontend reaching a ``tcp://`` store tries again with back-off until ``timeout``, logging
+    each failed attempt (a backend that is not up yet is the common case); the attempts are short,
+    so Ctrl-C is never held up by more than one of them.
 
     Returns:
         A ``PrefixStore`` scoped to the address's group name.
 
     Raises:
-        TransportError: the store cannot be hosted or reached within ``timeout``.
+        TransportError: the store cannot be hosted, or no backend answered within ``timeout``.
     """
     scheme = address.scheme
     try:
         if scheme == "tcp":
-            base: Store = TCPStore(
-                address.host, address.port, None, backend, timeout=timeout, wait_for_workers=False
-            )
+            base: Store = (TCPStore(address.host, address.port, None, True, timeout=timeout, wait_for_workers=False)
+                           if backend else _reach_tcp_store(address, timeout, log or bind("frontend")))
         elif scheme == "file":
             path = Path(address.path)
             if not path.parent.is_dir():
@@ -122,6 +127,40 @@ def open_store(address: Address, backend: bool, timeout: timedelta) -> Store:
             f"could not {role} the store of {address.init_method} within {timeout}: {str(exc).splitlines()[0]}"
         ) from exc
     return PrefixStore(f"openfl_api/{address.group_name}", base)
+
+
+_ATTEMPT_S = 1.0  # the longest one connection attempt to a backend's store may block
+
+
+def _reach_tcp_store(address: Address, timeout: timedelta, log: Any) -> Store:
+    """Connect to the backend's TCPStore, trying again with back-off until ``timeout``.
+
+    Each attempt first opens a plain socket (at most ``_ATTEMPT_S``): torch's client would retry
+    silently inside C++ for the whole timeout, deaf to Ctrl-C, and log a C++ stack per failure.
+    """
+    deadline = time.monotonic() + timeout.total_seconds()
+    delay, attempt = 0.25, 0
+    while True:
+        attempt += 1
+        try:
+            with socket.create_connection((address.host, address.port), timeout=_ATTEMPT_S):
+                pass
+        except OSError as exc:
+            left = deadline - time.monotonic()
+            cause = exc.strerror or type(exc).__name__
+            if left <= 0:
+                raise TransportError(
+                    f"no backend at {address.init_method}: nothing answered within {timeout} ({attempt} attempts, "
+                    f"last: {cause}). Start the backend (rank 0) first, check the address and port, or wait longer "
+                    "with API(connect_timeout=...)"
+                ) from None
+            wait = min(delay, left)
+            log.info(f"no backend at {address.init_method} yet ({cause}); attempt {attempt}, trying again in "
+                     f"{wait:.1f} s, giving up in {seconds(left)}")
+            time.sleep(wait)
+            delay = min(delay * 2, 5.0)
+            continue
+        return TCPStore(address.host, address.port, None, False, timeout=timeout, wait_for_workers=False)
 
 
 def _descriptors() -> Optional[Tuple[int, int]]:
@@ -313,7 +352,7 @@ class Lobby:
             if not isinstance(answer, str) or not hmac.compare_digest(answer, expected):
                 raise AdmissionError(
                     f"rank {rank} ({nick_name}) answered with a wrong token; give every rank the same "
-                    "token (--token or OPENFL_API_TOKEN)"
+                    "token (API(token=...) or OPENFL_API_TOKEN)"
                 )
             with self._ranks_lock:
                 if rank in self._ranks:
@@ -378,8 +417,13 @@ def join(
     token: bytes,
     nick_name: str,
     timeout: timedelta,
-) -> Tuple[Pipe, str, Callable[[], bool]]:
+    log: Any = None,
+    status: timedelta = timedelta(seconds=10),
+) -> Tuple[Pipe, str, Callable[[], Optional[bool]]]:
     """Join the backend at ``address`` as frontend ``address.rank``; blocks until admitted.
+
+    Every wait logs what it waits for every ``status`` interval; building the pipe does not hold
+    up Ctrl-C.
 
     A refusal because the rank is still connected is retried for up to ``DUPLICATE_GRACE``: a
     restarted frontend may join before the backend noticed that the previous process died.
@@ -400,10 +444,14 @@ def join(
         left = timedelta(seconds=max(0.0, deadline - time.monotonic()))
         return min(left, cap) if cap is not None else left
 
+    log = log or bind("frontend", address.rank)
+    where = f"{address.init_method} (group {address.group_name!r})"
     refused: Optional[Dict[str, Any]] = None
     try:
         while True:
-            if not _wait(store, "session", remaining()):
+            with logged(log, status, f"a backend to open {where}"):
+                found = _wait(store, "session", remaining())
+            if not found:
                 raise TransportError(
                     f"no backend at {address.init_method} (group {address.group_name!r}) within {timeout}; "
                     "start rank 0 or check the address"
@@ -415,12 +463,13 @@ def join(
             hello = {"protocol": PROTOCOL, "rank": address.rank, "nick_name": nick_name, "nonce": nonce}
             store.set(f"{base}/hello", json.dumps(hello))
             answered = False
-            while remaining() > timedelta(0):
-                if _wait(store, f"{base}/challenge", remaining(_RETRY)):
-                    answered = True
-                    break
-                if store.get("session").decode() != session:
-                    break  # the backend restarted: join its new session
+            with logged(log, status, f"the backend at {where} to answer join {index}"):
+                while remaining() > timedelta(0):
+                    if _wait(store, f"{base}/challenge", remaining(_RETRY)):
+                        answered = True
+                        break
+                    if store.get("session").decode() != session:
+                        break  # the backend restarted: join its new session
             if not answered:
                 if remaining() > timedelta(0):
                     continue
@@ -430,7 +479,9 @@ def join(
                 _raise_refused({"reason": challenge["refused"]})
             mac = _mac(token, "frontend", session, index, address.rank, nonce, challenge.get("challenge"))
             store.set(f"{base}/response", json.dumps({"mac": mac}))
-            if not _wait(store, f"{base}/verdict", remaining()):
+            with logged(log, status, f"the backend at {where} to admit join {index}"):
+                decided = _wait(store, f"{base}/verdict", remaining())
+            if not decided:
                 raise TransportError(f"the backend at {address.init_method} gave no verdict within {timeout}")
             verdict = _read_json(store, f"{base}/verdict")
             if verdict.get("ok") is not True:
@@ -446,12 +497,13 @@ def join(
             prefix = verdict.get("pipe")
             if prefix != f"{session}/pipe/{index}":
                 raise AdmissionError(f"the backend named an unexpected pipe {str(prefix)[:80]!r}")
-            pipe = _open_pipe(address, store, prefix, 1, remaining())
+            with logged(log, status, f"the pipe to the backend at {where} to be built"):
+                pipe = interruptible(lambda: _open_pipe(address, store, prefix, 1, remaining()))
 
             def ended() -> Optional[bool]:
                 try:
-                    return store.check([f"{session}/ended"])
-                except RuntimeError:
+                    return _fresh(address, store).check([f"{session}/ended"])
+                except (RuntimeError, OSError):
                     return None  # the store is gone with the backend
 
             return pipe, str(verdict.get("backend", "backend"))[:64], ended
@@ -461,6 +513,21 @@ def join(
         raise TransportError(
             f"lost the store of {address.init_method} while joining: {str(exc).splitlines()[0]}"
         ) from exc
+
+
+def _fresh(address: Address, store: Store) -> Store:
+    """``store``, or for ``tcp://`` a new client of the address's store (OSError when nothing answers).
+
+    Used once a pipe broke: the old client's connection may be closed (torch logs a C++ stack
+    trace for every request sent over a closed TCPStore connection), and a plain socket tells
+    first, quietly, whether anything listens.
+    """
+    if address.scheme != "tcp":
+        return store
+    with socket.create_connection((address.host, address.port), timeout=_ATTEMPT_S):
+        pass
+    client = TCPStore(address.host, address.port, None, False, timeout=timedelta(seconds=5), wait_for_workers=False)
+    return PrefixStore(f"openfl_api/{address.group_name}", client)
 
 
 def _raise_refused(verdict: Dict[str, Any]) -> None:

@@ -41,7 +41,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
 import numpy as np
 import torch
 
-from openfl_api.backend import client_order
+from openfl_api.versions import client_order
 from openfl_api.errors import ConfigurationError
 
 __all__ = ["VirtualClient", "VirtualClients", "ClientStates", "client_seed", "split_clients", "init_linear_"]

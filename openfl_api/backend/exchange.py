@@ -1,0 +1,319 @@
+"""What the serve loop does with requests: serve downloads, judge uploads, aggregate versions.
+
+Every request comes through :meth:`Exchange.download` or :meth:`Exchange.upload`, called by the
+loop with its lock held. Downloads are served from the encoding of the current version (or held
+until the version they need exists); uploads are validated, judged by the version rules
+(:mod:`openfl_api.versions`), answered, and accumulated (:mod:`openfl_api.backend.accumulate`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+from openfl_api.backend.accumulate import Accumulation
+from openfl_api.backend.model import GlobalModel, describe_differences
+from openfl_api.backend.worker import Worker, end_message
+from openfl_api.errors import PayloadError
+from openfl_api.payload import decode, dtype_name, encode_header, insert_field, parse_header, validate_meta
+from openfl_api.step import Event, Transfer
+from openfl_api.transport.base import Kind, Message
+from openfl_api.versions import Versions
+
+__all__ = ["Exchange", "MAX_CLIENTS", "DUPLICATES_IN_A_ROW"]
+
+MAX_CLIENTS = 100_000
+#: Duplicate discards in a row from one client before the backend names the likely cause.
+DUPLICATES_IN_A_ROW = 3
+
+
+class Exchange:
+    """Downloads, uploads and versions of one backend.
+
+    Args:
+        server: the :class:`~openfl_api.backend.server.Server` whose loop calls it (its ``fire``,
+            ``ledger``, ``log`` and ``asynchronous`` are used).
+    """
+
+    def __init__(self, server: Any) -> None:
+        self.server = server
+        self.log = server.log
+        self.versions = Versions(server.asynchronous)
+        self.accumulation = Accumulation(server.timeouts.transfer, server.log)
+        self.model: Optional[GlobalModel] = None
+        self.clients: Dict[str, Worker] = {}  # client id -> the worker hosting it
+        self.waiting: List[Tuple[Worker, Transfer]] = []  # held downloads
+        self.epoch = 0  # bumped when held downloads must be offered again
+        self._offered = -1
+        self._duplicates: Dict[str, int] = {}  # client id -> duplicate discards in a row
+        self.started = server.asynchronous is None  # asynchronous mode: the start policy was met
+
+    # ----------------------------------------------------------------- who takes part
+    def register(self, worker: Worker, header: Dict[str, Any]) -> Optional[Tuple[str, str]]:
+        """Record the client ids a frontend hosts and check its model (its first request).
+
+        Returns:
+            ``(reason, code)`` if the frontend is refused, else None.
+        """
+        if worker.clients is not None:
+            return None
+        mismatch = self._model_mismatch(worker, header.get("schema"))
+        if mismatch is not None:
+            return mismatch, "mismatch"
+        named = header.get("clients")
+        if named is None:
+            clients: Tuple[str, ...] = (worker.label,)
+        else:
+            if (not isinstance(named, list) or not 0 < len(named) <= MAX_CLIENTS
+                    or not all(isinstance(c, str) and 0 < len(c) <= 64 and c.isprintable() for c in named)
+                    or len(set(named)) != len(named)):
+                return (f"'clients' must list 1 to {MAX_CLIENTS} distinct printable ids of at most 64 characters, "
+                        f"got {str(named)[:80]}"), "refused"
+            clients = tuple(named)
+            worker.hosts_many = True
+        taken = [c for c in clients if c in self.clients]
+        if taken:
+            owner = self.clients[taken[0]]
+            return (f"client id {taken[0]!r} is hosted by {owner.label} already; give each frontend its own "
+                    "client ids"), "refused"
+        worker.clients = clients
+        for client in clients:
+            self.clients[client] = worker
+        self.epoch += 1
+        if worker.hosts_many:
+            self.log.info(f"{worker.label} hosts {len(clients)} clients")
+        return None
+
+    def _model_mismatch(self, worker: Worker, schema: Any) -> Optional[str]:
+        if schema is None:
+            return None
+        if not isinstance(schema, list) or not all(
+            isinstance(e, list) and len(e) == 3 and isinstance(e[0], str) and isinstance(e[1], str)
+            and isinstance(e[2], list) for e in schema
+        ):
+            return "its first request carries a malformed 'schema'; it must list [name, dtype, shape] per tensor"
+        theirs = {name: (dtype, tuple(shape)) for name, dtype, shape in schema}
+        ours = {s.name: (dtype_name(s.dtype), s.shape) for s in self.model.state.upload_schema.specs}
+        differences = describe_differences(theirs, ours, "the frontend's model", "the backend's")
+        if not differences:
+            return None
+        return (f"its model does not match the backend's: {differences}. Build the same model, with the same "
+                "aggregator and optimizer state, on every rank")
+
+    def leave(self, worker: Worker) -> None:
+        """Forget a frontend that left: its clients and its held download."""
+        for client in worker.clients or ():
+            if self.clients.get(client) is worker:
+                del self.clients[client]
+                self.epoch += 1
+        for item in [w for w in self.waiting if w[0] is worker]:
+            self.waiting.remove(item)
+            self.server.ledger.add(worker.label, "pending", -1)
+        self.epoch += 1
+
+    def refuse(self, worker: Worker, reason: str, code: str = "refused") -> None:
+        """Close a frontend's pipe after telling it why."""
+        level = "ERROR" if code == "mismatch" else "WARNING"
+        self.log.log(level, f"refused {worker.label} ({worker.peer.nick_name}): {reason}")
+        self.server.ledger.refuse(f"{worker.label}: {reason}")
+        worker.closing = True
+        worker.reply(end_message(f"refused: {reason}", code))
+
+    # ----------------------------------------------------------------- downloads
+    def download(self, worker: Worker, message: Message) -> None:
+        """Serve a download request now, or hold it until its version exists (synchronous mode)."""
+        try:
+            header = parse_header(message.header)
+            version = header.get("version")
+            if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+                raise PayloadError(f"download request must carry a version >= 0, got {version!r}"[:200])
+        except PayloadError as exc:
+            self.refuse(worker, f"invalid download request: {exc}")
+            return
+        refused = self.register(worker, header)
+        if refused is not None:
+            self.refuse(worker, *refused)
+            return
+        current = self.versions.version
+        transfer = Transfer(rank=worker.peer.rank, nick_name=worker.peer.nick_name, version=version,
+                            clients=list(worker.clients))
+        if self.server.asynchronous is None and version > current and not self.versions.took_part(worker.clients):
+            # A frontend asks for the next version but none of its clients has an upload in the
+            # current one: its upload was lost (a restarted backend) or discarded. Serve it the
+            # current version instead of holding it for a version that may need its upload.
+            self.log.info(f"{worker.label} asks for version {version} but has no accepted upload for version "
+                          f"{current}; serving version {current}")
+            transfer.version = current
+        if self.server.asynchronous is not None or transfer.version <= current:
+            self._offer(worker, transfer)
+        else:
+            self._hold(worker, transfer)
+            self.log.debug(f"{worker.label} waits for version {version} (global {current})")
+
+    def _hold(self, worker: Worker, transfer: Transfer) -> None:
+        self.waiting.append((worker, transfer))
+        self.server.ledger.add(worker.label, "pending")
+
+    def _offer(self, worker: Worker, transfer: Transfer) -> None:
+        """Serve a download unless a step holds it (a sampling step holds unsampled clients)."""
+        if not self.started and not self._start():
+            self._hold(worker, transfer)
+            return
+        transfer.held = False
+        self.server.fire(Event.BEFORE_DOWNLOAD, transfer)
+        if transfer.held:
+            self._hold(worker, transfer)
+            self.log.debug(f"holding the download of {worker.label}: {transfer.reason}")
+            return
+        self._serve(worker, transfer)
+
+    def _start(self) -> bool:
+        """Asynchronous mode: start serving once the start policy's frontends are connected."""
+        have, need = len(self.server.workers), self.server.start_frontends()
+        if have < need:
+            return False
+        self.started = True
+        self.log.info(f"asynchronous start: {have} frontends connected (min_frontends={need}); serving version "
+                      f"{self.versions.version}")
+        return True
+
+    def release_waiting(self) -> None:
+        """Offer the held downloads again if anything they may wait for changed."""
+        if self._offered == self.epoch:
+            return
+        self._offered = self.epoch
+        asynchronous = self.server.asynchronous is not None
+        ready = [item for item in self.waiting if asynchronous or item[1].version <= self.versions.version]
+        for item in ready:
+            self.waiting.remove(item)
+            self.server.ledger.add(item[0].label, "pending", -1)
+            self._offer(*item)
+
+    def _serve(self, worker: Worker, transfer: Transfer) -> None:
+        version = self.versions.version
+        header, pieces = self.model.encoded(version)
+        transfer.version = version
+        if worker.hosts_many or transfer.clients != list(worker.clients):
+            header = insert_field(header, "clients", list(transfer.clients))
+        worker.reply(Message(Kind.MODEL, header, pieces))
+        self.server.ledger.add(worker.label, "downloads")
+        self.log.debug(f"served version {version} to {worker.label}")
+        self.server.fire(Event.AFTER_DOWNLOAD, transfer)
+
+    def answer_held(self, worker: Worker, reason: str) -> None:
+        """Answer ``worker``'s held download with END."""
+        for item in [w for w in self.waiting if w[0] is worker]:
+            self.waiting.remove(item)
+            self.server.ledger.add(worker.label, "pending", -1)
+            worker.reply(end_message(reason))
+
+    # ----------------------------------------------------------------- uploads
+    def upload(self, worker: Worker, message: Message) -> None:
+        """Validate, judge and answer an upload, then accumulate it if it was accepted."""
+        handed = False
+        try:
+            handed = self._take_upload(worker, message)
+        finally:
+            if not handed:
+                worker.free.set()  # the loop is done with the pipe's receive buffer
+
+    def _take_upload(self, worker: Worker, message: Message) -> bool:
+        """Returns True if the accumulation was handed on (it frees the receive buffer itself)."""
+        server, versions, schema = self.server, self.versions, self.model.state.upload_schema
+        try:
+            header = parse_header(message.header, schema=schema)
+            payload = decode(header, message.payload if message.payload is not None else torch.empty(0, dtype=torch.uint8),
+                             schema, kind="update", scan=worker.scan, reused=not worker.pipe.queues_sends)
+            meta = validate_meta(payload.meta)
+            refused = self.register(worker, payload.meta)
+            client = payload.meta.get("client", worker.clients[0] if worker.clients and not worker.hosts_many else None)
+            if refused is None and (not isinstance(client, str) or client not in (worker.clients or ())):
+                raise PayloadError(f"meta 'client' must name a client this frontend hosts, got {str(client)[:70]!r}")
+        except PayloadError as exc:
+            server.ledger.discard(worker.label, f"invalid payload: {exc}")
+            self.log.warning(f"rejected the upload of {worker.label}: {exc}")
+            worker.reply(Message(Kind.ACK, encode_header({"accepted": False, "reason": f"invalid payload: {exc}",
+                                                          "version": versions.version})))
+            return False
+        if refused is not None:
+            self.refuse(worker, *refused)
+            return False
+        transfer = Transfer(
+            rank=worker.peer.rank, nick_name=worker.peer.nick_name, version=payload.version,
+            num_samples=meta["num_samples"], metrics=meta["metrics"], staleness=versions.version - payload.version,
+            client=client,
+        )
+        server.fire(Event.BEFORE_UPLOAD, transfer)
+        judged = transfer.accepted is None
+        if judged:
+            self._judge(transfer)
+        label = worker.label if not worker.hosts_many else f"{worker.label}:{client}"
+        if transfer.accepted:
+            server.ledger.add(worker.label, "uploads")
+            self._duplicates.pop(client, None)
+            if server.asynchronous is not None:
+                self.log.info(f"accepted the upload of {label}: trained from version {payload.version}, "
+                              f"staleness {transfer.staleness}, weight {transfer.weight:.4f}")
+            else:
+                self.log.debug(f"accepted the upload of {label} for version {versions.version}")
+        else:
+            server.ledger.discard(worker.label, transfer.reason)
+            self.log.warning(f"discarded the upload of {label}: {transfer.reason}")
+            self._count_duplicate(label, client, transfer.reason)
+        # The verdict is final here: the frontend goes on while the upload is accumulated.
+        worker.reply(Message(Kind.ACK, encode_header(
+            {"accepted": bool(transfer.accepted), "reason": transfer.reason, "version": versions.version})))
+        handed = bool(judged and transfer.accepted)
+        if handed:
+            self.accumulation.add(worker, client, payload.tensors, transfer.num_samples, transfer.weight,
+                                  versions.version, schema.nbytes)
+        server.fire(Event.AFTER_UPLOAD, transfer)
+        return handed
+
+    def _judge(self, transfer: Transfer) -> None:
+        verdict = self.versions.judge(transfer.version, transfer.client)
+        if not verdict.accepted:
+            transfer.discard(verdict.reason)
+            return
+        transfer.weight *= verdict.weight
+        aggregator = self.model.aggregator
+        self.versions.accept(transfer.client, aggregator.effective_weight(transfer.num_samples, transfer.weight),
+                             aggregator.effective_weight(transfer.num_samples, 1.0))
+        transfer.accepted = True
+
+    def _count_duplicate(self, label: str, client: str, reason: str) -> None:
+        if not reason.startswith("duplicate"):
+            self._duplicates.pop(client, None)
+            return
+        count = self._duplicates[client] = self._duplicates.get(client, 0) + 1
+        if count == DUPLICATES_IN_A_ROW:
+            self.log.warning(
+                f"{label}: {count} uploads in a row were duplicates of version {self.versions.version}; its training "
+                "loop most likely does not call api.update_version() after api.upload(), so it trains the same "
+                "version again and again"
+            )
+
+    # ----------------------------------------------------------------- versions
+    def expect(self, clients: List[str]) -> None:
+        """Declare the clients taking part in the current version, in accumulation order."""
+        self.accumulation.expect(clients, self.versions.version, self.versions.accepted)
+        self.epoch += 1
+
+    def aggregate(self) -> bool:
+        """Fold the accepted uploads into a new global version now; False if there were none."""
+        versions = self.versions
+        self.accumulation.settle()
+        if versions.accepted == 0:
+            self.log.info(f"nothing to aggregate at version {versions.version}: no upload was accepted")
+            return False
+        self.accumulation.finish_version(versions.version)
+        new = self.model.aggregator.aggregate(self.model.current())
+        alpha = versions.mixing()
+        self.model.step(new, alpha)
+        count = versions.advance()
+        self.epoch += 1
+        note = "" if alpha is None else f" (asynchronous, mixed with alpha {alpha:.4f})"
+        self.log.info(f"version {versions.version}: aggregated {count} uploads{note}")
+        self.server.fire(Event.AFTER_AGGREGATE)
+        return True

@@ -1,0 +1,477 @@
+"""The backend's serve loop: one loop that owns the model, the version, the steps and the aggregator.
+
+Turns of the loop run one at a time under the loop's lock: the loop's own thread runs a turn per
+event it is posted (a frontend joined or left, the address file changed) and per ``tick`` when
+idle; a pipe's thread runs a turn for each request it receives (:meth:`Server.handle_now`), so a
+request costs no thread switch. A turn handles its event, fires ``at_loop``, offers held
+downloads again, writes the checkpoints asked for meanwhile and, every ``status`` interval while
+a version stays open, logs what the version has and what it waits for.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+
+from openfl_api import checkpoint
+from openfl_api.address import Address
+from openfl_api.asynchronous import Asynchronous
+from openfl_api.backend.addresses import Addresses
+from openfl_api.backend.exchange import Exchange
+from openfl_api.backend.model import GlobalModel
+from openfl_api.backend.status import VersionStatus
+from openfl_api.backend.worker import AddressChange, Joined, Left, Request, Worker, end_message
+from openfl_api.errors import ConfigurationError, TransportError
+from openfl_api.ledger import Ledger
+from openfl_api.payload import MAX_HEADER_BYTES, encode_header
+from openfl_api.state import SharedState
+from openfl_api.step import Event
+from openfl_api.timeouts import Timeouts
+from openfl_api.transport.base import REQUESTS, Kind, Limits, Pipe
+from openfl_api.transport.rendezvous import Peer
+from openfl_api.versions import client_order
+
+__all__ = ["Server"]
+
+
+class Server:
+    """The backend of one API: addresses, pipes, versions, aggregation and the serve loop.
+
+    Args:
+        fire: ``fire(event, *args)`` runs the API's steps for an event.
+        timeouts: every wait.
+        token: the admission token.
+        nick_name: the backend's name.
+        log: a bound logger.
+        asynchronous: the asynchronous settings, or None for synchronous mode.
+        needs: ``needs()`` returns ``(uploads, step name)`` for the uploads the attached steps need
+            to aggregate the current version, or None; used by the status line.
+    """
+
+    def __init__(
+        self, fire: Callable[..., None], timeouts: Timeouts, token: bytes, nick_name: str, log: Any,
+        asynchronous: Optional[Asynchronous] = None, needs: Callable[[], Optional[Tuple[int, str]]] = lambda: None,
+    ) -> None:
+        self._fire_steps = fire
+        self._needs = needs
+        self.asynchronous = asynchronous
+        self.timeouts = timeouts
+        self.nick_name = nick_name
+        self.log = log
+        self.ledger = Ledger()
+        self.loop_count = 0
+        self.stop_reason: Optional[str] = None
+        self.ended = False
+        self.request_limits = Limits(REQUESTS, MAX_HEADER_BYTES, 0)
+        self.prepared = threading.Event()
+        self.workers: Dict[int, Worker] = {}
+        self.addresses = Addresses(token, timeouts.connect, nick_name, log, on_admit=self._admit,
+                                   on_refuse=self._refuse)
+        self.exchange = Exchange(self)
+        self._events: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
+        # Held while a turn runs, by the loop's thread or by a pipe's thread (handle_now).
+        self._loop_lock = threading.RLock()
+        self._failure: Optional[BaseException] = None  # raised in handle_now, re-raised by the loop
+        self._lock = threading.Lock()
+        self._in_turn = False
+        self._firing = 0  # depth of step events being fired
+        self._aggregate_asked = False
+        self._pending_checkpoints: List[Tuple[str, Callable[[], Dict[str, Any]]]] = []
+        self._status_version = -1
+        self._status_due = 0.0
+        self._ping_due = 0.0
+        self._ping = encode_header({"version": 0})
+
+    # ----------------------------------------------------------------- what steps and the API read
+    @property
+    def version(self) -> int:
+        return self.exchange.versions.version
+
+    @property
+    def accepted(self) -> int:
+        return self.exchange.versions.accepted
+
+    @property
+    def model(self) -> Optional[GlobalModel]:
+        return self.exchange.model
+
+    @property
+    def frontends(self) -> List[Peer]:
+        """The frontends connected now."""
+        return [w.peer for w in self.workers.values()]
+
+    @property
+    def clients(self) -> List[str]:
+        """The client ids of the connected frontends, in natural order (``"2"`` before ``"10"``)."""
+        return sorted(self.exchange.clients, key=client_order)
+
+    @property
+    def expected(self) -> Optional[List[str]]:
+        """The clients whose uploads the current version expects, in accumulation order, or None."""
+        return self.exchange.accumulation.expected(self.version)
+
+    def expect(self, clients: List[str]) -> None:
+        """Declare the clients taking part in the current version (a sampling step does).
+
+        Their accepted uploads are accumulated in this order whatever order they arrive in, so
+        the aggregate does not depend on timing (floating-point addition is not associative).
+        """
+        self.exchange.expect(clients)
+
+    # ----------------------------------------------------------------- addresses and joins
+    def serve(self, address: Address) -> None:
+        """Host or open the store of ``address`` and start admitting frontends there."""
+        self.addresses.serve(address)
+
+    def watch(self, path: str) -> None:
+        """Serve every address in the file ``path`` and follow its changes while running."""
+        self.addresses.watch(path, lambda added, removed: self.post(AddressChange(added, removed), force=True))
+
+    def _admit(self, pipe: Pipe, peer: Peer) -> None:
+        lobby = self.addresses.lobby(peer.address)
+        if lobby is None:  # the address was removed while the frontend joined
+            pipe.close()
+            return
+        worker = Worker(self, pipe, peer, lobby)
+        self.post(Joined(worker), force=True)
+        worker.start()
+
+    def _refuse(self, rank: Optional[int], reason: str) -> None:
+        self.ledger.refuse(reason)
+        self.log.warning(f"refused a frontend (rank {rank}): {reason}")
+
+    def post(self, event: Any, force: bool = False) -> bool:
+        """Queue an event for the loop; after the loop ended only forced events are queued."""
+        with self._lock:
+            if self.ended and not force:
+                return False
+            self._events.put(event)
+            return True
+
+    def start_frontends(self) -> int:
+        """Asynchronous mode: the frontends to wait for before serving the first model."""
+        wanted = self.asynchronous.min_frontends if self.asynchronous is not None else None
+        if wanted is not None:
+            return wanted
+        return sum(len(ranks) for ranks in self.addresses.frontend_ranks.values())
+
+    # ----------------------------------------------------------------- the model
+    def prepare(self, state: SharedState, server_optimizer: Optional[torch.optim.Optimizer]) -> None:
+        """Take the shared state to serve; called before the loop runs."""
+        model = GlobalModel(state, server_optimizer, self.nick_name)
+        self.exchange.model = model
+        self.exchange.accumulation.aggregator = state.aggregator
+        self.request_limits = Limits(REQUESTS, MAX_HEADER_BYTES, state.upload_schema.nbytes)
+        self.prepared.set()
+
+    def fire(self, event: Event, *args: Any) -> None:
+        """Fire the steps of ``event``; then honour an aggregation a step asked for meanwhile."""
+        self._firing += 1
+        try:
+            self._fire_steps(event, *args)
+        finally:
+            self._firing -= 1
+        while self._firing == 0 and self._aggregate_asked:
+            self._aggregate_asked = False
+            self.exchange.aggregate()
+
+    def aggregate(self) -> bool:
+        """Fold the accepted uploads into a new version; False if none was accepted.
+
+        Asked from a step, the aggregation happens once every step has seen the event at hand, so
+        the order in which steps were attached never reorders events.
+        """
+        with self._loop_lock:
+            if self._firing:
+                self._aggregate_asked = True
+                return self.accepted > 0
+            return self.exchange.aggregate()
+
+    # ----------------------------------------------------------------- checkpoints
+    def checkpoint(self, path: str, steps: Callable[[], Dict[str, Any]]) -> None:
+        """Save a checkpoint now, or, when asked while the loop runs a turn, once every step has
+        seen the event at hand (so the saved step state includes the whole event)."""
+        if self._in_turn:
+            self._pending_checkpoints.append((path, steps))
+        else:
+            self.save_checkpoint(path, steps())
+
+    def save_checkpoint(self, path: str, steps: Optional[Dict[str, Any]] = None) -> None:
+        """Write everything needed to continue to ``path`` (see :mod:`openfl_api.checkpoint`)."""
+        exchange = self.exchange
+        target = checkpoint.write(path, {
+            "versions": exchange.versions.state_dict(),
+            "model": exchange.model.state_dict(),
+            "accumulation": exchange.accumulation.state_dict(self.version),
+            "steps": dict(steps or {}),
+        })
+        self.log.info(f"checkpoint of version {self.version} written to {target}")
+
+    def load_checkpoint(self, data: Dict[str, Any], source: str) -> Dict[str, Any]:
+        """Continue from a checkpoint written by :meth:`save_checkpoint`; returns the steps' state.
+
+        Raises:
+            ConfigurationError: the checkpoint does not fit this model, aggregator or optimizer.
+        """
+        data = checkpoint.check(data, source)
+        exchange = self.exchange
+        exchange.model.load_state_dict(data["model"], source)
+        exchange.versions.load_state_dict(data["versions"])
+        exchange.accumulation.load_state_dict(data["accumulation"], self.version)
+        checkpoint.set_rng_state(data["rng"])
+        exchange.epoch += 1
+        self.log.info(f"resumed from {source}: version {self.version}, {self.accepted} uploads accepted")
+        return dict(data["steps"])
+
+    def _write_pending_checkpoints(self) -> None:
+        while self._pending_checkpoints:
+            path, steps = self._pending_checkpoints.pop(0)
+            self.save_checkpoint(path, steps())
+
+    def stop(self, reason: str) -> None:
+        """Ask the loop to stop after the event at hand."""
+        if self.stop_reason is None:
+            self.stop_reason = reason
+
+    # ----------------------------------------------------------------- the loop
+    def run(self) -> None:
+        """Serve until a step calls ``stop``; then answer every request with END."""
+        if self.exchange.model is None:
+            raise ConfigurationError("call set_state_dict(...) and set_aggregator_and_optimizer(...) before run()")
+        self.log.info(f"serve loop started at version {self.version}")
+        tick = self.timeouts.tick.total_seconds()
+        try:
+            while self.stop_reason is None:
+                try:
+                    event = self._events.get(timeout=tick)
+                except queue.Empty:
+                    event = None
+                with self._loop_lock:
+                    self._reraise()
+                    self._turn(event)
+            with self._loop_lock:
+                self._reraise()
+                self.exchange.accumulation.settle()
+        except BaseException as exc:
+            self.stop("interrupted (KeyboardInterrupt)" if isinstance(exc, KeyboardInterrupt)
+                      else f"{type(exc).__name__} in the serve loop: {exc}")  # kept if a step stopped it first
+            raise
+        finally:
+            with self._loop_lock:
+                self._end()
+
+    def _turn(self, event: Any) -> None:
+        self._in_turn = True
+        try:
+            if event is not None:
+                self._handle(event)
+            self.loop_count += 1
+            if self.stop_reason is None:
+                self.fire(Event.AT_LOOP)
+            if self.stop_reason is None:
+                self.exchange.release_waiting()
+        finally:
+            self._in_turn = False
+        self._write_pending_checkpoints()
+        self._report()
+
+    def handle_now(self, event: Request) -> bool:
+        """Handle a request on the calling thread (the pipe's), as a turn of the loop, one turn at a
+        time with it. False, with nothing done, once the loop is stopping.
+
+        What a turn raises goes to the loop, which stops and raises it from ``run()``; the
+        frontend is told the federation ended.
+        """
+        with self._loop_lock:
+            if self.ended or self.stop_reason is not None:
+                return False
+            try:
+                # The loop thread's torch modes, whatever the calling thread has set.
+                with torch.inference_mode(False), torch.enable_grad():
+                    self._turn(event)
+            except BaseException as exc:  # handed to the loop: run() raises it
+                self._failure = exc
+                self.stop(f"{type(exc).__name__} while handling a request of {event.worker.label}: {exc}")
+                event.worker.reply(end_message(self.stop_reason))
+            finally:
+                if self.stop_reason is not None:
+                    self._events.put(None)  # wake the loop: it ends the federation
+            return True
+
+    def _reraise(self) -> None:
+        failure, self._failure = self._failure, None
+        if failure is not None:
+            raise failure
+
+    def _handle(self, event: Any) -> None:
+        exchange = self.exchange
+        if not (isinstance(event, Request) and event.message.kind is Kind.DOWNLOAD):
+            exchange.accumulation.settle()  # only serving a download may overlap the accumulation of an upload
+        if isinstance(event, Request):
+            if event.message.kind is Kind.DOWNLOAD:
+                exchange.download(event.worker, event.message)
+            else:
+                exchange.upload(event.worker, event.message)
+        elif isinstance(event, Joined):
+            self._joined(event.worker)
+        elif isinstance(event, Left):
+            self._left(event.worker, event.reason)
+        elif isinstance(event, AddressChange):
+            self._change_addresses(event.added, event.removed)
+
+    def _joined(self, worker: Worker) -> None:
+        self.workers[id(worker)] = worker
+        self.exchange.epoch += 1
+        peer = worker.peer
+        self.log.info(f"rank {peer.rank} ({peer.nick_name}) joined on {peer.address.init_method}")
+        try:
+            self.fire(Event.ON_JOIN, peer)
+        finally:
+            worker.joined.set()
+
+    def _left(self, worker: Worker, reason: str) -> None:
+        if self.workers.pop(id(worker), None) is None:
+            return
+        self.exchange.leave(worker)
+        level = "INFO" if reason in ("said goodbye", "address removed") else "WARNING"
+        self.log.log(level, f"rank {worker.peer.rank} ({worker.peer.nick_name}) left: {reason}")
+        if not self.ended:
+            self.fire(Event.ON_LEAVE, worker.peer)
+
+    def _change_addresses(self, added: List[Address], removed: List[Address]) -> None:
+        reason = "this address was removed from the address file"
+        for address in removed:
+            if self.addresses.lobby(address) is None:
+                continue
+            for worker in list(self.workers.values()):
+                if worker.peer.address.key == address.key:
+                    worker.closing = True
+                    self.exchange.answer_held(worker, reason)
+            self.addresses.remove(address, reason)
+            self.log.info(f"closed {address.init_method} (group {address.group_name!r}): removed from the address file")
+        for address in added:
+            try:
+                self.serve(address)
+            except (ConfigurationError, TransportError) as exc:
+                self.log.error(f"cannot serve {address} added to the address file: {exc}")
+
+    # ----------------------------------------------------------------- saying what it waits for
+    def status(self) -> VersionStatus:
+        """What the current version has and what it waits for."""
+        exchange, versions = self.exchange, self.exchange.versions
+        many = len(self.addresses.lobbies) > 1
+
+        def who(worker: Worker) -> str:
+            return worker.label if many else str(worker.peer.rank)
+
+        def name(client: str) -> str:
+            worker = exchange.clients.get(client)
+            return who(worker) if worker is not None and not worker.hosts_many else client
+
+        workers = sorted(self.workers.values(), key=lambda w: (w.label, w.peer.rank))
+        connected_ranks = {(w.peer.address.init_method, w.peer.rank) for w in workers}
+        unconnected = [f"{init}/rank{r}" if many else str(r) for init, ranks in self.addresses.frontend_ranks.items()
+                       for r in ranks if (init, r) not in connected_ranks]
+        done = versions.uploaded_now()
+        expected = exchange.accumulation.expected(versions.version)
+        if expected is not None:
+            missing = [name(c) for c in expected if c not in done]
+            unconnected = [c for c in expected if c not in exchange.clients]
+        else:
+            pending = [c for c in exchange.clients if c not in done]
+            missing = [name(c) for c in sorted(pending, key=client_order)] + unconnected
+        needs = self._needs()
+        status = VersionStatus(
+            version=versions.version, accepted=versions.accepted,
+            needed=None if needs is None else needs[0], needed_by="" if needs is None else needs[1],
+            uploaded=[name(c) for c in sorted(done, key=client_order)], missing=missing,
+            connected=[who(w) for w in workers], unconnected=unconnected,
+            asynchronous=self.asynchronous is not None,
+        )
+        if not exchange.started:
+            status.start = (len(workers), self.start_frontends())
+            status.missing = unconnected
+        return status
+
+    def ping_header(self) -> bytes:
+        """The header of the pings sent to frontends whose download is held: the backend's status."""
+        return self._ping
+
+    def _report(self) -> None:
+        now = time.monotonic()
+        if self.version != self._status_version:  # a new version: its interval starts now
+            self._status_version = self.version
+            self._status_due = now + self.timeouts.status.total_seconds()
+        if now < self._ping_due and now < self._status_due:
+            return
+        status = self.status()
+        line = status.line()
+        self._ping = encode_header({"version": self.version, "status": line})
+        self._ping_due = now + self.timeouts.heartbeat.total_seconds()
+        if now >= self._status_due and self.stop_reason is None:
+            self._status_due = now + self.timeouts.status.total_seconds()
+            unmet = status.unmet()
+            if unmet is None:
+                self.log.info(line)
+            else:
+                self.log.warning(f"{line}. {unmet}")
+
+    # ----------------------------------------------------------------- the end
+    def _end(self) -> None:
+        exchange = self.exchange
+        exchange.accumulation.shutdown()
+        with self._lock:
+            self.ended = True
+        reason = self.stop_reason = self.stop_reason or "the serve loop ended"
+        self.addresses.end(reason)
+        for worker, _ in exchange.waiting:
+            self.ledger.add(worker.label, "pending", -1)
+            worker.reply(end_message(reason))
+        exchange.waiting.clear()
+        self._drain_events(reason)
+        self.log.info(f"stopped: {reason}")
+
+    def _drain_events(self, reason: str) -> None:
+        while True:
+            try:
+                event = self._events.get_nowait()
+            except queue.Empty:
+                return
+            self._settle_after_end(event, reason)
+
+    def _settle_after_end(self, event: Any, reason: str) -> None:
+        """Handle an event that came after the loop ended: no step fires."""
+        if isinstance(event, Request):
+            event.worker.free.set()
+            event.worker.reply(end_message(reason))
+        elif isinstance(event, Joined):
+            self.workers[id(event.worker)] = event.worker
+            event.worker.joined.set()
+        elif isinstance(event, Left):
+            self._left(event.worker, event.reason)
+
+    def finish(self, drain: bool = True) -> None:
+        """End the loop if it still runs, wait up to ``timeouts.drain`` for frontends to leave
+        (not at all with ``drain=False``), and close everything."""
+        if not self.ended:
+            self.stop("finish() was called")
+            with self._loop_lock:
+                self._end()
+        deadline = time.monotonic() + (self.timeouts.drain.total_seconds() if drain else 0.0)
+        while self.workers and time.monotonic() < deadline:
+            try:
+                event = self._events.get(timeout=0.05)
+            except queue.Empty:
+                continue
+            self._settle_after_end(event, self.stop_reason)
+        for worker in self.workers.values():
+            if drain:
+                self.log.warning(f"rank {worker.peer.rank} did not leave within {self.timeouts.drain}; closing its pipe")
+            worker.closing = True
+            worker.pipe.close()
+        self.workers.clear()
+        self.addresses.close()

@@ -1,0 +1,161 @@
+"""Waits that say what they wait for, and blocking calls that Ctrl-C can interrupt.
+
+:func:`logged` registers a wait with one watchdog thread per process, which logs, every
+interval while the wait lasts, what it waits for and since when::
+
+    with waiting.logged(log, timeouts.status, lambda: f"the model of version {v} from {backend}"):
+        reply = pipe.recv(...)
+
+    # logs, every 10 s while it lasts:
+    # still waiting for the model of version 4 from backend (for 20 s)
+
+:func:`interruptible` runs a blocking call that cannot be interrupted (a gloo receive, the
+set-up of a gloo pipe, both in C++) on a helper thread when called from the main thread, and
+waits for it there, so that Ctrl-C raises ``KeyboardInterrupt`` at once instead of when the call
+returns. Elsewhere it runs the call on the calling thread: only the main thread sees Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import threading
+import time
+import queue
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as _FutureTimeout
+from datetime import timedelta
+from typing import Any, Callable, Dict, Iterator, List, Optional, TypeVar, Union
+
+__all__ = ["logged", "interruptible", "Helper", "seconds"]
+
+T = TypeVar("T")
+_POLL_S = 0.5  # how late a status line may be; the watchdog wakes at most this often
+
+
+def seconds(value: float) -> str:
+    """``"12 s"``, ``"3 min 05 s"``: a duration as log lines say it."""
+    value = int(round(value))
+    if value < 120:
+        return f"{value} s"
+    return f"{value // 60} min {value % 60:02d} s"
+
+
+class _Wait:
+    __slots__ = ("log", "interval", "what", "started", "due")
+
+    def __init__(self, log: Any, interval: float, what: Callable[[], str]) -> None:
+        self.log = log
+        self.interval = interval
+        self.what = what
+        self.started = time.monotonic()
+        self.due = self.started + interval
+
+
+class _Watchdog:
+    """One daemon thread that logs the waits that last longer than their interval."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._waits: Dict[int, _Wait] = {}
+        self._ids = itertools.count()
+        self._thread: Optional[threading.Thread] = None
+
+    def add(self, wait: _Wait) -> int:
+        with self._lock:
+            key = next(self._ids)
+            self._waits[key] = wait
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="openfl-waits", daemon=True)
+                self._thread.start()
+            return key
+
+    def remove(self, key: int) -> None:
+        with self._lock:
+            self._waits.pop(key, None)
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(_POLL_S)
+            now = time.monotonic()
+            with self._lock:
+                due: List[_Wait] = [w for w in self._waits.values() if w.due <= now]
+                for wait in due:
+                    wait.due = now + wait.interval
+            for wait in due:
+                try:
+                    wait.log.info(f"still waiting for {wait.what()} (for {seconds(now - wait.started)})")
+                except Exception as exc:  # a describing callable must not kill the watchdog
+                    wait.log.debug(f"could not describe a wait: {exc!r}")
+
+
+_watchdog = _Watchdog()
+
+
+@contextlib.contextmanager
+def logged(log: Any, interval: timedelta, what: Union[str, Callable[[], str]]) -> Iterator[None]:
+    """Within the block, log ``still waiting for <what> (for N s)`` at INFO every ``interval``.
+
+    ``what`` is a string or a callable called at each line, so the line can say what is known
+    then (the backend's last status, the attempt number).
+    """
+    describe = what if callable(what) else (lambda: what)
+    key = _watchdog.add(_Wait(log, interval.total_seconds(), describe))
+    try:
+        yield
+    finally:
+        _watchdog.remove(key)
+
+
+class Helper:
+    """One daemon thread that runs the calls given to it, one at a time.
+
+    Unlike ``ThreadPoolExecutor``'s threads, it never holds up the interpreter's exit: a call
+    stuck in C++ (a gloo receive from a peer that hangs) dies with the process.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._calls: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, call: Callable[[], T]) -> "Future[T]":
+        future: "Future[T]" = Future()
+        self._calls.put((call, future))
+        return future
+
+    def _run(self) -> None:
+        while True:
+            _settle(*self._calls.get())
+
+
+def _settle(call: Callable[[], Any], future: "Future[Any]") -> None:
+    try:
+        future.set_result(call())
+    except BaseException as exc:
+        future.set_exception(exc)
+
+
+def interruptible(call: Callable[[], T], helper: Optional[Helper] = None) -> T:
+    """Return ``call()``; on the main thread, run it on a helper thread so Ctrl-C is not held up.
+
+    Args:
+        call: the blocking call.
+        helper: runs the call (a caller that makes many such calls keeps one); default: a new
+            daemon thread.
+
+    If the main thread is interrupted, ``KeyboardInterrupt`` propagates at once and the helper
+    thread is left to finish or to die with the process.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return call()
+    if helper is not None:
+        future = helper.submit(call)
+    else:
+        future = Future()
+        threading.Thread(target=_settle, args=(call, future), name="openfl-blocking-call", daemon=True).start()
+    while True:
+        try:
+            return future.result(timeout=_POLL_S)
+        except _FutureTimeout:
+            continue
