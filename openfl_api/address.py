@@ -32,7 +32,7 @@ from urllib.parse import urlsplit
 
 from openfl_api.errors import AddressError
 from openfl_api.logger import bind
-from openfl_api.parser import default_init_method, environ
+from openfl_api.parser import default_init_method, environ, warn_rank_zero
 
 __all__ = ["Address", "load_address_file", "dump_address_file", "AddressFileWatcher", "SCHEMA_VERSION"]
 
@@ -86,8 +86,12 @@ class Address:
         self.backend = pick(backend, "backend", "gloo")
         self.init_method = pick(init_method, "init_method", default_init_method)
         self.world_size = pick(world_size, "world_size", lambda: _env_int("WORLD_SIZE", 2))
-        self.rank = pick(rank, "rank", lambda: _env_int("RANK", 0))
+        self.rank = pick(rank, "rank", lambda: _env_int("RANK", None))
         self.group_name = pick(group_name, "group_name", lambda: env.get("OPENFL_GROUP_NAME") or "openfl_api")
+        if self.rank is None:  # no rank anywhere: a process started by hand is the backend, and says so
+            self.rank = 0
+            if isinstance(self.world_size, int):
+                warn_rank_zero(str(self.init_method), self.world_size)
         self._validate("address")
 
     def _validate(self, where: str) -> None:
@@ -161,7 +165,7 @@ class Address:
         )
 
 
-def _env_int(name: str, default: int) -> int:
+def _env_int(name: str, default: Optional[int]) -> Optional[int]:
     value = environ().get(name)
     if not value:
         return default

@@ -19,33 +19,27 @@ The same script runs on every rank::
 
 from __future__ import annotations
 
-import collections
-import threading
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, List, Mapping, Optional, Sequence, Union
 
 import torch
 from torch.utils.hooks import RemovableHandle
 
-from openfl_api import checkpoint, waiting
-from openfl_api.address import Address, _env_int, load_address_file
+from openfl_api import checkpoint, connect
+from openfl_api.address import Address
 from openfl_api.asynchronous import Asynchronous
 from openfl_api.backend import Server
-from openfl_api.errors import AddressError, ConfigurationError, RoleError, StepError
+from openfl_api.errors import ConfigurationError, RoleError
 from openfl_api.frontend import Client, check_upload_meta
 from openfl_api.logger import bind
 from openfl_api.parser import environ
 from openfl_api.state import SharedState
-from openfl_api.step import BACKEND, FRONTEND, Event, Step
+from openfl_api.step import BACKEND, FRONTEND, Event, Step, Steps
 from openfl_api.timeouts import Timeouts
 from openfl_api.transport.rendezvous import Peer, token_from
 
 __all__ = ["API"]
-
-
-def _env_rank() -> int:
-    return _env_int("RANK", 0)
 
 
 class API:
@@ -116,10 +110,7 @@ class API:
         self._nick_name = nick_name
         self.timeouts = Timeouts(idle=timeout, transfer=transfer_timeout, connect=connect_timeout, drain=drain, tick=tick,
                                  status=status_interval)
-        self._steps: "collections.OrderedDict[int, Step]" = collections.OrderedDict()
-        self._handlers: Dict[int, Dict[Event, Any]] = {}
-        self._attached_key: Tuple[int, Optional[int]] = (0, None)
-        self._attached_cache: Dict[Event, List[Tuple[Step, Any]]] = {}
+        self._steps = Steps(self)
         self._rank: Optional[int] = None
         self._server: Optional[Server] = None
         self._client: Optional[Client] = None
@@ -128,8 +119,6 @@ class API:
         self._server_optimizer: Optional[torch.optim.Optimizer] = None
         self._state_dict: Optional[Mapping[str, torch.Tensor]] = None
         self._state: Optional[SharedState] = None
-        self._thread: Optional[threading.Thread] = None
-        self._thread_error: Optional[BaseException] = None
         self._ran = False
         self._finished = False
         self.log = bind("frontend" if frontend else "backend" if frontend is False else "-")
@@ -229,18 +218,10 @@ class API:
             A handle whose ``remove()`` detaches the step.
 
         Raises:
-            ConfigurationError: not a :class:`Step`, already attached, or a handler's signature
-                does not fit its event.
+            ConfigurationError: not a :class:`Step`, already attached, a handler's signature does
+                not fit its event, or a public method looks like an event but is none.
         """
-        if not isinstance(step, Step):
-            raise ConfigurationError(f"register_step needs an openfl_api.Step, got {type(step).__name__}")
-        if any(attached is step for attached in self._steps.values()):
-            raise ConfigurationError(f"step {step!r} is attached to this API already")
-        handlers = step.handlers()
-        handle = RemovableHandle(self._steps)
-        self._steps[handle.id] = step
-        self._handlers[handle.id] = handlers
-        return handle
+        return self._steps.attach(step)
 
     def set_aggregate_triggers(self, *steps: Step) -> List[RemovableHandle]:
         """Attach the steps that decide when to aggregate (``AggregateCount``, ``AggregatePeriod``)."""
@@ -249,46 +230,7 @@ class API:
         return [self.register_step(step) for step in steps]
 
     def _fire(self, event: Event, *args: Any) -> None:
-        role = FRONTEND if self._frontend else BACKEND
-        for step, handler in self._attached(event):
-            if role not in step.roles:
-                continue
-            try:
-                handler(self, *args)
-            except StepError:
-                raise  # a nested step (fired by api.aggregate() inside this one) already named itself
-            except Exception as exc:
-                self.stop(f"step {step.name} raised at {event.value}")
-                raise StepError(step.name, event.value, f"{type(exc).__name__}: {exc}") from exc
-
-    def _attached(self, event: Event) -> List[Tuple[Step, Any]]:
-        """``(step, handler)`` of the attached steps that handle ``event``, in attach order.
-
-        Cached per event until a step is attached or removed: handle ids only grow, so the count
-        and the newest id change whenever the attached steps do.
-        """
-        key = (len(self._steps), next(reversed(self._steps), None))
-        if key != self._attached_key:
-            self._attached_key, self._attached_cache = key, {}
-        cached = self._attached_cache.get(event)
-        if cached is None:
-            cached = self._attached_cache[event] = [
-                (step, self._handlers[k][event]) for k, step in self._steps.items() if event in self._handlers.get(k, {})
-            ]
-        return cached
-
-    def _uploads_needed(self) -> Optional[Tuple[int, str]]:
-        """The most uploads an attached backend step needs to aggregate the current version, and
-        which step (its ``uploads_needed(api)``); None when no step says."""
-        best: Optional[Tuple[int, str]] = None
-        for step in self._steps.values():
-            method = getattr(step, "uploads_needed", None)
-            if BACKEND not in step.roles or not callable(method):
-                continue
-            needed = method(self)
-            if needed is not None and (best is None or needed > best[0]):
-                best = (int(needed), repr(step))
-        return best
+        self._steps.fire(FRONTEND if self._frontend else BACKEND, event, *args)
 
     # ----------------------------------------------------------------- set-up
     def build_connection(
@@ -305,59 +247,26 @@ class API:
         """
         if self._server is not None or self._client is not None:
             raise RoleError("build_connection(...) was called already on this API")
-        if address is None and address_file is None:
-            raise AddressError("build_connection needs address=Address(...) or address_file='federation.json'")
-        addresses = [address] if isinstance(address, Address) else list(address or [])
-        if any(not isinstance(a, Address) for a in addresses):
-            raise AddressError(f"address must be an Address or a list of them, got {address!r}")
-        rank = addresses[0].rank if addresses else _env_rank()
+        addresses = connect.given_addresses(address, address_file)
+        rank = addresses[0].rank if addresses else connect.env_rank()
         if self._frontend is None:
             self._frontend = rank > 0
         self._rank = rank if self._frontend else 0
         self.log = bind(self.role, self._rank)
         if self._frontend:
-            self._connect_frontend(addresses, address_file)
-        else:
-            self._connect_backend(addresses, address_file)
-
-    def _connect_frontend(self, addresses: List[Address], address_file: Union[str, Path, None]) -> None:
-        if address_file is not None:
-            if addresses:
-                raise AddressError("a frontend joins one address: pass address= or address_file=, not both")
-            entries = load_address_file(address_file)
-            if len(entries) != 1:
-                raise AddressError(
-                    f"a frontend joins one address but {address_file} lists {len(entries)}; "
-                    "give each frontend a file with its backend's entry"
-                )
-            entry = entries[0]
-            rank = entry.rank if entry.rank > 0 else _env_rank()
-            addresses = [entry.replace(rank=rank)]
-            self._rank = rank
-            self.log = bind(self.role, rank)
-        if len(addresses) != 1:
-            raise AddressError(f"a frontend joins exactly one address, got {len(addresses)}")
-        if addresses[0].rank < 1:
-            raise AddressError(
-                f"a frontend needs rank >= 1 on its address, got {addresses[0].rank}; rank 0 is the backend"
-            )
-        if not self._token:
-            self.log.warning("no admission token (API(token=...) or OPENFL_API_TOKEN): any process can join this "
-                             "federation")
-        self._client = Client(self._fire, self.timeouts, self.log, clients=self._hosted, reconnect=self._reconnect)
-        self._client.connect(addresses[0], self._token, self.nick_name)
-
-    def _connect_backend(self, addresses: List[Address], address_file: Union[str, Path, None]) -> None:
-        for address in addresses:
-            if address.rank != 0:
-                raise AddressError(f"the backend serves addresses as rank 0, got rank {address.rank} in {address}")
-        if not self._token:
-            self.log.warning("no admission token (API(token=...) or OPENFL_API_TOKEN): any process can join this "
-                             "federation")
+            joined = connect.frontend_address(addresses, address_file)
+            self._rank = joined.rank
+            self.log = bind(self.role, joined.rank)
+            connect.warn_if_no_token(self._token, self.log)
+            self._client = Client(self._fire, self.timeouts, self.log, clients=self._hosted, reconnect=self._reconnect)
+            self._client.connect(joined, self._token, self.nick_name)
+            return
+        connect.check_backend_addresses(addresses)
+        connect.warn_if_no_token(self._token, self.log)
         self._server = Server(self._fire, self.timeouts, self._token, self.nick_name, self.log,
-                              asynchronous=self._asynchronous, needs=self._uploads_needed)
-        for address in addresses:
-            self._server.serve(address)
+                              asynchronous=self._asynchronous, needs=self._steps.uploads_needed)
+        for served in addresses:
+            self._server.serve(served)
         if address_file is not None:
             self._server.watch(str(address_file))
 
@@ -423,15 +332,7 @@ class API:
             raise RoleError("run() or start() was called already; a serve loop runs once")
         self._ran = True
         self._prepare_backend(server)
-
-        def serve() -> None:
-            try:
-                server.run()
-            except BaseException as exc:  # re-raised by finish()
-                self._thread_error = exc
-
-        self._thread = threading.Thread(target=serve, name="openfl-serve-loop", daemon=True)
-        self._thread.start()
+        server.start()
 
     def download(self) -> bool:
         """Frontend: load a global model of version >= the local one in place. False once ended.
@@ -498,7 +399,7 @@ class API:
         Called from a step while the serve loop handles an event, the file is written once every
         step has seen that event, so the saved state of the steps is consistent."""
         server = self._require_server("save_checkpoint()")
-        server.checkpoint(str(path), lambda: checkpoint.step_states(list(self._steps.values())))
+        server.checkpoint(str(path), lambda: checkpoint.step_states(list(self._steps)))
 
     def _prepare_backend(self, server: Server) -> None:
         server.prepare(self._shared_state(), self._server_optimizer)
@@ -510,7 +411,7 @@ class API:
             return
         source, data = found
         steps = server.load_checkpoint(data, source)
-        checkpoint.load_step_states(list(self._steps.values()), steps, source, self.log)
+        checkpoint.load_step_states(list(self._steps), steps, source, self.log)
 
     # ----------------------------------------------------------------- the end
     def report(self) -> str:
@@ -526,19 +427,14 @@ class API:
         if self._finished:
             return
         self._finished = True
+        failure = None
         if self._server is not None:
-            if self._thread is not None:
-                with waiting.logged(self.log, self.timeouts.status, "the serve loop to stop (a stop step to fire)"):
-                    self._thread.join(self.timeouts.idle.total_seconds() if not interrupted else 1.0)
-                if self._thread.is_alive():
-                    self._server.stop(f"finish() waited {self.timeouts.idle} for the serve loop")
-                    self._thread.join(5)
-            self._server.finish(drain=not interrupted)
+            failure = self._server.finish(drain=not interrupted)
         elif self._client is not None:
             self._client.finish(interrupted=interrupted)
         self.log.info(f"finished: {self.nick_name}\n{self.report()}")
-        if self._thread_error is not None:
-            raise self._thread_error
+        if failure is not None:
+            raise failure
 
     def __enter__(self) -> "API":
         return self

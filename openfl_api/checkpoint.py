@@ -20,7 +20,8 @@ import torch
 
 from openfl_api.errors import ConfigurationError
 
-__all__ = ["FORMAT", "write", "newest", "check", "rng_state", "set_rng_state", "step_states", "load_step_states"]
+__all__ = ["FORMAT", "save", "restore", "write", "newest", "check", "rng_state", "set_rng_state", "step_states",
+           "load_step_states"]
 
 FORMAT = 3
 
@@ -53,6 +54,33 @@ def write(path: str, parts: Dict[str, Any]) -> Path:
     torch.save(data, temporary)
     os.replace(temporary, target)
     return target
+
+
+def save(path: str, exchange: Any, steps: Dict[str, Any]) -> Path:
+    """Write a backend's checkpoint: its version rules, global model and accumulation (all held
+    by ``exchange``, a :class:`~openfl_api.backend.exchange.Exchange`) and the steps' state."""
+    version = exchange.versions.version
+    return write(path, {
+        "versions": exchange.versions.state_dict(),
+        "model": exchange.model.state_dict(),
+        "accumulation": exchange.accumulation.state_dict(version),
+        "steps": dict(steps),
+    })
+
+
+def restore(data: Any, source: str, exchange: Any) -> Dict[str, Any]:
+    """Load a checkpoint written by :func:`save` into ``exchange`` and this process's random
+    generators; returns the steps' state.
+
+    Raises:
+        ConfigurationError: not a checkpoint of this format, or it does not fit this model.
+    """
+    data = check(data, source)
+    exchange.model.load_state_dict(data["model"], source)
+    exchange.versions.load_state_dict(data["versions"])
+    exchange.accumulation.load_state_dict(data["accumulation"], exchange.versions.version)
+    set_rng_state(data["rng"])
+    return dict(data["steps"])
 
 
 def check(data: Any, source: str) -> Dict[str, Any]:

@@ -10,6 +10,10 @@ the parser::
     parser.add_argument("--epochs", type=int, default=1)
     args = parser.parse_args()
 
+A script given no rank at all (no ``--rank``, no ``RANK`` in the environment: started by hand, not
+by a launcher) takes rank 0, the backend, and logs a warning that says so and gives the commands
+that start the frontends, or every rank at once through the launcher.
+
 Inside ``python -m openfl_api.simulate`` every rank is a thread of one process; each thread sees
 its own ``RANK``, ``WORLD_SIZE``, ... through :func:`environ`, an overlay on ``os.environ`` that
 holds for the calling thread only (see :func:`environment`).
@@ -22,9 +26,10 @@ import collections
 import contextlib
 import contextvars
 import os
-from typing import Dict, Iterator, Mapping, Optional, Sequence
+import sys
+from typing import Any, Dict, Iterator, Mapping, Optional, Sequence
 
-__all__ = ["build_parser", "parse_args", "default_init_method", "environ", "environment"]
+__all__ = ["build_parser", "parse_args", "default_init_method", "environ", "environment", "warn_rank_zero"]
 
 DEFAULT_PORT = 29500
 
@@ -65,7 +70,7 @@ def default_init_method(environ: Optional[Mapping[str, str]] = None) -> str:
     return f"tcp://{host}:{port}"
 
 
-def _int_env(environ: Mapping[str, str], name: str, default: int) -> int:
+def _int_env(environ: Mapping[str, str], name: str, default: Optional[int]) -> Optional[int]:
     value = environ.get(name)
     if value is None or value == "":
         return default
@@ -77,17 +82,43 @@ def _int_env(environ: Mapping[str, str], name: str, default: int) -> int:
         raise ConfigurationError(f"environment variable {name} must be an integer, got {value!r}") from None
 
 
+def warn_rank_zero(init_method: str, world_size: int) -> None:
+    """Log that this process took rank 0 (the backend) because it was given no rank, and how to
+    start the other ranks."""
+    from openfl_api.logger import bind
+
+    script = sys.argv[0] if sys.argv and sys.argv[0] else "script.py"
+    last = max(world_size - 1, 1)
+    others = "--rank 1" if last == 1 else f"--rank 1 ... --rank {last}"
+    bind("backend", 0).warning(
+        f"no rank given (neither --rank nor RANK): this process is the backend, rank 0, of {init_method} with "
+        f"world_size {world_size}. Start each frontend with python {script} {others} --world_size {world_size}, "
+        f"or start every rank at once with python -m openfl_api.launch --nproc_per_node {world_size} {script}"
+    )
+
+
+class _Parser(argparse.ArgumentParser):
+    """Fills in rank 0 when no rank was given, saying so (:func:`warn_rank_zero`)."""
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        parsed, rest = super().parse_known_args(args, namespace)
+        if getattr(parsed, "rank", 0) is None:
+            parsed.rank = 0
+            warn_rank_zero(parsed.init_method, parsed.world_size)
+        return parsed, rest
+
+
 def build_parser(environ: Optional[Mapping[str, str]] = None) -> argparse.ArgumentParser:
     """Return an ArgumentParser with openfl_api's options; defaults come from ``environ``."""
     env = _current() if environ is None else environ
-    parser = argparse.ArgumentParser(description="openfl_api federated training")
+    parser = _Parser(description="openfl_api federated training")
     parser.add_argument("--backend", default="gloo", help="torch.distributed backend of the pipes (gloo)")
     parser.add_argument("--init_method", "--init-method", default=default_init_method(env),
                         help="tcp://host:port, file:///path or memory://name (env OPENFL_INIT_METHOD)")
     parser.add_argument("--world_size", "--world-size", type=int, default=_int_env(env, "WORLD_SIZE", 2),
                         help="backend plus frontends of this address (env WORLD_SIZE)")
-    parser.add_argument("--rank", type=int, default=_int_env(env, "RANK", 0),
-                        help="0 is the backend, > 0 a frontend (env RANK)")
+    parser.add_argument("--rank", type=int, default=_int_env(env, "RANK", None),
+                        help="0 is the backend, > 0 a frontend (env RANK; none at all: 0, with a warning)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=_int_env(env, "LOCAL_RANK", 0),
                         help="rank on this node (env LOCAL_RANK)")
     parser.add_argument("--group_name", "--group-name", default=env.get("OPENFL_GROUP_NAME", "openfl_api"),

@@ -285,7 +285,7 @@ def test_report_silent_names_clients_that_missed_versions():
     while "test/rank2" not in fed.backend.clients and time.monotonic() < deadline:
         time.sleep(0.01)
     fed.frontend(1, worker)
-    fed.backend._thread.join(WAIT)
+    fed.backend._server._thread.join(WAIT)
     release.set()
     fed.join()
     fed.backend.finish()

@@ -7,10 +7,13 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 from openfl_api.address import Address, AddressFileWatcher
-from openfl_api.errors import ConfigurationError
+from openfl_api.errors import ConfigurationError, TransportError
 from openfl_api.transport.rendezvous import Lobby, open_store
 
-__all__ = ["Addresses"]
+__all__ = ["Addresses", "REMOVED"]
+
+#: Why the frontends of an address removed from the watched file are told the federation ended.
+REMOVED = "this address was removed from the address file"
 
 
 class Addresses:
@@ -74,6 +77,17 @@ class Addresses:
         lobby.end(reason)
         lobby.close()
         return True
+
+    def change(self, added: List[Address], removed: List[Address]) -> None:
+        """Apply a change of the watched file: serve the added addresses, close the removed ones."""
+        for address in removed:
+            if self.remove(address, REMOVED):
+                self.log.info(f"closed {address.init_method} (group {address.group_name!r}): removed from the address file")
+        for address in added:
+            try:
+                self.serve(address)
+            except (ConfigurationError, TransportError) as exc:
+                self.log.error(f"cannot serve {address} added to the address file: {exc}")
 
     def end(self, reason: str) -> None:
         """Record the end of the federation in every store, for frontends whose pipe broke."""

@@ -20,20 +20,21 @@ import torch
 from openfl_api import checkpoint
 from openfl_api.address import Address
 from openfl_api.asynchronous import Asynchronous
-from openfl_api.backend.addresses import Addresses
+from openfl_api.backend.addresses import REMOVED, Addresses
 from openfl_api.backend.exchange import Exchange
 from openfl_api.backend.model import GlobalModel
-from openfl_api.backend.status import VersionStatus
+from openfl_api.backend.status import Reporter
 from openfl_api.backend.worker import AddressChange, Joined, Left, Request, Worker, end_message
-from openfl_api.errors import ConfigurationError, TransportError
+from openfl_api.errors import ConfigurationError
 from openfl_api.ledger import Ledger
-from openfl_api.payload import MAX_HEADER_BYTES, encode_header
+from openfl_api.payload import MAX_HEADER_BYTES
 from openfl_api.state import SharedState
 from openfl_api.step import Event
 from openfl_api.timeouts import Timeouts
 from openfl_api.transport.base import REQUESTS, Kind, Limits, Pipe
 from openfl_api.transport.rendezvous import Peer
 from openfl_api.versions import client_order
+from openfl_api.waiting import logged
 
 __all__ = ["Server"]
 
@@ -57,7 +58,6 @@ class Server:
         asynchronous: Optional[Asynchronous] = None, needs: Callable[[], Optional[Tuple[int, str]]] = lambda: None,
     ) -> None:
         self._fire_steps = fire
-        self._needs = needs
         self.asynchronous = asynchronous
         self.timeouts = timeouts
         self.nick_name = nick_name
@@ -77,14 +77,13 @@ class Server:
         self._loop_lock = threading.RLock()
         self._failure: Optional[BaseException] = None  # raised in handle_now, re-raised by the loop
         self._lock = threading.Lock()
+        self._thread: Optional[threading.Thread] = None
+        self._thread_failure: Optional[BaseException] = None
         self._in_turn = False
         self._firing = 0  # depth of step events being fired
         self._aggregate_asked = False
         self._pending_checkpoints: List[Tuple[str, Callable[[], Dict[str, Any]]]] = []
-        self._status_version = -1
-        self._status_due = 0.0
-        self._ping_due = 0.0
-        self._ping = encode_header({"version": 0})
+        self.reporter = Reporter(self, needs)
 
     # ----------------------------------------------------------------- what steps and the API read
     @property
@@ -202,13 +201,7 @@ class Server:
 
     def save_checkpoint(self, path: str, steps: Optional[Dict[str, Any]] = None) -> None:
         """Write everything needed to continue to ``path`` (see :mod:`openfl_api.checkpoint`)."""
-        exchange = self.exchange
-        target = checkpoint.write(path, {
-            "versions": exchange.versions.state_dict(),
-            "model": exchange.model.state_dict(),
-            "accumulation": exchange.accumulation.state_dict(self.version),
-            "steps": dict(steps or {}),
-        })
+        target = checkpoint.save(path, self.exchange, steps or {})
         self.log.info(f"checkpoint of version {self.version} written to {target}")
 
     def load_checkpoint(self, data: Dict[str, Any], source: str) -> Dict[str, Any]:
@@ -217,15 +210,10 @@ class Server:
         Raises:
             ConfigurationError: the checkpoint does not fit this model, aggregator or optimizer.
         """
-        data = checkpoint.check(data, source)
-        exchange = self.exchange
-        exchange.model.load_state_dict(data["model"], source)
-        exchange.versions.load_state_dict(data["versions"])
-        exchange.accumulation.load_state_dict(data["accumulation"], self.version)
-        checkpoint.set_rng_state(data["rng"])
-        exchange.epoch += 1
+        steps = checkpoint.restore(data, source, self.exchange)
+        self.exchange.epoch += 1
         self.log.info(f"resumed from {source}: version {self.version}, {self.accepted} uploads accepted")
-        return dict(data["steps"])
+        return steps
 
     def _write_pending_checkpoints(self) -> None:
         while self._pending_checkpoints:
@@ -277,7 +265,7 @@ class Server:
         finally:
             self._in_turn = False
         self._write_pending_checkpoints()
-        self._report()
+        self.reporter.tick()
 
     def handle_now(self, event: Request) -> bool:
         """Handle a request on the calling thread (the pipe's), as a turn of the loop, one turn at a
@@ -287,7 +275,7 @@ class Server:
         frontend is told the federation ended.
         """
         with self._loop_lock:
-            if self.ended or self.stop_reason is not None:
+            if self.ended or self.stop_reason is not None or event.worker.closing:
                 return False
             try:
                 # The loop thread's torch modes, whatever the calling thread has set.
@@ -343,82 +331,12 @@ class Server:
             self.fire(Event.ON_LEAVE, worker.peer)
 
     def _change_addresses(self, added: List[Address], removed: List[Address]) -> None:
-        reason = "this address was removed from the address file"
-        for address in removed:
-            if self.addresses.lobby(address) is None:
-                continue
-            for worker in list(self.workers.values()):
-                if worker.peer.address.key == address.key:
-                    worker.closing = True
-                    self.exchange.answer_held(worker, reason)
-            self.addresses.remove(address, reason)
-            self.log.info(f"closed {address.init_method} (group {address.group_name!r}): removed from the address file")
-        for address in added:
-            try:
-                self.serve(address)
-            except (ConfigurationError, TransportError) as exc:
-                self.log.error(f"cannot serve {address} added to the address file: {exc}")
-
-    # ----------------------------------------------------------------- saying what it waits for
-    def status(self) -> VersionStatus:
-        """What the current version has and what it waits for."""
-        exchange, versions = self.exchange, self.exchange.versions
-        many = len(self.addresses.lobbies) > 1
-
-        def who(worker: Worker) -> str:
-            return worker.label if many else str(worker.peer.rank)
-
-        def name(client: str) -> str:
-            worker = exchange.clients.get(client)
-            return who(worker) if worker is not None and not worker.hosts_many else client
-
-        workers = sorted(self.workers.values(), key=lambda w: (w.label, w.peer.rank))
-        connected_ranks = {(w.peer.address.init_method, w.peer.rank) for w in workers}
-        unconnected = [f"{init}/rank{r}" if many else str(r) for init, ranks in self.addresses.frontend_ranks.items()
-                       for r in ranks if (init, r) not in connected_ranks]
-        done = versions.uploaded_now()
-        expected = exchange.accumulation.expected(versions.version)
-        if expected is not None:
-            missing = [name(c) for c in expected if c not in done]
-            unconnected = [c for c in expected if c not in exchange.clients]
-        else:
-            pending = [c for c in exchange.clients if c not in done]
-            missing = [name(c) for c in sorted(pending, key=client_order)] + unconnected
-        needs = self._needs()
-        status = VersionStatus(
-            version=versions.version, accepted=versions.accepted,
-            needed=None if needs is None else needs[0], needed_by="" if needs is None else needs[1],
-            uploaded=[name(c) for c in sorted(done, key=client_order)], missing=missing,
-            connected=[who(w) for w in workers], unconnected=unconnected,
-            asynchronous=self.asynchronous is not None,
-        )
-        if not exchange.started:
-            status.start = (len(workers), self.start_frontends())
-            status.missing = unconnected
-        return status
-
-    def ping_header(self) -> bytes:
-        """The header of the pings sent to frontends whose download is held: the backend's status."""
-        return self._ping
-
-    def _report(self) -> None:
-        now = time.monotonic()
-        if self.version != self._status_version:  # a new version: its interval starts now
-            self._status_version = self.version
-            self._status_due = now + self.timeouts.status.total_seconds()
-        if now < self._ping_due and now < self._status_due:
-            return
-        status = self.status()
-        line = status.line()
-        self._ping = encode_header({"version": self.version, "status": line})
-        self._ping_due = now + self.timeouts.heartbeat.total_seconds()
-        if now >= self._status_due and self.stop_reason is None:
-            self._status_due = now + self.timeouts.status.total_seconds()
-            unmet = status.unmet()
-            if unmet is None:
-                self.log.info(line)
-            else:
-                self.log.warning(f"{line}. {unmet}")
+        closing = {a.key for a in removed if self.addresses.lobby(a) is not None}
+        for worker in list(self.workers.values()):
+            if worker.peer.address.key in closing:
+                worker.closing = True
+                self.exchange.answer_held(worker, REMOVED)
+        self.addresses.change(added, removed)
 
     # ----------------------------------------------------------------- the end
     def _end(self) -> None:
@@ -454,9 +372,32 @@ class Server:
         elif isinstance(event, Left):
             self._left(event.worker, event.reason)
 
-    def finish(self, drain: bool = True) -> None:
-        """End the loop if it still runs, wait up to ``timeouts.drain`` for frontends to leave
-        (not at all with ``drain=False``), and close everything."""
+    def start(self) -> None:
+        """Run the serve loop on a thread of its own; :meth:`finish` waits for it."""
+
+        def serve() -> None:
+            try:
+                self.run()
+            except BaseException as exc:  # returned by finish()
+                self._thread_failure = exc
+
+        self._thread = threading.Thread(target=serve, name="openfl-serve-loop", daemon=True)
+        self._thread.start()
+
+    def finish(self, drain: bool = True) -> Optional[BaseException]:
+        """Wait for a loop started with :meth:`start` (up to ``timeouts.idle``; one second without
+        ``drain``), end it if it still runs, wait up to ``timeouts.drain`` for frontends to leave
+        (not at all without ``drain``), and close everything.
+
+        Returns:
+            What the started loop raised, or None.
+        """
+        if self._thread is not None:
+            with logged(self.log, self.timeouts.status, "the serve loop to stop (a stop step to fire)"):
+                self._thread.join(self.timeouts.idle.total_seconds() if drain else 1.0)
+            if self._thread.is_alive():
+                self.stop(f"finish() waited {self.timeouts.idle} for the serve loop")
+                self._thread.join(5)
         if not self.ended:
             self.stop("finish() was called")
             with self._loop_lock:
@@ -475,3 +416,4 @@ class Server:
             worker.pipe.close()
         self.workers.clear()
         self.addresses.close()
+        return self._thread_failure

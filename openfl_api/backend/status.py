@@ -6,10 +6,14 @@ send it to frontends whose download is held, so a stalled federation names what 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
-__all__ = ["VersionStatus", "names"]
+from openfl_api.payload import encode_header
+from openfl_api.versions import client_order
+
+__all__ = ["VersionStatus", "Reporter", "names"]
 
 
 def names(items: Sequence[str], limit: int = 10) -> str:
@@ -74,3 +78,84 @@ class VersionStatus:
         return (f"version {self.version} cannot be aggregated by the connected frontends: {self.needed_by} needs "
                 f"{short} more uploads and only {can} connected clients have not uploaded for it; {start}lower the "
                 "count the step needs")
+
+
+class Reporter:
+    """Builds the backend's status, logs it while a version stays open, and keeps the ping header.
+
+    Args:
+        server: the :class:`~openfl_api.backend.server.Server` whose loop calls :meth:`tick`.
+        needs: ``needs()`` returns ``(uploads, step)`` the attached steps need, or None.
+    """
+
+    def __init__(self, server: Any, needs: Callable[[], Optional[Tuple[int, str]]]) -> None:
+        self.server = server
+        self._needs = needs
+        self._version = -1
+        self._due = 0.0
+        self._ping_due = 0.0
+        self._ping = encode_header({"version": 0})
+
+    def status(self) -> VersionStatus:
+        """What the current version has and what it waits for."""
+        server = self.server
+        exchange, versions = server.exchange, server.exchange.versions
+        many = len(server.addresses.lobbies) > 1
+
+        def who(worker: Any) -> str:
+            return worker.label if many else str(worker.peer.rank)
+
+        def name(client: str) -> str:
+            worker = exchange.clients.get(client)
+            return who(worker) if worker is not None and not worker.hosts_many else client
+
+        workers = sorted(server.workers.values(), key=lambda w: (w.label, w.peer.rank))
+        connected_ranks = {(w.peer.address.init_method, w.peer.rank) for w in workers}
+        unconnected = [f"{init}/rank{r}" if many else str(r) for init, ranks in server.addresses.frontend_ranks.items()
+                       for r in ranks if (init, r) not in connected_ranks]
+        done = versions.uploaded_now()
+        expected = exchange.accumulation.expected(versions.version)
+        if expected is not None:
+            missing = [name(c) for c in expected if c not in done]
+            unconnected = [c for c in expected if c not in exchange.clients]
+        else:
+            pending = [c for c in exchange.clients if c not in done]
+            missing = [name(c) for c in sorted(pending, key=client_order)] + unconnected
+        needs = self._needs()
+        status = VersionStatus(
+            version=versions.version, accepted=versions.accepted,
+            needed=None if needs is None else needs[0], needed_by="" if needs is None else needs[1],
+            uploaded=[name(c) for c in sorted(done, key=client_order)], missing=missing,
+            connected=[who(w) for w in workers], unconnected=unconnected,
+            asynchronous=server.asynchronous is not None,
+        )
+        if not exchange.started:
+            status.start = (len(workers), server.start_frontends())
+            status.missing = unconnected
+        return status
+
+    def ping_header(self) -> bytes:
+        """The header of the pings sent to frontends whose download is held: the backend's status."""
+        return self._ping
+
+    def tick(self) -> None:
+        """After a turn: refresh the ping header every heartbeat; log the status line every
+        ``status`` interval of a version that stays open."""
+        server = self.server
+        now = time.monotonic()
+        if server.version != self._version:  # a new version: its interval starts now
+            self._version = server.version
+            self._due = now + server.timeouts.status.total_seconds()
+        if now < self._ping_due and now < self._due:
+            return
+        status = self.status()
+        line = status.line()
+        self._ping = encode_header({"version": server.version, "status": line})
+        self._ping_due = now + server.timeouts.heartbeat.total_seconds()
+        if now >= self._due and server.stop_reason is None:
+            self._due = now + server.timeouts.status.total_seconds()
+            unmet = status.unmet()
+            if unmet is None:
+                server.log.info(line)
+            else:
+                server.log.warning(f"{line}. {unmet}")

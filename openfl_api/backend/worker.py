@@ -170,7 +170,7 @@ class Worker:
                     return end_message(self.server.stop_reason or "the federation ended")
                 # The request is held (a download waiting for its version): a ping fails at once
                 # if the frontend died meanwhile, which frees its rank; it carries the backend's status.
-                self.pipe.send(Message(Kind.PING, self.server.ping_header()), timeouts.transfer)
+                self.pipe.send(Message(Kind.PING, self.server.reporter.ping_header()), timeouts.transfer)
 
     def _run(self) -> None:
         server = self.server
