@@ -86,21 +86,7 @@ class API:
         reconnect: timedelta = timedelta(seconds=60),
         resume: Union[str, Path, None] = None,
     ) -> None:
-        if frontend is not None and not isinstance(frontend, bool):
-            raise ConfigurationError(f"API(frontend=...) must be True, False or None, got {frontend!r}")
-        if token is not None and not isinstance(token, str):
-            raise ConfigurationError(f"API(token=...) must be a str, got {type(token).__name__}")
-        if nick_name is not None and (not isinstance(nick_name, str) or not 0 < len(nick_name) <= 64
-                                      or not nick_name.isprintable()):
-            raise ConfigurationError(f"API(nick_name=...) must be 1-64 printable characters, got {nick_name!r}")
-        if asynchronous is not None and not isinstance(asynchronous, Asynchronous):
-            raise ConfigurationError(
-                f"API(asynchronous=...) must be an openfl_api.Asynchronous or None, got {type(asynchronous).__name__}"
-            )
-        if not isinstance(reconnect, timedelta) or reconnect < timedelta(0):
-            raise ConfigurationError(f"API(reconnect=...) must be a datetime.timedelta >= 0, got {reconnect!r}")
-        if resume is not None and (not isinstance(resume, (str, Path)) or not str(resume)):
-            raise ConfigurationError(f"API(resume=...) must be a checkpoint path prefix or None, got {resume!r}")
+        _check_arguments(frontend, token, nick_name, asynchronous, reconnect, resume)
         self._hosted = _check_clients(clients)
         self._asynchronous = asynchronous
         self._reconnect = reconnect
@@ -287,15 +273,7 @@ class API:
                 applies ``global - aggregate`` as a gradient (FedOpt). Without it the aggregate
                 replaces the global model (FedAvg).
         """
-        for name in ("params", "bind", "add", "aggregate", "state_keys", "upload_keys", "frontend_extras"):
-            if not hasattr(aggregator, name):
-                raise ConfigurationError(
-                    f"aggregator must be an openfl_api.aggregate.Aggregator, got {type(aggregator).__name__} "
-                    f"(it has no {name!r})"
-                )
-        for label, value in (("optimizer", optimizer), ("server_optimizer", server_optimizer)):
-            if value is not None and not isinstance(value, torch.optim.Optimizer):
-                raise ConfigurationError(f"{label} must be a torch.optim.Optimizer, got {type(value).__name__}")
+        _check_aggregator(aggregator, optimizer, server_optimizer)
         self._aggregator, self._optimizer, self._server_optimizer = aggregator, optimizer, server_optimizer
         self._state = None
 
@@ -451,6 +429,38 @@ class API:
     def __repr__(self) -> str:
         role = "undecided" if self._frontend is None else self.role
         return f"API(role={role}, nick_name={self.nick_name!r}, version={self.version})"
+
+
+def _check_arguments(frontend: Any, token: Any, nick_name: Any, asynchronous: Any, reconnect: Any, resume: Any) -> None:
+    """Validate ``API(...)``'s arguments (timeouts are checked by :class:`Timeouts`)."""
+    if frontend is not None and not isinstance(frontend, bool):
+        raise ConfigurationError(f"API(frontend=...) must be True, False or None, got {frontend!r}")
+    if token is not None and not isinstance(token, str):
+        raise ConfigurationError(f"API(token=...) must be a str, got {type(token).__name__}")
+    if nick_name is not None and (not isinstance(nick_name, str) or not 0 < len(nick_name) <= 64
+                                  or not nick_name.isprintable()):
+        raise ConfigurationError(f"API(nick_name=...) must be 1-64 printable characters, got {nick_name!r}")
+    if asynchronous is not None and not isinstance(asynchronous, Asynchronous):
+        raise ConfigurationError(
+            f"API(asynchronous=...) must be an openfl_api.Asynchronous or None, got {type(asynchronous).__name__}"
+        )
+    if not isinstance(reconnect, timedelta) or reconnect < timedelta(0):
+        raise ConfigurationError(f"API(reconnect=...) must be a datetime.timedelta >= 0, got {reconnect!r}")
+    if resume is not None and (not isinstance(resume, (str, Path)) or not str(resume)):
+        raise ConfigurationError(f"API(resume=...) must be a checkpoint path prefix or None, got {resume!r}")
+
+
+def _check_aggregator(aggregator: Any, optimizer: Any, server_optimizer: Any) -> None:
+    """Validate ``set_aggregator_and_optimizer(...)``'s arguments."""
+    for name in ("params", "bind", "add", "aggregate", "state_keys", "upload_keys", "frontend_extras"):
+        if not hasattr(aggregator, name):
+            raise ConfigurationError(
+                f"aggregator must be an openfl_api.aggregate.Aggregator, got {type(aggregator).__name__} "
+                f"(it has no {name!r})"
+            )
+    for label, value in (("optimizer", optimizer), ("server_optimizer", server_optimizer)):
+        if value is not None and not isinstance(value, torch.optim.Optimizer):
+            raise ConfigurationError(f"{label} must be a torch.optim.Optimizer, got {type(value).__name__}")
 
 
 def _check_clients(clients: Optional[Sequence[Union[int, str]]]) -> Optional[List[str]]:

@@ -20,7 +20,8 @@ import torch
 from openfl_api import checkpoint
 from openfl_api.address import Address
 from openfl_api.asynchronous import Asynchronous
-from openfl_api.backend.addresses import REMOVED, Addresses
+from openfl_api.backend.addresses import Addresses
+from openfl_api.backend.members import Members
 from openfl_api.backend.exchange import Exchange
 from openfl_api.backend.model import GlobalModel
 from openfl_api.backend.status import Reporter
@@ -31,7 +32,7 @@ from openfl_api.payload import MAX_HEADER_BYTES
 from openfl_api.state import SharedState
 from openfl_api.step import Event
 from openfl_api.timeouts import Timeouts
-from openfl_api.transport.base import REQUESTS, Kind, Limits, Pipe
+from openfl_api.transport.base import REQUESTS, Kind, Limits
 from openfl_api.transport.rendezvous import Peer
 from openfl_api.versions import client_order
 from openfl_api.waiting import logged
@@ -68,9 +69,7 @@ class Server:
         self.ended = False
         self.request_limits = Limits(REQUESTS, MAX_HEADER_BYTES, 0)
         self.prepared = threading.Event()
-        self.workers: Dict[int, Worker] = {}
-        self.addresses = Addresses(token, timeouts.connect, nick_name, log, on_admit=self._admit,
-                                   on_refuse=self._refuse)
+        self.members = Members(self, token)
         self.exchange = Exchange(self)
         self._events: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
         # Held while a turn runs, by the loop's thread or by a pipe's thread (handle_now).
@@ -124,24 +123,19 @@ class Server:
     # ----------------------------------------------------------------- addresses and joins
     def serve(self, address: Address) -> None:
         """Host or open the store of ``address`` and start admitting frontends there."""
-        self.addresses.serve(address)
+        self.members.serve(address)
 
     def watch(self, path: str) -> None:
         """Serve every address in the file ``path`` and follow its changes while running."""
-        self.addresses.watch(path, lambda added, removed: self.post(AddressChange(added, removed), force=True))
+        self.members.watch(path)
 
-    def _admit(self, pipe: Pipe, peer: Peer) -> None:
-        lobby = self.addresses.lobby(peer.address)
-        if lobby is None:  # the address was removed while the frontend joined
-            pipe.close()
-            return
-        worker = Worker(self, pipe, peer, lobby)
-        self.post(Joined(worker), force=True)
-        worker.start()
+    @property
+    def workers(self) -> Dict[int, Worker]:
+        return self.members.workers
 
-    def _refuse(self, rank: Optional[int], reason: str) -> None:
-        self.ledger.refuse(reason)
-        self.log.warning(f"refused a frontend (rank {rank}): {reason}")
+    @property
+    def addresses(self) -> Addresses:
+        return self.members.addresses
 
     def post(self, event: Any, force: bool = False) -> bool:
         """Queue an event for the loop; after the loop ended only forced events are queued."""
@@ -305,38 +299,11 @@ class Server:
             else:
                 exchange.upload(event.worker, event.message)
         elif isinstance(event, Joined):
-            self._joined(event.worker)
+            self.members.joined(event.worker)
         elif isinstance(event, Left):
-            self._left(event.worker, event.reason)
+            self.members.left(event.worker, event.reason)
         elif isinstance(event, AddressChange):
-            self._change_addresses(event.added, event.removed)
-
-    def _joined(self, worker: Worker) -> None:
-        self.workers[id(worker)] = worker
-        self.exchange.epoch += 1
-        peer = worker.peer
-        self.log.info(f"rank {peer.rank} ({peer.nick_name}) joined on {peer.address.init_method}")
-        try:
-            self.fire(Event.ON_JOIN, peer)
-        finally:
-            worker.joined.set()
-
-    def _left(self, worker: Worker, reason: str) -> None:
-        if self.workers.pop(id(worker), None) is None:
-            return
-        self.exchange.leave(worker)
-        level = "INFO" if reason in ("said goodbye", "address removed") else "WARNING"
-        self.log.log(level, f"rank {worker.peer.rank} ({worker.peer.nick_name}) left: {reason}")
-        if not self.ended:
-            self.fire(Event.ON_LEAVE, worker.peer)
-
-    def _change_addresses(self, added: List[Address], removed: List[Address]) -> None:
-        closing = {a.key for a in removed if self.addresses.lobby(a) is not None}
-        for worker in list(self.workers.values()):
-            if worker.peer.address.key in closing:
-                worker.closing = True
-                self.exchange.answer_held(worker, REMOVED)
-        self.addresses.change(added, removed)
+            self.members.change(event.added, event.removed)
 
     # ----------------------------------------------------------------- the end
     def _end(self) -> None:
@@ -367,10 +334,9 @@ class Server:
             event.worker.free.set()
             event.worker.reply(end_message(reason))
         elif isinstance(event, Joined):
-            self.workers[id(event.worker)] = event.worker
-            event.worker.joined.set()
+            self.members.joined(event.worker, fire=False)
         elif isinstance(event, Left):
-            self._left(event.worker, event.reason)
+            self.members.left(event.worker, event.reason)
 
     def start(self) -> None:
         """Run the serve loop on a thread of its own; :meth:`finish` waits for it."""
@@ -409,11 +375,5 @@ class Server:
             except queue.Empty:
                 continue
             self._settle_after_end(event, self.stop_reason)
-        for worker in self.workers.values():
-            if drain:
-                self.log.warning(f"rank {worker.peer.rank} did not leave within {self.timeouts.drain}; closing its pipe")
-            worker.closing = True
-            worker.pipe.close()
-        self.workers.clear()
-        self.addresses.close()
+        self.members.close(drain, self.timeouts.drain)
         return self._thread_failure
