@@ -23,6 +23,7 @@ from typing import Callable, Iterator, Mapping, Optional
 import pytest
 
 from openfl_api import launch
+from openfl_api.launch import supervisor
 
 REPO = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 60.0  # generous: the launcher imports the whole package, torch included
@@ -435,7 +436,7 @@ def test_rank_whose_launcher_died_before_the_parent_death_signal_was_set_does_no
     # The hook runs in the child between fork and exec; a launcher pid that is not the child's parent
     # is what the child sees when the launcher died before the hook ran.
     marker = tmp_path / "ran"
-    hook = launch._parent_death_hook(launcher_pid=os.getpid() + 1_000_000)
+    hook = supervisor._parent_death_hook(launcher_pid=os.getpid() + 1_000_000)
 
     child = subprocess.Popen([sys.executable, "-c", f"open({str(marker)!r}, 'w')"], preexec_fn=hook)
     try:
