@@ -641,3 +641,13 @@ def test_a_node_of_several_may_run_a_single_rank(tmp_path: Path) -> None:
     assert (launched.code, launched.env(1)["RANK"], launched.env(1)["WORLD_SIZE"], _said(launched.err)[0]) == (
         0, "1", "2", f"{L} starting rank 1 of world_size 2 (master 127.0.0.1:PORT)"
     ), launched.err
+
+
+def test_importing_the_launcher_does_not_import_torch() -> None:
+    # The launcher only starts and watches processes; loading torch would delay every launch.
+    imported = subprocess.run(
+        [sys.executable, "-c", "import sys, openfl_api.launch; print('torch' in sys.modules)"],
+        env=_env(), capture_output=True, text=True, timeout=TIMEOUT_S, check=True,
+    )
+
+    assert imported.stdout == "False\n", imported.stderr
