@@ -14,8 +14,9 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
+from openfl_api.data._checks import Seed, _check_int, _check_number, _generator
 from openfl_api.data._optional import require
-from openfl_api.data.functional import Seed, _check_int, _check_number, _generator, stratified_split
+from openfl_api.data.functional import stratified_split
 from openfl_api.errors import ConfigurationError
 
 __all__ = ["TrainTest", "load_digits", "synthetic", "synthetic_iid"]

@@ -11,12 +11,33 @@ indices by owner; that one step is what makes the output a partition by construc
 
 from __future__ import annotations
 
-import math
 import numbers
-from typing import Any, List, Optional, Sequence, Tuple, Union
+from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from openfl_api.data._checks import (
+    Seed,
+    _check_clients,
+    _check_indices,
+    _check_int,
+    _check_number,
+    _class_values,
+    _classes,
+    _generator,
+    _labels,
+    _num_classes,
+)
+from openfl_api.data._split import (
+    _apportion,
+    _balanced,
+    _order_by_class,
+    _repair,
+    _sizes_from_weights,
+    _split_by_counts,
+    _split_by_owner,
+    _split_by_size,
+)
 from openfl_api.errors import ConfigurationError
 
 __all__ = [
@@ -29,9 +50,6 @@ __all__ = [
     "stratified_split",
     "label_counts",
 ]
-
-Seed = Union[int, np.random.Generator]
-"""An int (a seed for :func:`numpy.random.default_rng`) or a :class:`numpy.random.Generator`."""
 
 
 # --- partitioners ------------------------------------------------------------------------------
@@ -328,197 +346,3 @@ def label_counts(indices: Sequence[Any], labels: Any, num_classes: Optional[int]
     flat = labels[np.concatenate(parts)] if parts else np.zeros(0, dtype=np.int64)
     counts = np.bincount(clients * num_classes + flat, minlength=len(parts) * num_classes)
     return counts.reshape(len(parts), num_classes).astype(np.int64)
-
-
-# --- internals ---------------------------------------------------------------------------------
-
-
-def _generator(seed: Seed) -> np.random.Generator:
-    """Returns ``seed`` as a Generator; None is refused so that every rank splits alike."""
-    if isinstance(seed, np.random.Generator):
-        return seed
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
-        raise ConfigurationError(
-            f"seed must be a non-negative int or a numpy.random.Generator; got {seed!r} (every "
-            f"rank must build the same partition, so pass the same int, e.g. seed=0, on every "
-            f"rank)"
-        )
-    return np.random.default_rng(int(seed))
-
-
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ConfigurationError(f"{name} must be an int >= {minimum}; got {value!r}")
-    return int(value)
-
-
-def _check_number(name: str, value: Any, bound: float, strict: bool = True, hint: str = "") -> float:
-    """Returns ``value`` as a float after checking it is finite and above ``bound``."""
-    ok = (
-        not isinstance(value, bool)
-        and isinstance(value, numbers.Real)
-        and math.isfinite(value)
-        and (value > bound if strict else value >= bound)
-    )
-    if not ok:
-        relation = ">" if strict else ">="
-        raise ConfigurationError(f"{name} must be a finite number {relation} {bound:g}; got {value!r}{hint}")
-    return float(value)
-
-
-def _check_clients(n: int, num_clients: Any, min_size: Any) -> Tuple[int, int]:
-    """Validates ``num_clients`` and ``min_size`` against ``n`` samples."""
-    num_clients = _check_int("num_clients", num_clients, 1)
-    min_size = _check_int("min_size", min_size, 0)
-    if n < num_clients * min_size:
-        raise ConfigurationError(
-            f"{n} samples cannot give {num_clients} clients at least {min_size} each (needs "
-            f"{num_clients * min_size}); use fewer clients, a smaller min_size, or min_size=0 to "
-            f"allow empty clients"
-        )
-    return num_clients, min_size
-
-
-def _labels(labels: Any) -> np.ndarray:
-    """Returns ``labels`` as a 1-D int64 array (tensors on any device are accepted)."""
-    if hasattr(labels, "detach") and hasattr(labels, "cpu"):
-        labels = labels.detach().cpu().numpy()
-    array = np.asarray(labels)
-    if array.ndim != 1 or array.size == 0:
-        raise ConfigurationError(
-            f"labels must be a non-empty 1-D sequence, one label per sample; got shape {array.shape}"
-        )
-    if not np.issubdtype(array.dtype, np.integer):
-        raise ConfigurationError(
-            f"labels must be integers; got dtype {array.dtype} (cast them, e.g. "
-            f"labels.astype(int) or tensor.long())"
-        )
-    return array.astype(np.int64, copy=False)
-
-
-def _classes(labels: Any) -> Tuple[np.ndarray, np.ndarray]:
-    """Returns each sample's class index (into the sorted distinct labels) and class sizes."""
-    inverse = np.unique(_labels(labels), return_inverse=True)[1].reshape(-1).astype(np.int64)
-    return inverse, np.bincount(inverse)
-
-
-def _class_values(labels: Any) -> np.ndarray:
-    return np.unique(_labels(labels))
-
-
-def _num_classes(labels: np.ndarray, num_classes: Optional[int]) -> int:
-    if labels.size and labels.min() < 0:
-        raise ConfigurationError(
-            f"labels must be >= 0 to be counted; got {labels.min()} (map them to 0..K-1, e.g. "
-            f"with numpy.unique(labels, return_inverse=True))"
-        )
-    if num_classes is None:
-        return int(labels.max()) + 1
-    num_classes = _check_int("num_classes", num_classes, 1)
-    if labels.max() >= num_classes:
-        raise ConfigurationError(
-            f"labels must be below num_classes={num_classes}; got label {labels.max()} (pass "
-            f"num_classes={labels.max() + 1} or more)"
-        )
-    return num_classes
-
-
-def _check_indices(indices: Sequence[Any], n: int) -> List[np.ndarray]:
-    """Returns ``indices`` as int64 arrays, each 1-D and inside ``range(n)``."""
-    parts = []
-    for client, part in enumerate(indices):
-        array = np.asarray(part)
-        if array.ndim != 1 or not (np.issubdtype(array.dtype, np.integer) or array.size == 0):
-            raise ConfigurationError(
-                f"client {client}'s indices must be a 1-D integer array; got shape {array.shape} "
-                f"of dtype {array.dtype}"
-            )
-        array = array.astype(np.int64, copy=False)
-        if array.size and (array.min() < 0 or array.max() >= n):
-            raise ConfigurationError(
-                f"client {client}'s indices must lie in range({n}); got values from {array.min()} "
-                f"to {array.max()} (partition the same dataset whose labels you pass)"
-            )
-        parts.append(array)
-    return parts
-
-
-def _balanced(total: int, parts: int) -> np.ndarray:
-    """Sizes of ``parts`` near-equal parts of ``total``; the first ``total % parts`` get one more."""
-    return total // parts + (np.arange(parts) < total % parts).astype(np.int64)
-
-
-def _apportion(totals: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """Splits each ``totals[i]`` in proportion to row ``weights[i]`` (largest remainder method).
-
-    Returns int64 counts of ``weights``' shape whose rows sum exactly to ``totals``; remainders are
-    handed out by decreasing fractional part, ties to the lower column.
-    """
-    shares = weights / weights.sum(axis=1, keepdims=True) * np.asarray(totals, dtype=float)[:, None]
-    counts = np.floor(shares).astype(np.int64)
-    remainder = np.asarray(totals, dtype=np.int64) - counts.sum(axis=1)
-    order = np.argsort(counts - shares, axis=1, kind="stable")
-    ranks = np.empty_like(order)
-    np.put_along_axis(ranks, order, np.broadcast_to(np.arange(order.shape[1]), order.shape), axis=1)
-    return counts + (ranks < remainder[:, None])
-
-
-def _sizes_from_weights(n: int, weights: np.ndarray, min_size: int) -> np.ndarray:
-    """``min_size`` each plus the rest of ``n`` in proportion to ``weights``."""
-    rest = n - weights.size * min_size
-    return min_size + _apportion(np.array([rest]), weights[None, :])[0]
-
-
-def _repair(counts: np.ndarray, min_size: int) -> None:
-    """Tops every client (column of ``counts``) up to ``min_size`` samples, in place.
-
-    For each short client in id order, samples move from the largest client's most frequent
-    label. The largest client always has more than ``min_size`` while one is short (the total is
-    at least ``num_clients * min_size``), so every move is at least one sample and this ends after
-    at most ``num_clients * (num_classes + 1)`` moves.
-    """
-    sizes = counts.sum(axis=0)
-    for client in np.flatnonzero(sizes < min_size):
-        while sizes[client] < min_size:
-            donor = int(np.argmax(sizes))
-            label = int(np.argmax(counts[:, donor]))
-            amount = min(min_size - sizes[client], sizes[donor] - min_size, counts[label, donor])
-            counts[label, donor] -= amount
-            counts[label, client] += amount
-            sizes[donor] -= amount
-            sizes[client] += amount
-
-
-def _order_by_class(inverse: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Sample indices sorted by class, in random order within each class."""
-    shuffled = rng.permutation(inverse.size)
-    return shuffled[np.argsort(_narrow(inverse[shuffled], int(inverse.max())), kind="stable")]
-
-
-def _narrow(keys: np.ndarray, largest: int) -> np.ndarray:
-    """``keys`` (0 to ``largest``) in the narrowest unsigned dtype.
-
-    A stable argsort of 8- or 16-bit keys is numpy's radix sort, O(n), several times faster than
-    the merge sort it uses for int64.
-    """
-    return keys.astype(np.min_scalar_type(largest), copy=False)
-
-
-def _split_by_counts(inverse: np.ndarray, counts: np.ndarray, rng: np.random.Generator) -> List[np.ndarray]:
-    """Gives client ``j`` ``counts[k, j]`` random samples of class ``k``, for every ``k``."""
-    num_classes, num_clients = counts.shape
-    owner = np.empty(inverse.size, dtype=np.int64)
-    owner[_order_by_class(inverse, rng)] = np.repeat(np.tile(np.arange(num_clients), num_classes), counts.ravel())
-    return _split_by_owner(owner, num_clients)
-
-
-def _split_by_size(sizes: np.ndarray, rng: np.random.Generator) -> List[np.ndarray]:
-    """Gives client ``j`` ``sizes[j]`` samples drawn uniformly at random."""
-    return _split_by_owner(rng.permutation(np.repeat(np.arange(sizes.size), sizes)), sizes.size)
-
-
-def _split_by_owner(owner: np.ndarray, num_clients: int) -> List[np.ndarray]:
-    """Groups ``range(len(owner))`` by owner: client ``j`` gets the sorted indices it owns."""
-    order = np.argsort(_narrow(owner, num_clients - 1), kind="stable").astype(np.int64, copy=False)
-    bounds = np.cumsum(np.bincount(owner, minlength=num_clients))[:-1]
-    return np.split(order, bounds)

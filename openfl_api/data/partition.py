@@ -11,7 +11,8 @@ import numpy as np
 from torch.utils.data import Dataset, Subset
 
 from openfl_api.data import report
-from openfl_api.data.functional import _check_indices, _check_int, label_counts
+from openfl_api.data._checks import _check_indices, _check_int
+from openfl_api.data.functional import label_counts
 from openfl_api.errors import ConfigurationError
 
 __all__ = ["Partition"]

@@ -23,6 +23,7 @@ from typing import Callable, Iterator, Mapping, Optional
 import pytest
 
 from openfl_api import launch
+from openfl_api.launch import supervisor
 
 REPO = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 60.0  # generous: the launcher imports the whole package, torch included
@@ -435,7 +436,7 @@ def test_rank_whose_launcher_died_before_the_parent_death_signal_was_set_does_no
     # The hook runs in the child between fork and exec; a launcher pid that is not the child's parent
     # is what the child sees when the launcher died before the hook ran.
     marker = tmp_path / "ran"
-    hook = launch._parent_death_hook(launcher_pid=os.getpid() + 1_000_000)
+    hook = supervisor._parent_death_hook(launcher_pid=os.getpid() + 1_000_000)
 
     child = subprocess.Popen([sys.executable, "-c", f"open({str(marker)!r}, 'w')"], preexec_fn=hook)
     try:
@@ -640,3 +641,13 @@ def test_a_node_of_several_may_run_a_single_rank(tmp_path: Path) -> None:
     assert (launched.code, launched.env(1)["RANK"], launched.env(1)["WORLD_SIZE"], _said(launched.err)[0]) == (
         0, "1", "2", f"{L} starting rank 1 of world_size 2 (master 127.0.0.1:PORT)"
     ), launched.err
+
+
+def test_importing_the_launcher_does_not_import_torch() -> None:
+    # The launcher only starts and watches processes; loading torch would delay every launch.
+    imported = subprocess.run(
+        [sys.executable, "-c", "import sys, openfl_api.launch; print('torch' in sys.modules)"],
+        env=_env(), capture_output=True, text=True, timeout=TIMEOUT_S, check=True,
+    )
+
+    assert imported.stdout == "False\n", imported.stderr
