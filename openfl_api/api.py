@@ -26,7 +26,7 @@ from typing import Any, List, Mapping, Optional, Sequence, Union
 import torch
 from torch.utils.hooks import RemovableHandle
 
-from openfl_api import checkpoint, connect
+from openfl_api import checkpoint, connect, waiting
 from openfl_api.address import Address
 from openfl_api.asynchronous import Asynchronous
 from openfl_api.backend import Server
@@ -420,6 +420,8 @@ class API:
     def __exit__(self, exc_type: Any, exc: Any, traceback: Any) -> None:
         if exc_type is not None and not self._finished:
             interrupted = issubclass(exc_type, KeyboardInterrupt)
+            if interrupted:
+                waiting.exit_fast_after_interrupt()
             self.stop("interrupted (KeyboardInterrupt)" if interrupted else f"{exc_type.__name__} in the training loop")
             try:
                 self._finish(interrupted=interrupted)

@@ -18,8 +18,8 @@ FedBuff proper averages client *deltas* and applies them with a server learning 
 upload models (the contract of DESIGN.md §4) and the average of models is mixed with ``alpha``.
 A ``server_optimizer`` given to ``set_aggregator_and_optimizer`` then sees the mixed model.
 
-Start policy: the backend serves no model until ``min_frontends`` frontends are connected (by
-default every frontend its addresses' ``world_size`` allows), so frontends that start a little
+Start policy: the backend serves no model until ``min_frontends`` frontends have asked for one
+(by default every frontend its addresses' ``world_size`` allows), so frontends that start a little
 later than the first do not miss the versions the first one would otherwise race through. While
 it waits, the status line names who is missing.
 """
@@ -48,8 +48,8 @@ class Asynchronous:
             (default, ``a = 0.5``) or :class:`~openfl_api.aggregate.Hinge`.
         max_staleness: the largest accepted staleness; staler updates are discarded and counted.
             None accepts any staleness.
-        min_frontends: frontends that must be connected before the first model is served; None
-            waits for every frontend the served addresses' ``world_size`` allows.
+        min_frontends: frontends that must have asked for a model before the first one is served;
+            None waits for every frontend the served addresses' ``world_size`` allows.
     """
 
     alpha: float = 0.6

@@ -13,6 +13,7 @@ INFO is used for lifecycle (joined, version N, stopped because ...), DEBUG per t
 from __future__ import annotations
 
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -28,6 +29,7 @@ LEVELS = ("TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL")
 
 logger = _loguru.bind(role="-", rank="-")
 _sinks = {"stderr": None}
+_sinks_lock = threading.Lock()  # log_level may be called by several ranks' threads at once (simulate)
 
 
 def _check_level(level: str) -> str:
@@ -42,13 +44,14 @@ def _check_level(level: str) -> str:
 def log_level(level: str = "INFO") -> None:
     """Send log lines at ``level`` and above to stderr, replacing loguru's default sink."""
     level = _check_level(level)
-    for sink_id in (0, _sinks["stderr"]):
-        if sink_id is not None:
-            try:
-                _loguru.remove(sink_id)
-            except ValueError:
-                pass
-    _sinks["stderr"] = _loguru.add(sys.stderr, level=level, format=FORMAT, filter=_has_context)
+    with _sinks_lock:
+        for sink_id in (0, _sinks["stderr"]):
+            if sink_id is not None:
+                try:
+                    _loguru.remove(sink_id)
+                except ValueError:
+                    pass
+        _sinks["stderr"] = _loguru.add(sys.stderr, level=level, format=FORMAT, filter=_has_context)
 
 
 def log_to_file(path: Union[str, Path], level: str = "DEBUG") -> int:

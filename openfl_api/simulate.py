@@ -195,7 +195,7 @@ def _wait(ranks: List[_Rank], timeout: Optional[timedelta], grace: timedelta) ->
     return {r.rank: f"did not return within {limit}" for r in ranks if r.is_alive()}
 
 
-def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m openfl_api.simulate",
         description="Run every rank of an openfl_api script as a thread of this process (memory:// pipes).",
@@ -208,7 +208,11 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("-m", "--module", action="store_true", help="run the script as a module, like python -m")
     parser.add_argument("script", help="the script (or module with -m) every rank runs")
     parser.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments passed to the script unchanged")
-    return parser.parse_args(argv)
+    return parser
+
+
+def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    return _build_parser().parse_args(argv)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -17,8 +17,12 @@ returns. Elsewhere it runs the call on the calling thread: only the main thread 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import itertools
+import os
+import signal
+import sys
 import threading
 import time
 import queue
@@ -27,7 +31,7 @@ from concurrent.futures import TimeoutError as _FutureTimeout
 from datetime import timedelta
 from typing import Any, Callable, Dict, Iterator, List, Optional, TypeVar, Union
 
-__all__ = ["logged", "interruptible", "Helper", "seconds"]
+__all__ = ["logged", "interruptible", "Helper", "seconds", "exit_fast_after_interrupt"]
 
 T = TypeVar("T")
 _POLL_S = 0.5  # how late a status line may be; the watchdog wakes at most this often
@@ -159,3 +163,38 @@ def interruptible(call: Callable[[], T], helper: Optional[Helper] = None) -> T:
             return future.result(timeout=_POLL_S)
         except _FutureTimeout:
             continue
+
+
+_interrupted = threading.Event()
+
+
+def exit_fast_after_interrupt() -> None:
+    """Make this process end at once, by SIGINT, once the ``KeyboardInterrupt`` that is
+    propagating has been printed and the ``atexit`` callbacks registered after openfl_api was
+    imported have run.
+
+    Without it, a Ctrl-C'd rank spends a second or more in the interpreter's final garbage
+    collection of torch's objects, and a pipe thread still blocked in gloo can wake up during
+    that teardown and abort the process ("terminate called without an active exception").
+    """
+    _interrupted.set()
+
+
+@atexit.register
+def _end_interrupted_process() -> None:
+    if not _interrupted.is_set():
+        return
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    try:
+        from loguru import logger
+
+        logger.remove()  # closes (and so flushes) every sink
+    except Exception:
+        pass
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGINT)
+    os._exit(128 + signal.SIGINT)

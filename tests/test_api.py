@@ -541,3 +541,39 @@ def test_a_download_is_served_while_an_upload_is_still_accumulated(federation, m
     federation.serve_until_frontends_finish()
     assert served_meanwhile.is_set() and federation.results == {1: True, 2: 1}
     assert federation.backend.version == 1
+
+
+@pytest.fixture
+def log_lines():
+    from loguru import logger
+
+    lines = []
+    sink = logger.add(lambda message: lines.append(str(message)), level="INFO", format="{message}")
+    yield lines
+    logger.remove(sink)
+
+
+def test_a_forgotten_update_version_is_named_on_both_sides(federation, log_lines):
+    federation.backend.set_aggregate_triggers(ofl.AggregateCount(count=2))
+    federation.connect_backend()
+    four_done = threading.Event()
+
+    def forgets(api, model, opt):
+        for _ in range(4):
+            assert api.download()
+            assert api.upload()  # and no api.update_version()
+        four_done.set()
+
+    def slow(api, model, opt):
+        assert api.download()
+        assert four_done.wait(WAIT)
+        assert api.upload()
+
+    federation.frontend(1, forgets)
+    federation.frontend(2, slow)
+    federation.serve_until_frontends_finish()
+    assert federation.backend._server.ledger.discard_reasons == {"duplicate": 3}
+    assert sum("3 uploads in a row were duplicates of version 0; its training loop most likely does not call "
+               "api.update_version() after api.upload()" in line for line in log_lines) == 1
+    assert sum("downloaded version 0 again, which this frontend has already uploaded an update for: call "
+               "api.update_version() after api.upload()" in line for line in log_lines) == 3

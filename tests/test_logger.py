@@ -109,3 +109,23 @@ def test_a_second_log_level_replaces_the_first(stderr: Callable[[], str]) -> Non
     ofl_logger.log_level("ERROR")
     ofl_logger.bind("frontend", 1).info("dropped")
     assert stderr() == ""
+
+
+def test_log_level_called_by_many_threads_at_once_leaves_one_stderr_sink(stderr: Callable[[], str]) -> None:
+    import threading
+
+    barrier = threading.Barrier(16)
+
+    def set_level() -> None:
+        barrier.wait()
+        for _ in range(20):
+            ofl_logger.log_level("INFO")
+
+    threads = [threading.Thread(target=set_level) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    stderr()
+    ofl_logger.bind("backend", 0).info("printed once")
+    assert stderr().count("printed once") == 1

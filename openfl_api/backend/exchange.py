@@ -168,13 +168,17 @@ class Exchange:
             return
         self._serve(worker, transfer)
 
+    def ready(self) -> int:
+        """Frontends that have asked for a model (registered), so are ready to train."""
+        return sum(1 for worker in self.server.workers.values() if worker.clients is not None)
+
     def _start(self) -> bool:
-        """Asynchronous mode: start serving once the start policy's frontends are connected."""
-        have, need = len(self.server.workers), self.server.start_frontends()
+        """Asynchronous mode: start serving once the start policy's frontends have asked for a model."""
+        have, need = self.ready(), self.server.start_frontends()
         if have < need:
             return False
         self.started = True
-        self.log.info(f"asynchronous start: {have} frontends connected (min_frontends={need}); serving version "
+        self.log.info(f"asynchronous start: {have} frontends ready (min_frontends={need}); serving version "
                       f"{self.versions.version}")
         return True
 

@@ -83,11 +83,12 @@ class Members:
         self.addresses.change(added, removed)
 
     def close(self, drained: bool, drain: Any) -> None:
-        """Close the pipes of frontends still connected (warning unless ``drained`` is False) and every address."""
+        """Close the pipes of frontends still connected and every address; after an interrupt
+        (``drained`` False) the pipes are left to the process's exit."""
         for worker in self.workers.values():
+            worker.closing = True
             if drained:
                 self.server.log.warning(f"rank {worker.peer.rank} did not leave within {drain}; closing its pipe")
-            worker.closing = True
-            worker.pipe.close()
+                worker.pipe.close()
         self.workers.clear()
         self.addresses.close()

@@ -38,7 +38,7 @@ class VersionStatus:
         connected: who is connected.
         unconnected: the expected ones among ``missing`` that are not connected.
         asynchronous: asynchronous mode (any client may upload again; no one is "missing").
-        start: asynchronous mode before the start: ``(connected frontends, needed)``.
+        start: asynchronous mode before the start: ``(frontends ready, needed)``.
     """
 
     version: int
@@ -56,8 +56,8 @@ class VersionStatus:
         """``"version 3: 1 of 3 uploads (from 2); waiting for 1, 3; connected: 1, 2"``."""
         if self.start is not None:
             have, need = self.start
-            return (f"version {self.version}: asynchronous start waits for {need} frontends, {have} connected; "
-                    f"waiting for {names(self.missing)}; connected: {names(self.connected)}")
+            return (f"version {self.version}: asynchronous start waits for {need} frontends to ask for a model, "
+                    f"{have} have; waiting for {names(self.missing)}; connected: {names(self.connected)}")
         of = f" of {self.needed}" if self.needed is not None else ""
         head = f"version {self.version}: {self.accepted}{of} uploads"
         if self.uploaded:
@@ -74,10 +74,11 @@ class VersionStatus:
         can = len(self.missing) - len(self.unconnected)
         if short <= can:
             return None
-        start = f"start {names(self.unconnected)} or " if self.unconnected else ""
+        fix = (f"start {names(self.unconnected)} or lower the count the step needs" if self.unconnected else
+               "every frontend the address's world_size allows is connected: raise world_size and start more "
+               "frontends, or lower the count the step needs")
         return (f"version {self.version} cannot be aggregated by the connected frontends: {self.needed_by} needs "
-                f"{short} more uploads and only {can} connected clients have not uploaded for it; {start}lower the "
-                "count the step needs")
+                f"{short} more uploads and only {can} connected clients have not uploaded for it; {fix}")
 
 
 class Reporter:
@@ -130,8 +131,8 @@ class Reporter:
             asynchronous=server.asynchronous is not None,
         )
         if not exchange.started:
-            status.start = (len(workers), server.start_frontends())
-            status.missing = unconnected
+            status.start = (exchange.ready(), server.start_frontends())
+            status.missing = [who(w) for w in workers if w.clients is None] + unconnected
         return status
 
     def ping_header(self) -> bytes:
