@@ -32,7 +32,8 @@ from openfl_api.state import SharedState
 from openfl_api.step import Event, Transfer
 from openfl_api.timeouts import Timeouts
 from openfl_api.transport.base import Kind, Limits, Message, Pieces, Pipe
-from openfl_api.transport.rendezvous import join, open_store
+from openfl_api.transport.rendezvous import join
+from openfl_api.transport.store import open_store
 from openfl_api.waiting import Helper, interruptible, logged
 
 __all__ = ["Client", "check_upload_meta"]

@@ -19,7 +19,8 @@ from openfl_api.address import Address
 from openfl_api.errors import AdmissionError, TransportError
 from openfl_api.transport import rendezvous
 from openfl_api.transport.base import REPLIES, REQUESTS, Kind, Limits, Message, Pipe
-from openfl_api.transport.rendezvous import Lobby, Peer, join, open_store, token_from
+from openfl_api.transport.rendezvous import Lobby, Peer, join, token_from
+from openfl_api.transport.store import open_store
 
 TIMEOUT = timedelta(seconds=5)
 WAIT = TIMEOUT.total_seconds()

@@ -8,7 +8,8 @@ from typing import Any, Callable, Dict, List, Optional
 
 from openfl_api.address import Address, AddressFileWatcher
 from openfl_api.errors import ConfigurationError, TransportError
-from openfl_api.transport.rendezvous import Lobby, open_store
+from openfl_api.transport.rendezvous import Lobby
+from openfl_api.transport.store import open_store
 
 __all__ = ["Addresses", "REMOVED"]
 

@@ -13,10 +13,10 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from openfl_api.backend.accumulate import Accumulation
-from openfl_api.backend.model import GlobalModel, describe_differences
+from openfl_api.backend.model import GlobalModel
 from openfl_api.backend.worker import Worker, end_message
 from openfl_api.errors import PayloadError
-from openfl_api.payload import decode, dtype_name, encode_header, insert_field, parse_header, validate_meta
+from openfl_api.payload import decode, describe_differences, dtype_name, encode_header, insert_field, parse_header, validate_meta
 from openfl_api.step import Event, Transfer
 from openfl_api.transport.base import Kind, Message
 from openfl_api.versions import Versions

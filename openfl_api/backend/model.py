@@ -9,7 +9,7 @@ import torch
 
 from openfl_api.aggregate.functional import mix
 from openfl_api.errors import ConfigurationError
-from openfl_api.payload import encode, split
+from openfl_api.payload import describe_differences, encode, split
 from openfl_api.state import SharedState
 from openfl_api.transport.base import Pieces
 
@@ -116,43 +116,3 @@ class GlobalModel:
         if self.server_optimizer is not None:
             self.server_optimizer.load_state_dict(data["server_optimizer"])
         self._cache = None
-
-
-def describe_differences(theirs: Mapping[str, Tuple[Any, Tuple[int, ...]]],
-                         ours: Mapping[str, Tuple[Any, Tuple[int, ...]]], their_name: str, our_name: str,
-                         limit: int = 4) -> str:
-    """Name the first entries that differ between two ``name -> (dtype, shape)`` layouts; ``""`` if none.
-
-    Example: ``"missing in the frontend's model: fc2.weight, fc2.bias; shapes differ: fc1.weight is
-    (6, 12) in this backend and (4, 12) in the frontend's model"``.
-    """
-    parts = []
-    missing = [n for n in ours if n not in theirs]
-    extra = [n for n in theirs if n not in ours]
-    if missing:
-        parts.append(f"missing in {their_name}: {_first(missing, limit)}")
-    if extra:
-        parts.append(f"not in {our_name}: {_first(extra, limit)}")
-    shapes = [n for n in ours if n in theirs and tuple(theirs[n][1]) != tuple(ours[n][1])]
-    if shapes:
-        parts.append("shapes differ: " + "; ".join(
-            f"{n} is {tuple(ours[n][1])} in {our_name} and {tuple(theirs[n][1])} in {their_name}" for n in shapes[:limit]))
-    dtypes = [n for n in ours if n in theirs and str(theirs[n][0]) != str(ours[n][0])]
-    if dtypes:
-        parts.append("dtypes differ: " + "; ".join(
-            f"{n} is {ours[n][0]} in {our_name} and {theirs[n][0]} in {their_name}" for n in dtypes[:limit]))
-    if not parts and list(theirs) != list(ours):
-        parts.append(f"the same entries in another order (first at {_first_out_of_order(theirs, ours)})")
-    return "; ".join(parts)
-
-
-def _first(names: list, limit: int) -> str:
-    more = f" and {len(names) - limit} more" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more
-
-
-def _first_out_of_order(theirs: Mapping[str, Any], ours: Mapping[str, Any]) -> str:
-    for a, b in zip(theirs, ours):
-        if a != b:
-            return b
-    return "the end"

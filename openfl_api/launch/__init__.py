@@ -176,8 +176,7 @@ from __future__ import annotations
 import signal
 from typing import Optional, Sequence
 
-# The variable names too, so that launch.TOKEN_VAR and launch.INIT_METHOD_VAR keep working.
-from openfl_api.launch.config import INIT_METHOD_VAR, TOKEN_VAR, LaunchConfig, parse_args
+from openfl_api.launch.config import LaunchConfig, parse_args
 from openfl_api.launch.supervisor import Supervisor, say
 
 __all__ = ["LaunchConfig", "parse_args", "launch", "main"]

@@ -32,26 +32,25 @@ import weakref
 import json
 import os
 import secrets
-import socket
 import sys
 import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple
 
-from torch.distributed import FileStore, HashStore, PrefixStore, Store, TCPStore
+from torch.distributed import Store
 
 from openfl_api.address import Address
-from openfl_api.errors import AddressError, AdmissionError, TransportError
+from openfl_api.errors import AdmissionError, TransportError
 from openfl_api.logger import bind
 from openfl_api.transport.base import Pipe
 from openfl_api.transport.gloo import open_gloo_pipe
 from openfl_api.transport.memory import open_memory_pipe
-from openfl_api.waiting import interruptible, logged, seconds
+from openfl_api.transport.store import fresh_client, wait_for_key
+from openfl_api.waiting import interruptible, logged
 
-__all__ = ["Peer", "open_store", "Lobby", "join", "token_from", "PROTOCOL"]
+__all__ = ["Peer", "Lobby", "join", "token_from", "PROTOCOL"]
 
 PROTOCOL = 1
 MAX_VALUE = 4096
@@ -62,7 +61,6 @@ DUPLICATE_GRACE = timedelta(seconds=5)
 # it connects (the frontend's store connection is open already when the lobby checks).
 _PIPE_DESCRIPTORS = {"tcp": 6, "file": 6}
 _SPARE_DESCRIPTORS = 32  # for logs, checkpoints, the address file and frontends connecting to the store
-_memory_stores: Dict[str, HashStore] = {}
 _live_lobbies: "weakref.WeakSet[Lobby]" = weakref.WeakSet()
 
 
@@ -72,7 +70,6 @@ def _close_lobbies() -> None:
     # process; an API that was never finished must not make the program's exit fail.
     for lobby in list(_live_lobbies):
         lobby.close()
-_memory_lock = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -93,74 +90,6 @@ def token_from(token: Optional[str]) -> bytes:
 
 def _mac(token: bytes, *parts: Any) -> str:
     return hmac.new(token, "|".join(str(p) for p in parts).encode("utf-8"), hashlib.sha256).hexdigest()
-
-
-def open_store(address: Address, backend: bool, timeout: timedelta, log: Any = None) -> Store:
-    """Open the address's store: host it (tcp, backend), connect to it, or open the file.
-
-    A frontend reaching a ``tcp://`` store tries again with back-off until ``timeout``, logging
-    each failed attempt (a backend that is not up yet is the common case); the attempts are short,
-    so Ctrl-C is never held up by more than one of them.
-
-    Returns:
-        A ``PrefixStore`` scoped to the address's group name.
-
-    Raises:
-        TransportError: the store cannot be hosted, or no backend answered within ``timeout``.
-    """
-    scheme = address.scheme
-    try:
-        if scheme == "tcp":
-            base: Store = (TCPStore(address.host, address.port, None, True, timeout=timeout, wait_for_workers=False)
-                           if backend else _reach_tcp_store(address, timeout, log or bind("frontend")))
-        elif scheme == "file":
-            path = Path(address.path)
-            if not path.parent.is_dir():
-                raise AddressError(f"{address}: the folder {path.parent} of the file store does not exist; create it")
-            base = FileStore(str(path), -1)
-        else:
-            with _memory_lock:
-                base = _memory_stores.setdefault(address.init_method, HashStore())
-    except RuntimeError as exc:
-        role = "host" if backend else "reach"
-        raise TransportError(
-            f"could not {role} the store of {address.init_method} within {timeout}: {str(exc).splitlines()[0]}"
-        ) from exc
-    return PrefixStore(f"openfl_api/{address.group_name}", base)
-
-
-_ATTEMPT_S = 1.0  # the longest one connection attempt to a backend's store may block
-
-
-def _reach_tcp_store(address: Address, timeout: timedelta, log: Any) -> Store:
-    """Connect to the backend's TCPStore, trying again with back-off until ``timeout``.
-
-    Each attempt first opens a plain socket (at most ``_ATTEMPT_S``): torch's client would retry
-    silently inside C++ for the whole timeout, deaf to Ctrl-C, and log a C++ stack per failure.
-    """
-    deadline = time.monotonic() + timeout.total_seconds()
-    delay, attempt = 0.25, 0
-    while True:
-        attempt += 1
-        try:
-            with socket.create_connection((address.host, address.port), timeout=_ATTEMPT_S):
-                pass
-        except OSError as exc:
-            left = deadline - time.monotonic()
-            cause = exc.strerror or type(exc).__name__
-            if left <= 0:
-                raise TransportError(
-                    f"no backend at {address.init_method}: nothing answered within {timeout} ({attempt} attempts, "
-                    f"last: {cause}). Start the backend (rank 0) first, check the address and port, or wait longer "
-                    "with API(connect_timeout=...)"
-                ) from None
-            wait = min(delay, left)
-            log.info(f"no backend at {address.init_method} yet ({cause}); attempt {attempt}, trying again in "
-                     f"{wait:.1f} s, giving up in {seconds(left)}")
-            time.sleep(wait)
-            delay = min(delay * 2, 5.0)
-            continue
-        return TCPStore(address.host, address.port, None, False, timeout=timeout, wait_for_workers=False)
 
 
 def _descriptors() -> Optional[Tuple[int, int]]:
@@ -196,24 +125,6 @@ def _read_json(store: Store, key: str) -> Dict[str, Any]:
     if not isinstance(value, dict):
         raise AdmissionError(f"store value {key!r} must be a JSON object")
     return value
-
-
-def _wait(store: Store, key: str, timeout: timedelta, delay: float = 0.002) -> bool:
-    """Wait up to ``timeout`` for ``key``; True if it exists.
-
-    ``check`` is polled with a short back-off (from ``delay`` up to 50 ms) instead of
-    ``Store.wait``: a timed-out wait makes TCPStore log a warning and holds the client's
-    connection, delaying other threads' requests.
-    """
-    deadline = time.monotonic() + timeout.total_seconds()
-    while True:
-        if store.check([key]):
-            return True
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return False
-        time.sleep(min(delay, left))
-        delay = min(delay * 2, 0.05)
 
 
 class Lobby:
@@ -313,7 +224,7 @@ class Lobby:
             key = f"{self.session}/join/{index}/hello"
             # Once nobody has come for a whole poll, look every 50 ms only: an idle lobby should
             # not keep taking the interpreter from the threads that train and aggregate.
-            idle = not _wait(self.store, key, _POLL, delay=0.05 if idle else 0.002)
+            idle = not wait_for_key(self.store, key, _POLL, delay=0.05 if idle else 0.002)
             if idle:
                 # A frontend that died between taking a number and writing its hello must not
                 # block those after it: skip its number once later ones exist and it is overdue.
@@ -345,7 +256,7 @@ class Lobby:
             proof = _mac(self._token, "backend", self.session, index, nonce)
             self.store.set(f"{base}/challenge", json.dumps({"challenge": challenge, "proof": proof}))
             challenged = True
-            if not _wait(self.store, f"{base}/response", self._timeout):
+            if not wait_for_key(self.store, f"{base}/response", self._timeout):
                 raise AdmissionError(f"rank {rank} did not answer the challenge within {self._timeout}")
             answer = _read_json(self.store, f"{base}/response").get("mac")
             expected = _mac(self._token, "frontend", self.session, index, rank, nonce, challenge)
@@ -450,7 +361,7 @@ def join(
     try:
         while True:
             with logged(log, status, f"a backend to open {where}"):
-                found = _wait(store, "session", remaining())
+                found = wait_for_key(store, "session", remaining())
             if not found:
                 raise TransportError(
                     f"no backend at {address.init_method} (group {address.group_name!r}) within {timeout}; "
@@ -465,7 +376,7 @@ def join(
             answered = False
             with logged(log, status, f"the backend at {where} to answer join {index}"):
                 while remaining() > timedelta(0):
-                    if _wait(store, f"{base}/challenge", remaining(_RETRY)):
+                    if wait_for_key(store, f"{base}/challenge", remaining(_RETRY)):
                         answered = True
                         break
                     if store.get("session").decode() != session:
@@ -480,7 +391,7 @@ def join(
             mac = _mac(token, "frontend", session, index, address.rank, nonce, challenge.get("challenge"))
             store.set(f"{base}/response", json.dumps({"mac": mac}))
             with logged(log, status, f"the backend at {where} to admit join {index}"):
-                decided = _wait(store, f"{base}/verdict", remaining())
+                decided = wait_for_key(store, f"{base}/verdict", remaining())
             if not decided:
                 raise TransportError(f"the backend at {address.init_method} gave no verdict within {timeout}")
             verdict = _read_json(store, f"{base}/verdict")
@@ -502,7 +413,7 @@ def join(
 
             def ended() -> Optional[bool]:
                 try:
-                    return _fresh(address, store).check([f"{session}/ended"])
+                    return fresh_client(address, store).check([f"{session}/ended"])
                 except (RuntimeError, OSError):
                     return None  # the store is gone with the backend
 
@@ -513,21 +424,6 @@ def join(
         raise TransportError(
             f"lost the store of {address.init_method} while joining: {str(exc).splitlines()[0]}"
         ) from exc
-
-
-def _fresh(address: Address, store: Store) -> Store:
-    """``store``, or for ``tcp://`` a new client of the address's store (OSError when nothing answers).
-
-    Used once a pipe broke: the old client's connection may be closed (torch logs a C++ stack
-    trace for every request sent over a closed TCPStore connection), and a plain socket tells
-    first, quietly, whether anything listens.
-    """
-    if address.scheme != "tcp":
-        return store
-    with socket.create_connection((address.host, address.port), timeout=_ATTEMPT_S):
-        pass
-    client = TCPStore(address.host, address.port, None, False, timeout=timedelta(seconds=5), wait_for_workers=False)
-    return PrefixStore(f"openfl_api/{address.group_name}", client)
 
 
 def _raise_refused(verdict: Dict[str, Any]) -> None:

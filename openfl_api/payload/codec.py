@@ -1,194 +1,21 @@
-"""Payload: a small JSON header plus one contiguous byte buffer holding every tensor.
-
-Nothing on the wire is pickled. The header names each tensor with its dtype, shape, byte offset
-and size; the buffer holds the raw bytes, each tensor starting at a 64-byte boundary so the
-receiver can view it in place. The receiver checks the header against a :class:`Schema` (names,
-dtypes, shapes, sizes, offsets, finite values) before it copies anything anywhere: a payload is
-either valid as a whole or rejected with a :class:`~openfl_api.errors.PayloadError`.
-
-Header (JSON object)::
-
-    {"format": 1, "kind": "model" | "update", "version": 3, "sender": "rank1",
-     "nbytes": 4096, "meta": {...},
-     "tensors": [{"name": "0.weight", "dtype": "float32", "shape": [2, 3], "offset": 0,
-                  "nbytes": 24}, ...]}
-"""
+"""Encoding tensors into a payload (one flat buffer, or pieces sent straight from the tensors) and
+decoding one: every check against the schema happens before any byte is used."""
 
 from __future__ import annotations
 
 import json
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
 from openfl_api.errors import ConfigurationError, PayloadError
+from openfl_api.payload.header import MAX_NAME_CHARS, _check_identity, _header, parse_header
+from openfl_api.payload.schema import DTYPES, FORMAT, Schema, TensorSpec, _view, dtype_name
 from openfl_api.transport.base import Pieces
 
-__all__ = [
-    "FORMAT",
-    "ALIGN",
-    "MAX_HEADER_BYTES",
-    "TensorSpec",
-    "Schema",
-    "Payload",
-    "encode",
-    "encode_pieces",
-    "PIECE_BYTES",
-    "split",
-    "FiniteScan",
-    "decode",
-    "encode_header",
-    "insert_field",
-    "parse_header",
-    "validate_meta",
-]
-
-FORMAT = 1
-ALIGN = 64
-MAX_HEADER_BYTES = 8 * 1024 * 1024
-MAX_METRICS = 64
-MAX_NAME_CHARS = 256
-
-DTYPES: Dict[str, torch.dtype] = {
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float32": torch.float32,
-    "float64": torch.float64,
-    "uint8": torch.uint8,
-    "int8": torch.int8,
-    "int16": torch.int16,
-    "int32": torch.int32,
-    "int64": torch.int64,
-    "bool": torch.bool,
-}
-_DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
-KINDS = ("model", "update")
-
-
-def _aligned(offset: int) -> int:
-    return (offset + ALIGN - 1) // ALIGN * ALIGN
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """Return the wire name of ``dtype``; raise ConfigurationError for dtypes that cannot travel."""
-    try:
-        return _DTYPE_NAMES[dtype]
-    except KeyError:
-        raise ConfigurationError(
-            f"dtype {dtype} cannot be sent; supported dtypes are {sorted(DTYPES)}. "
-            "Cast the tensor or leave it out of the state_dict."
-        ) from None
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """What one tensor of a payload must look like: its name, dtype and shape."""
-
-    name: str
-    dtype: torch.dtype
-    shape: Tuple[int, ...]
-
-    @property
-    def nbytes(self) -> int:
-        """Size of the tensor's data in bytes."""
-        return math.prod(self.shape) * self.dtype.itemsize
-
-
-class Schema:
-    """The ordered set of tensors a receiver expects, with the canonical buffer layout.
-
-    Args:
-        specs: one :class:`TensorSpec` per tensor; names must be unique.
-    """
-
-    def __init__(self, specs: Iterable[TensorSpec]) -> None:
-        self.specs: Tuple[TensorSpec, ...] = tuple(specs)
-        self.by_name: Dict[str, TensorSpec] = {}
-        for spec in self.specs:
-            if spec.name in self.by_name:
-                raise ConfigurationError(f"tensor name {spec.name!r} appears twice in a schema")
-            dtype_name(spec.dtype)
-            self.by_name[spec.name] = spec
-        offsets = []
-        offset = 0
-        for spec in self.specs:
-            offsets.append(offset)
-            offset = _aligned(offset + spec.nbytes)
-        self.offsets: Tuple[int, ...] = tuple(offsets)
-        self.nbytes = offset
-        self.sizes: Tuple[int, ...] = tuple(spec.nbytes for spec in self.specs)
-        #: ``(start, end)`` of the alignment padding after each tensor that has some.
-        self.padding: Tuple[Tuple[int, int], ...] = tuple(
-            (offset + size, end) for offset, size, end in zip(self.offsets, self.sizes, (*self.offsets[1:], self.nbytes))
-            if offset + size < end
-        )
-        self._strides = tuple(_contiguous_strides(spec.shape) for spec in self.specs)
-        #: The header's tensor entries of a payload in this layout, as :func:`encode` writes them.
-        self.entries: List[Dict[str, Any]] = [
-            {"name": spec.name, "dtype": dtype_name(spec.dtype), "shape": list(spec.shape),
-             "offset": offset, "nbytes": size}
-            for spec, offset, size in zip(self.specs, self.offsets, self.sizes)
-        ]
-        self.entries_json = json.dumps(self.entries, separators=(",", ":"))
-        #: How every header in this layout ends (see :func:`parse_header`).
-        self.entries_suffix = b',"tensors":' + self.entries_json.encode("utf-8") + b"}"
-        # The views of the last few buffers: each gloo pipe reuses its receive buffer and each
-        # sender its staging buffer (the in-memory pipe hands over a fresh one per message, so it misses).
-        self._views: List[Tuple[Tuple[int, int], torch.Tensor, Tuple[torch.Tensor, ...]]] = []
-        # Runs of neighbouring floating tensors of one dtype: one sum checks a whole run.
-        self.finite_runs: List[Tuple[int, int, torch.dtype, List[int]]] = []
-        for index, (spec, offset, size) in enumerate(zip(self.specs, self.offsets, self.sizes)):
-            if not spec.dtype.is_floating_point or size == 0:
-                continue
-            last = self.finite_runs[-1] if self.finite_runs else None
-            if last is not None and last[2] == spec.dtype and last[3][-1] == index - 1:
-                self.finite_runs[-1] = (last[0], offset + size, spec.dtype, last[3] + [index])
-            else:
-                self.finite_runs.append((offset, offset + size, spec.dtype, [index]))
-
-    @classmethod
-    def from_tensors(cls, tensors: Mapping[str, torch.Tensor]) -> "Schema":
-        """Build the schema that describes ``tensors`` (name, dtype, shape), in mapping order."""
-        return cls(TensorSpec(name, t.dtype, tuple(t.shape)) for name, t in tensors.items())
-
-    def __len__(self) -> int:
-        return len(self.specs)
-
-    def views(self, buffer: torch.Tensor, cache: bool = True) -> Dict[str, torch.Tensor]:
-        """Views of every tensor of this layout in ``buffer`` (``schema.nbytes`` uint8 bytes).
-
-        With ``cache``, the views of the last three buffers are kept: receive and staging buffers are
-        reused message after message.
-        """
-        return dict(zip(self.by_name, self.view_list(buffer, cache)))
-
-    def view_list(self, buffer: torch.Tensor, cache: bool = True) -> Tuple[torch.Tensor, ...]:
-        """Like :meth:`views`, as a tuple in the order of :attr:`specs`; ``cache=False`` for a
-        buffer that is used once."""
-        key = (buffer.data_ptr(), buffer.numel())
-        for cached in self._views:
-            if cached[0] == key:
-                return cached[2]
-        typed: Dict[torch.dtype, Optional[torch.Tensor]] = {}
-        views = []
-        for spec, offset, stride in zip(self.specs, self.offsets, self._strides):
-            itemsize = spec.dtype.itemsize
-            if spec.dtype not in typed:
-                aligned = buffer.numel() % itemsize == 0 and buffer.storage_offset() % itemsize == 0
-                typed[spec.dtype] = buffer.view(spec.dtype) if aligned else None
-            whole = typed[spec.dtype]
-            # One as_strided per tensor instead of a slice and two views: a third of the cost.
-            views.append(_view(buffer, offset, spec) if whole is None else
-                         whole.as_strided(spec.shape, stride, whole.storage_offset() + offset // itemsize))
-        if not cache:
-            return tuple(views)
-        self._views = [(key, buffer, tuple(views)), *self._views[:2]]
-        return self._views[0][2]
-
-    def __repr__(self) -> str:
-        return f"Schema({len(self.specs)} tensors, {self.nbytes} bytes)"
+__all__ = ["Payload", "encode", "encode_pieces", "PIECE_BYTES", "split", "FiniteScan", "decode"]
 
 
 @dataclass
@@ -200,73 +27,6 @@ class Payload:
     sender: str
     meta: Dict[str, Any]
     tensors: Dict[str, torch.Tensor]
-
-
-def encode_header(header: Mapping[str, Any]) -> bytes:
-    """Serialise a header dictionary to compact JSON bytes."""
-    return json.dumps(header, separators=(",", ":"), allow_nan=False).encode("utf-8")
-
-
-def insert_field(header: bytes, key: str, value: Any) -> bytes:
-    """Return an encoded header with ``key`` set to ``value``, placed ahead of its tensor list.
-
-    The tensor list stays last, so a receiver's :func:`parse_header` keeps its fast path, and the
-    rest of the header is not parsed and encoded again. ``key`` must not be in the header yet.
-    """
-    cut = header.rfind(b',"tensors":')
-    if cut < 0:
-        fields = parse_header(header)
-        fields[key] = value
-        return encode_header(fields)
-    item = json.dumps(key) + ":" + json.dumps(value, separators=(",", ":"), allow_nan=False)
-    return header[:cut] + b"," + item.encode("utf-8") + header[cut:]
-
-
-def parse_header(raw: bytes, limit: int = MAX_HEADER_BYTES, schema: Optional["Schema"] = None) -> Dict[str, Any]:
-    """Parse untrusted JSON header bytes into a dictionary, or raise PayloadError.
-
-    With ``schema``, a header that ends with that schema's canonical ``"tensors"`` list (as
-    :func:`encode` writes it) is parsed without the list, and ``"tensors"`` is then
-    ``schema.entries`` itself: what a full parse gives, since the last of duplicate JSON keys wins.
-    """
-    if len(raw) > limit:
-        raise PayloadError(f"header is {len(raw)} bytes; at most {limit} are allowed")
-    raw = bytes(raw)
-    if schema is not None and raw.endswith(schema.entries_suffix):
-        head = raw[: -len(schema.entries_suffix)]
-        if not head.rstrip().endswith(b"{"):  # '{,"tensors":...}' is not JSON: let the full parse say so
-            fields = parse_header(head + b"}", limit)
-            fields["tensors"] = schema.entries
-            return fields
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise PayloadError(f"header is not valid UTF-8 JSON ({exc.__class__.__name__}: {exc})") from None
-    if not isinstance(header, dict):
-        raise PayloadError(f"header must be a JSON object, got {type(header).__name__}")
-    return header
-
-
-def _check_identity(kind: str, version: int, sender: str) -> None:
-    if kind not in KINDS:
-        raise ConfigurationError(f"kind must be one of {KINDS}, got {kind!r}")
-    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
-        raise ConfigurationError(f"version must be an integer >= 0, got {version!r}")
-    if not isinstance(sender, str):
-        raise ConfigurationError(f"sender must be a str, got {type(sender).__name__}")
-
-
-def _header(schema: Schema, kind: str, version: int, sender: str, meta: Optional[Mapping[str, Any]]) -> bytes:
-    head = encode_header({
-        "format": FORMAT,
-        "kind": kind,
-        "version": int(version),
-        "sender": sender,
-        "nbytes": schema.nbytes,
-        "meta": dict(meta or {}),
-    })
-    # The tensor entries are the same for every payload of a schema: splice in their JSON.
-    return head[:-1] + schema.entries_suffix
 
 
 def _source(tensors: Mapping[str, torch.Tensor], spec: TensorSpec) -> torch.Tensor:
@@ -421,19 +181,6 @@ def _staging(schema: Schema, out: Optional[torch.Tensor]) -> torch.Tensor:
     return out[: schema.nbytes]
 
 
-def _contiguous_strides(shape: Tuple[int, ...]) -> Tuple[int, ...]:
-    strides, step = [], 1
-    for size in reversed(shape):
-        strides.append(step)
-        step *= max(size, 1)
-    return tuple(reversed(strides))
-
-
-def _view(buffer: torch.Tensor, offset: int, spec: TensorSpec) -> torch.Tensor:
-    region = buffer[offset : offset + spec.nbytes]
-    return region.view(spec.dtype).view(spec.shape)
-
-
 def decode(
     header: Mapping[str, Any] | bytes,
     buffer: torch.Tensor,
@@ -570,38 +317,3 @@ def _all_finite(tensor: torch.Tensor) -> bool:
     if math.isfinite(tensor.sum(dtype=accumulate).item()):
         return True
     return bool(torch.isfinite(tensor).all())
-
-
-def validate_meta(meta: Mapping[str, Any], error: type = PayloadError, where: str = "meta") -> Dict[str, Any]:
-    """Check upload metadata: ``num_samples`` and a flat ``metrics`` dictionary.
-
-    The one check of both sides: the frontend runs it on ``upload()``'s arguments
-    (``error=ConfigurationError, where="upload"``), the backend on what a peer sent.
-
-    Returns:
-        ``{"num_samples": int, "metrics": {str: float}}``.
-
-    Raises:
-        error: a field is missing, of the wrong type, out of range, or not finite.
-    """
-    label = (lambda name: f"upload({name}=...)") if where == "upload" else (lambda name: f"{where} {name!r}")
-    num_samples = meta.get("num_samples")
-    if not isinstance(num_samples, int) or isinstance(num_samples, bool) or not 1 <= num_samples <= 2**53:
-        raise error(f"{label('num_samples')} must be an integer in [1, 2**53], got {num_samples!r}"[:200])
-    metrics = meta.get("metrics", {})
-    if not isinstance(metrics, Mapping) or len(metrics) > MAX_METRICS:
-        raise error(f"{label('metrics')} must be a dict of at most {MAX_METRICS} str to finite numbers, "
-                    f"got {type(metrics).__name__}"[:200])
-    clean: Dict[str, float] = {}
-    for key, value in metrics.items():
-        if not isinstance(key, str) or len(key) > MAX_NAME_CHARS or not key.isprintable():
-            raise error(f"{label('metrics')}: metric name {str(key)[:40]!r} must be a printable str of at most "
-                        f"{MAX_NAME_CHARS} characters")
-        try:
-            number = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
-        except OverflowError:
-            number = math.inf
-        if not math.isfinite(number):
-            raise error(f"{label('metrics')}: metric {key!r} must be a finite number, got {str(value)[:40]}")
-        clean[key] = number
-    return {"num_samples": num_samples, "metrics": clean}
