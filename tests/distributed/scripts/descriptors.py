@@ -14,7 +14,8 @@ from pathlib import Path
 
 import openfl_api as ofl
 from openfl_api.errors import AdmissionError
-from openfl_api.transport.rendezvous import Lobby, join, open_store, token_from
+from openfl_api.transport.rendezvous import Lobby, join, token_from
+from openfl_api.transport.store import open_store
 
 parser = ofl.parser.build_parser()
 parser.add_argument("--result", required=True)
