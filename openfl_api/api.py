@@ -173,8 +173,8 @@ class API:
         return self._require_server("expected").expected
 
     def expect(self, clients: Sequence[str]) -> None:
-        """Backend: declare the clients of the current version; their uploads are accumulated in
-        this order whatever order they arrive in (steps such as ``ClientSampling`` call it)."""
+        """Backend: declare the clients taking part in the current version (steps such as
+        ``ClientSampling`` call it); the status line and fractional quorums count them."""
         self._require_server("expect()").expect(list(clients))
 
     @property

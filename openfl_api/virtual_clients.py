@@ -83,8 +83,8 @@ def init_linear_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
 
 
 def split_clients(clients: Any, parts: int, index: int) -> list:
-    """The clients of frontend ``index`` (0-based) of ``parts``: every ``parts``-th id, so that
-    frontends upload in an interleaved order close to the backend's accumulation order."""
+    """The clients of frontend ``index`` (0-based) of ``parts``: every ``parts``-th id, so that the
+    frontends' share of every sampled version stays about even."""
     if isinstance(parts, bool) or not isinstance(parts, int) or parts < 1:
         raise ConfigurationError(f"split_clients(parts=...) must be an int >= 1, got {parts!r}")
     if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < parts:
@@ -258,7 +258,7 @@ class VirtualClients:
     def round(self) -> bool:
         """Train and upload every selected client of the version just downloaded; False once ended."""
         api = self.api
-        clients = sorted(api.clients, key=client_order)  # the backend's accumulation order
+        clients = sorted(api.clients, key=client_order)
         self._keep_global()
         for index, client in enumerate(clients):
             if index:

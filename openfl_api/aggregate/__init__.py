@@ -10,9 +10,8 @@ from __future__ import annotations
 from openfl_api.aggregate.average import AverageAggregator, NaiveAggregator
 from openfl_api.aggregate.base import Aggregator
 from openfl_api.aggregate.elastic import ElasticAggregator
+from openfl_api.aggregate.exact import ExactSum
 from openfl_api.aggregate.functional import (
-    accumulate_,
-    accumulate_all_,
     accumulation_dtype,
     elastic_update,
     finish_mean,
@@ -27,8 +26,7 @@ __all__ = [
     "AverageAggregator",
     "NaiveAggregator",
     "ElasticAggregator",
-    "accumulate_",
-    "accumulate_all_",
+    "ExactSum",
     "accumulation_dtype",
     "elastic_update",
     "finish_mean",

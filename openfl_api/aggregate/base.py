@@ -1,4 +1,4 @@
-"""The :class:`Aggregator` base class: running weighted sums of uploads, one buffer per entry."""
+"""The :class:`Aggregator` base class: running weighted sums of uploads, one exact sum per entry."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from typing import Any
 
 import torch
 
-from openfl_api.aggregate.functional import accumulate_all_, accumulation_dtype, finish_mean
+from openfl_api.aggregate.exact import ExactSum
+from openfl_api.aggregate.functional import finish_mean
 from openfl_api.errors import ConfigurationError
 
 __all__ = ["Aggregator"]
@@ -37,9 +38,11 @@ class Aggregator(abc.ABC):
     * ``f"optim/{key}/{param_name}"`` for each key in :attr:`state_keys`;
     * ``f"extra/{key}/{param_name}"`` for each key in :attr:`upload_keys`.
 
-    Each entry is summed, weighted, into a buffer allocated on the first :meth:`add` and reused
-    in later rounds while the entry's shape and dtype stay the same. The first upload of a round
-    fixes the entry names, shapes and dtypes; the others must match it.
+    Each entry is summed, weighted, into an :class:`~openfl_api.aggregate.exact.ExactSum`, whose
+    bits do not depend on the order of the adds (integer sums at fixed levels); its buffers are
+    kept for later rounds while the entry's shape stays the same. The total weight is summed
+    exactly too (``math.fsum``), so an aggregate is the same whatever order the uploads came in.
+    The first upload of a round fixes the entry names, shapes and dtypes; the others must match it.
 
     Subclasses say how an upload is weighted (:meth:`effective_weight`) and may override
     ``_finish(name, current)`` to turn one entry's sum into its new global value.
@@ -77,10 +80,11 @@ class Aggregator(abc.ABC):
         self.state_keys = _check_keys(state_keys, "state_keys")
         self._param_names: tuple[str, ...] | None = None
         self._param_set: frozenset[str] = frozenset()
-        self._sums: dict[str, torch.Tensor] = {}
+        self._sums: dict[str, ExactSum] = {}
         self._dtypes: dict[str, torch.dtype] = {}
         self._count = 0
-        self._total_weight = 0.0
+        self._weights: list[float] = []
+        self._scratch = torch.empty(0, dtype=torch.float64)
         self._names_checked: tuple = ()
 
     @property
@@ -131,8 +135,9 @@ class Aggregator(abc.ABC):
 
     @property
     def total_weight(self) -> float:
-        """Sum of the effective weights of the uploads accumulated since the last reset."""
-        return self._total_weight
+        """Sum of the effective weights of the uploads accumulated since the last reset, correctly
+        rounded (``math.fsum``), so it does not depend on their order."""
+        return math.fsum(self._weights)
 
     @abc.abstractmethod
     def effective_weight(self, num_samples: int, weight: float) -> float:
@@ -178,13 +183,13 @@ class Aggregator(abc.ABC):
         else:
             self._allocate(tensors)
         effective = float(self.effective_weight(num_samples, weight))
-        with torch.no_grad():
-            sums = [self._sums[name] for name in tensors]
-            if not self._count:
-                torch._foreach_zero_(sums)
-            accumulate_all_(sums, tensors.values(), effective)
+        if not self._count:
+            for total in self._sums.values():
+                total.zero_()
+        for name, x in tensors.items():
+            self._sums[name].add_(x, effective, self._scratch)
         self._count += 1
-        self._total_weight += effective
+        self._weights.append(effective)
 
     def aggregate(self, current: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Returns the new global value of every accumulated entry, then resets the accumulation.
@@ -204,7 +209,7 @@ class Aggregator(abc.ABC):
                 "aggregate() needs at least one upload; add() was not called since the last "
                 "aggregate() or reset()"
             )
-        if self._total_weight <= 0:
+        if self.total_weight <= 0:
             raise ConfigurationError(
                 f"aggregate() needs a positive total weight; the {self._count} uploads since the "
                 "last reset all had weight 0 (num_samples or weight was 0)"
@@ -215,10 +220,10 @@ class Aggregator(abc.ABC):
                     raise ConfigurationError(
                         f"current has no entry {name!r}; pass the global model's full state_dict()"
                     )
-                if current[name].shape != acc.shape:
+                if tuple(current[name].shape) != acc.shape:
                     raise ConfigurationError(
                         f"current[{name!r}] has shape {tuple(current[name].shape)} but the uploads "
-                        f"have {tuple(acc.shape)}"
+                        f"have {acc.shape}"
                     )
         with torch.no_grad():
             result = {name: self._finish(name, current) for name in self._sums}
@@ -228,20 +233,20 @@ class Aggregator(abc.ABC):
     def reset(self) -> None:
         """Forgets the uploads accumulated so far; buffers are kept and zeroed on the next add."""
         self._count = 0
-        self._total_weight = 0.0
+        self._weights = []
 
     def state_dict(self) -> dict[str, Any]:
         """Returns the accumulation state, so a backend can resume a round exactly.
 
         Holds only tensors, dtypes and Python scalars, so ``torch.load(weights_only=True)`` reads
-        it back. As with :meth:`torch.nn.Module.state_dict`, the tensors are the live buffers:
-        save or clone them before the next :meth:`add`.
+        it back: the count, every weight, and each entry's exact sum (its integer level sums).
         """
+        live = {name: total.state_dict() for name, total in self._sums.items()} if self._count else {}
         return {
             "count": self._count,
-            "total_weight": self._total_weight,
-            "sums": dict(self._sums),
-            "dtypes": dict(self._dtypes),
+            "weights": list(self._weights),
+            "sums": live,
+            "dtypes": dict(self._dtypes) if self._count else {},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -250,42 +255,42 @@ class Aggregator(abc.ABC):
         Raises:
             ConfigurationError: ``state`` does not have the structure :meth:`state_dict` returns.
         """
-        expected = {"count", "total_weight", "sums", "dtypes"}
+        expected = {"count", "weights", "sums", "dtypes"}
         if not isinstance(state, Mapping) or set(state) != expected:
             got = sorted(state) if isinstance(state, Mapping) else type(state).__name__
             raise ConfigurationError(
                 f"state must be a dict with keys {sorted(expected)}, as state_dict() returns; "
                 f"got {got}"
             )
-        count, total_weight = state["count"], state["total_weight"]
+        count, weights = state["count"], state["weights"]
         sums, dtypes = state["sums"], state["dtypes"]
         if isinstance(count, bool) or not isinstance(count, int) or count < 0:
             raise ConfigurationError(f"state['count'] must be an int >= 0; got {count!r}")
-        if not isinstance(total_weight, (int, float)) or total_weight < 0:
+        if not isinstance(weights, list) or len(weights) != count or not all(_is_weight(w) for w in weights):
             raise ConfigurationError(
-                f"state['total_weight'] must be a number >= 0; got {total_weight!r}"
+                f"state['weights'] must list one finite weight >= 0 per upload ({count}); got {str(weights)[:80]}"
             )
         if set(sums) != set(dtypes):
             raise ConfigurationError(
                 "state['sums'] and state['dtypes'] must name the same entries; "
                 f"got {sorted(set(sums) ^ set(dtypes))} in only one of them"
             )
-        for name, saved in sums.items():
-            if not isinstance(saved, torch.Tensor):
-                raise ConfigurationError(
-                    f"state['sums'][{name!r}] must be a tensor; got {type(saved).__name__}"
-                )
         loaded = {}
         for name, saved in sums.items():
-            own = self._sums.get(name)
-            if own is not None and own.shape == saved.shape and own.dtype == saved.dtype:
-                loaded[name] = own.copy_(saved)
-            else:
-                loaded[name] = saved.detach().clone()
-        self._sums = loaded
-        self._dtypes = dict(dtypes)
+            if not isinstance(saved, Mapping) or set(saved) != {"levels", "terms"}:
+                raise ConfigurationError(
+                    f"state['sums'][{name!r}] must be an exact sum's state_dict() (levels and terms)"
+                )
+            levels = list(saved["levels"].values())
+            shape = self._sums[name].shape if name in self._sums else None
+            total = ExactSum(shape if shape is not None else tuple(levels[0].shape) if levels else (0,))
+            total.load_state_dict(saved)
+            loaded[name] = total
+        if count:
+            self._sums = loaded
+            self._dtypes = dict(dtypes)
         self._count = count
-        self._total_weight = float(total_weight)
+        self._weights = [float(w) for w in weights]
 
     def frontend_extras(self) -> dict[str, torch.Tensor]:
         """Returns the tensors a frontend attaches to its upload: ``extra/{key}/{param_name}``.
@@ -297,7 +302,12 @@ class Aggregator(abc.ABC):
     def _finish(self, name: str, current: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Returns the new global value of entry ``name``: its weighted mean in its output dtype."""
         dtype = current[name].dtype if _is_model_entry(name) else self._dtypes[name]
-        return finish_mean(self._sums[name], self._total_weight, dtype)
+        return finish_mean(self._sum_of(name, dtype), self.total_weight, dtype)
+
+    def _sum_of(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """The exact sum of entry ``name`` in float64 (complex128 for complex entries)."""
+        value = self._sums[name].value()
+        return torch.view_as_complex(value) if dtype.is_complex else value
 
     def _check_names(self, tensors: Mapping[str, torch.Tensor]) -> None:
         """Raises ConfigurationError unless ``tensors`` has all required and only known entries."""
@@ -341,24 +351,24 @@ class Aggregator(abc.ABC):
                 f"the upload lacks entries {missing!r} that the first upload of this round carried"
             )
         for name, x in tensors.items():
-            if x.shape != self._sums[name].shape or x.dtype != self._dtypes[name]:
+            if tuple(x.shape) != self._sums[name].shape or x.dtype != self._dtypes[name]:
                 raise ConfigurationError(
                     f"entry {name!r} came as {x.dtype} {tuple(x.shape)} but the first upload of "
-                    f"this round had {self._dtypes[name]} {tuple(self._sums[name].shape)}"
+                    f"this round had {self._dtypes[name]} {self._sums[name].shape}"
                 )
 
     def _allocate(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        """Makes one sum buffer per entry of ``tensors``, reusing the buffers that still fit."""
+        """Makes one exact sum per entry of ``tensors``, reusing the sums that still fit."""
         sums = {}
+        largest = 0
         for name, x in tensors.items():
             own = self._sums.get(name)
-            dtype = accumulation_dtype(x.dtype)
-            if own is not None and (own.shape, own.dtype, own.device) == (x.shape, dtype, x.device):
-                sums[name] = own
-            else:
-                sums[name] = torch.empty(x.shape, dtype=dtype, device=x.device)
+            sums[name] = own if own is not None and own.shape == tuple(x.shape) else ExactSum(tuple(x.shape))
+            largest = max(largest, x.numel() * (2 if x.is_complex() else 1))
         self._sums = sums
         self._dtypes = {name: x.dtype for name, x in tensors.items()}
+        if self._scratch.numel() < largest:
+            self._scratch = torch.empty(largest, dtype=torch.float64)
 
 
 def _check_keys(keys: Sequence[str], what: str) -> tuple[str, ...]:
@@ -376,6 +386,10 @@ def _check_keys(keys: Sequence[str], what: str) -> tuple[str, ...]:
     if len(set(keys)) != len(keys):
         raise ConfigurationError(f"{what} must be distinct; got {keys!r}")
     return keys
+
+
+def _is_weight(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
 
 
 def _is_model_entry(name: str) -> bool:

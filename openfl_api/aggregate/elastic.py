@@ -130,10 +130,10 @@ class ElasticAggregator(AverageAggregator):
         """Returns the elastic step for parameters and the weighted mean for every other entry."""
         if name not in self._param_set:
             return super()._finish(name, current)
-        acc = self._sums[name]
-        average = acc / self._total_weight
-        sensitivity = self._sums[f"extra/sensitivity/{name}"] / self._total_weight
-        start = current[name].to(device=acc.device, dtype=acc.dtype)
+        total = self.total_weight
+        average = self._sums[name].value() / total
+        sensitivity = self._sums[f"extra/sensitivity/{name}"].value() / total
+        start = current[name].detach().to(device=average.device, dtype=average.dtype)
         return elastic_update(start, average, sensitivity, self.tau).to(current[name].dtype)
 
     def _running_sensitivity(self, index: int) -> torch.Tensor:

@@ -6,14 +6,10 @@ say *how* they combine, so each formula can be read and tested on its own.
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
-
 import torch
 
 __all__ = [
     "accumulation_dtype",
-    "accumulate_",
-    "accumulate_all_",
     "finish_mean",
     "normalized_sensitivity",
     "elastic_update",
@@ -36,24 +32,6 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     if dtype.is_floating_point:
         return torch.float32
     return torch.float64
-
-
-def accumulate_(acc: torch.Tensor, x: torch.Tensor, weight: float) -> torch.Tensor:
-    """Adds ``weight * x`` to ``acc`` in place and returns ``acc``.
-
-    ``x`` may have any dtype that casts to ``acc``'s; no temporary the size of ``x`` is made,
-    which is why this beats ``acc += weight * x`` and stacking uploads.
-    """
-    return acc.add_(x, alpha=weight)
-
-
-def accumulate_all_(accs: Sequence[torch.Tensor], xs: Iterable[torch.Tensor], weight: float) -> None:
-    """Adds ``weight * x`` to each ``acc`` in place, as :func:`accumulate_` does for one pair.
-
-    One call for a whole upload: PyTorch runs it without the Python interpreter lock, so the
-    backend's serve loop keeps running while a large model is accumulated.
-    """
-    torch._foreach_add_(list(accs), list(xs), alpha=weight)
 
 
 def finish_mean(acc: torch.Tensor, total_weight: float, dtype: torch.dtype) -> torch.Tensor:

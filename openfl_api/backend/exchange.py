@@ -270,8 +270,7 @@ class Exchange:
             {"accepted": bool(transfer.accepted), "reason": transfer.reason, "version": versions.version})))
         handed = bool(judged and transfer.accepted)
         if handed:
-            self.accumulation.add(worker, client, payload.tensors, transfer.num_samples, transfer.weight,
-                                  versions.version, schema.nbytes)
+            self.accumulation.add(worker, payload.tensors, transfer.num_samples, transfer.weight, schema.nbytes)
         server.fire(Event.AFTER_UPLOAD, transfer)
         return handed
 
@@ -300,8 +299,8 @@ class Exchange:
 
     # ----------------------------------------------------------------- versions
     def expect(self, clients: List[str]) -> None:
-        """Declare the clients taking part in the current version, in accumulation order."""
-        self.accumulation.expect(clients, self.versions.version, self.versions.accepted)
+        """Declare the clients taking part in the current version."""
+        self.accumulation.expect(clients, self.versions.version)
         self.epoch += 1
 
     def aggregate(self) -> bool:
@@ -311,7 +310,6 @@ class Exchange:
         if versions.accepted == 0:
             self.log.info(f"nothing to aggregate at version {versions.version}: no upload was accepted")
             return False
-        self.accumulation.finish_version(versions.version)
         new = self.model.aggregator.aggregate(self.model.current())
         alpha = versions.mixing()
         self.model.step(new, alpha)

@@ -109,15 +109,12 @@ class Server:
 
     @property
     def expected(self) -> Optional[List[str]]:
-        """The clients whose uploads the current version expects, in accumulation order, or None."""
+        """The clients whose uploads the current version expects (declared by a sampling step), or None."""
         return self.exchange.accumulation.expected(self.version)
 
     def expect(self, clients: List[str]) -> None:
-        """Declare the clients taking part in the current version (a sampling step does).
-
-        Their accepted uploads are accumulated in this order whatever order they arrive in, so
-        the aggregate does not depend on timing (floating-point addition is not associative).
-        """
+        """Declare the clients taking part in the current version (a sampling step does); the
+        status line and quorums count them."""
         self.exchange.expect(clients)
 
     # ----------------------------------------------------------------- addresses and joins

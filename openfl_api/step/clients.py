@@ -17,8 +17,8 @@ class ClientSampling(Step):
     For each version a seeded generator draws from the connected clients (sorted, so the draw
     depends only on the seed, the version and who is connected), once at least ``min_clients``
     have connected. Downloads of clients not drawn are held until a version draws them; their
-    uploads are discarded. The draw is declared with ``api.expect(...)``, so the drawn clients'
-    uploads are accumulated in a fixed order whatever order they arrive in.
+    uploads are discarded. The draw is declared with ``api.expect(...)``, so the status line names
+    the drawn clients that have not uploaded yet.
 
     Args:
         fraction: the share of connected clients per version, in ``(0, 1]`` (at least one).

@@ -1,0 +1,128 @@
+"""The order-free sum (openfl_api.aggregate.exact): the same bits for every order of three or more
+adds, within the documented bound of the exact sum, for every dtype an entry can have."""
+
+from __future__ import annotations
+
+import itertools
+from fractions import Fraction
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from openfl_api.aggregate import AverageAggregator, ExactSum
+from openfl_api.aggregate import exact as exact_module
+
+
+def _sum(terms, order):
+    total = ExactSum(tuple(terms[0][0].shape))
+    for index in order:
+        x, weight = terms[index]
+        total.add_(x, weight)
+    return total.value()
+
+
+def _bits(tensor: torch.Tensor) -> bytes:
+    return tensor.numpy().tobytes()
+
+
+def test_every_order_of_six_uploads_gives_the_same_bits_where_float32_does_not() -> None:
+    generator = torch.Generator().manual_seed(0)
+    base = torch.randn(4096, generator=generator) * 0.05
+    terms = [(base + 0.01 * torch.randn(4096, generator=generator), float(k + 1)) for k in range(6)]
+    orders = list(itertools.permutations(range(6)))[::37]
+    assert len({_bits(_sum(terms, order)) for order in orders}) == 1
+    float32 = set()
+    for order in orders:
+        acc = torch.zeros(4096)
+        for index in order:
+            acc.add_(terms[index][0], alpha=terms[index][1])
+        float32.add(_bits(acc))
+    assert len(float32) > 1  # the problem the exact sum solves
+
+
+def test_three_terms_that_cancel_sum_exactly_in_any_order() -> None:
+    terms = [(torch.tensor([2.0**30]), 1.0), (torch.tensor([2.0**-30]), 1.0), (torch.tensor([-(2.0**30)]), 1.0)]
+    results = {float(_sum(terms, order)) for order in itertools.permutations(range(3))}
+    assert results == {2.0**-30}
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.lists(st.floats(-1e6, 1e6, width=32), min_size=3, max_size=3),
+                          st.floats(0.001, 1000.0)), min_size=3, max_size=5),
+       st.randoms(use_true_random=False))
+def test_any_terms_in_any_two_orders_give_the_same_bits(raw, rng) -> None:
+    terms = [(torch.tensor(values, dtype=torch.float32), weight) for values, weight in raw]
+    order = list(range(len(terms)))
+    shuffled = order[:]
+    rng.shuffle(shuffled)
+    assert _bits(_sum(terms, order)) == _bits(_sum(terms, shuffled))
+
+
+def test_the_sum_is_within_the_documented_bound_of_the_exact_sum() -> None:
+    generator = torch.Generator().manual_seed(1)
+    terms = [(torch.randn(257, generator=generator) * scale, weight)
+             for scale, weight in ((1.0, 3.0), (1e-3, 7.0), (50.0, 0.5), (2.0, 11.0))]
+    value = _sum(terms, range(len(terms)))
+    for i in range(257):
+        exact = sum(Fraction(float(x[i])) * Fraction(w) for x, w in terms)
+        bound = sum(2.0**-34 * float(x.abs().max()) * w + 2.0**-52 * abs(float(x[i]) * w) for x, w in terms)
+        assert abs(Fraction(float(value[i])) - exact) <= Fraction(bound)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int64,
+                                   torch.int32, torch.uint8, torch.bool])
+def test_every_real_dtype_sums_like_float64_of_its_values(dtype) -> None:
+    values = [torch.tensor([1, 0, 3], dtype=dtype), torch.tensor([2, 1, 0], dtype=dtype),
+              torch.tensor([0, 1, 1], dtype=dtype)]
+    total = ExactSum((3,))
+    for x in values:
+        total.add_(x, 2.0)
+    expected = sum(x.to(torch.float64) * 2.0 for x in values)
+    assert torch.equal(total.value(), expected)
+
+
+def test_complex_entries_come_back_as_pairs_of_reals() -> None:
+    total = ExactSum((2,))
+    for _ in range(3):
+        total.add_(torch.tensor([1 + 2j, -0.5j], dtype=torch.complex64), 1.0)
+    assert torch.equal(torch.view_as_complex(total.value()), torch.tensor([3 + 6j, -1.5j], dtype=torch.complex128))
+
+
+def test_state_dict_round_trips_a_sum_in_progress_exactly() -> None:
+    generator = torch.Generator().manual_seed(2)
+    xs = [torch.randn(64, generator=generator) * 10.0 ** k for k in range(-3, 3)]
+    first, second = ExactSum((64,)), ExactSum((64,))
+    for x in xs[:3]:
+        first.add_(x, 1.5)
+    second.load_state_dict(first.state_dict())
+    for x in xs[3:]:
+        first.add_(x, 1.5)
+        second.add_(x, 1.5)
+    assert _bits(first.value()) == _bits(second.value())
+
+
+def test_too_many_terms_of_one_magnitude_are_refused(monkeypatch) -> None:
+    monkeypatch.setattr(exact_module, "MAX_TERMS", 3)
+    total = ExactSum((1,))
+    for _ in range(3):
+        total.add_(torch.ones(1), 1.0)
+    with pytest.raises(OverflowError, match="at most 3 terms of one magnitude"):
+        total.add_(torch.ones(1), 1.0)
+
+
+def test_fedavg_of_three_or_more_uploads_does_not_depend_on_their_order() -> None:
+    generator = torch.Generator().manual_seed(3)
+    params = [torch.nn.Parameter(torch.zeros(40, 30)), torch.nn.Parameter(torch.zeros(30))]
+    uploads = [({"w": torch.randn(40, 30, generator=generator), "b": torch.randn(30, generator=generator)}, n)
+               for n in (3, 17, 5, 9)]
+    results = set()
+    for order in itertools.permutations(range(4)):
+        agg = AverageAggregator(params)
+        agg.bind(["w", "b"])
+        for index in order:
+            agg.add(*uploads[index])
+        out = agg.aggregate({"w": params[0].detach(), "b": params[1].detach()})
+        results.add(_bits(out["w"]) + _bits(out["b"]))
+    assert len(results) == 1
