@@ -33,6 +33,10 @@ What differs from separate processes
   initial model from a seeded generator rather than after ``torch.manual_seed``.
 - Threads share the GIL and torch's intra-op thread pool; a process per rank
   (``openfl_api.launch``) runs frontends in parallel.
+- The command runs torch with one thread (``OMP_NUM_THREADS`` chooses another count), as the
+  launcher runs each rank: a matmul splits its sums by thread, so the same seed gives the same
+  weights under both commands only with the same count. ``simulate()`` from Python leaves
+  torch's thread count to its caller.
 - A rank that raises is reported and the others go on, as with the launcher; once the backend
   (rank 0) has returned, the others get ``--grace`` seconds (default 30) to return.
 
@@ -47,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import builtins
+import os
 import runpy
 import secrets
 import sys
@@ -215,9 +220,23 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     return _build_parser().parse_args(argv)
 
 
+def _one_thread_unless_set() -> None:
+    """One torch thread, as the launcher gives each rank (``OMP_NUM_THREADS=1``), unless the
+    environment says otherwise: the thread count changes how matmuls split their sums, so the same
+    script gives the same bits under both commands only with the same count."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return
+    import torch
+
+    torch.set_num_threads(1)
+    print(f"{_PREFIX} using one torch thread, as the launcher's ranks do (set OMP_NUM_THREADS to choose)",
+          file=sys.stderr)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """The command line; returns the exit code."""
     options = _parse(argv)
+    _one_thread_unless_set()
     try:
         for label in ("timeout", "grace"):
             value = getattr(options, label)
