@@ -10,14 +10,17 @@ K = 1,000 at 0.1 (``--config 100:1.0`` runs only that one; repeat the option for
 - ``api``: ``openfl_api.simulate.simulate`` with 2 ranks (a backend thread and one frontend
   thread hosting all K clients through ``VirtualClients``), ``ClientSampling`` and
   ``AggregateCount``, over memory:// pipes.
+- ``float32``: the same as ``api`` with the aggregator's sum replaced by a float32 running sum
+  in arrival order (``torch._foreach_add_``), which is fast but whose bits depend on the order of
+  the uploads: ``api / float32`` is what the order-free sum (``ExactSum``) costs.
 - ``plain``: the same FedAvg written by hand, no framework: per sampled client, load the global
   state_dict into one model, train, add ``num_samples * weights`` to a running sum; divide.
 
 Both draw the same clients per round (numpy ``default_rng([seed, round])``) and the same batch
 order per client. Each (configuration, repeat) starts one fresh child process per mode, so the
-peak RSS (``ru_maxrss``) is that mode's alone, and runs the two **in lockstep**: the parent lets one
-child run one round while the other waits (blocked on a pipe, using no CPU), then the other, the
-order swapping every round. The speed of this machine drifts by 30 % within minutes; paired
+peak RSS (``ru_maxrss``) is that mode's alone, and runs them **in lockstep**: the parent lets one
+child run one round while the others wait (blocked on a pipe, using no CPU), then the next, the
+order rotating every round. The speed of this machine drifts by 30 % within minutes; paired
 rounds a few tenths of a second apart see the same drift, so their ratio is steady where the
 ratio of two separate runs is not. A round is the time from the parent's go to the next
 aggregation (for the API, marked by a backend step); the first round includes the first download.
@@ -43,6 +46,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
 CONFIGS = [(100, 1.0), (100, 0.1), (1000, 0.1)]
+MODES = ("api", "float32", "plain")
 SAMPLES, FEATURES, HIDDEN, BATCH, LR = 100, 784, 200, 32, 0.05
 
 
@@ -121,7 +125,36 @@ def run_plain(datasets, clients: int, fraction: float, rounds: int, seed: int, g
         gate.done()
 
 
-def run_api(datasets, clients: int, fraction: float, rounds: int, seed: int, gate: Gate) -> None:
+def float32_average(params):
+    """FedAvg whose running sum is float32 in arrival order: the aggregator's sum before the
+    order-free ``ExactSum``, kept here only to measure what the exact sum costs."""
+    import math
+
+    import torch
+
+    from openfl_api import aggregate
+
+    class Float32Average(aggregate.AverageAggregator):
+        def add(self, tensors, num_samples, weight=1.0, peak=None):
+            effective = float(self.effective_weight(num_samples, weight))
+            if not self._count:
+                self._float32 = {n: torch.zeros(t.shape) for n, t in tensors.items()}
+                self._dtypes = {n: t.dtype for n, t in tensors.items()}
+            torch._foreach_add_(list(self._float32.values()), list(tensors.values()), alpha=effective)
+            self._count += 1
+            self._weights.append(effective)
+
+        def aggregate(self, current):
+            total = math.fsum(self._weights)
+            result = {n: (s / total).to(current[n].dtype if n in current else self._dtypes[n])
+                      for n, s in self._float32.items()}
+            self.reset()
+            return result
+
+    return Float32Average(params)
+
+
+def run_api(datasets, clients: int, fraction: float, rounds: int, seed: int, gate: Gate, exact: bool = True) -> None:
     from datetime import timedelta
 
     import torch
@@ -148,7 +181,8 @@ def run_api(datasets, clients: int, fraction: float, rounds: int, seed: int, gat
         api.build_connection(address=ofl.Address(args=args))
         net = mlp(seed)
         opt = torch.optim.SGD(net.parameters(), lr=LR)
-        api.set_aggregator_and_optimizer(aggregate.AverageAggregator(net.parameters()), opt)
+        average = aggregate.AverageAggregator if exact else float32_average
+        api.set_aggregator_and_optimizer(average(net.parameters()), opt)
         api.set_state_dict(net.state_dict(keep_vars=True))
 
         def train(client) -> int:
@@ -174,8 +208,11 @@ def child(options: argparse.Namespace) -> None:
     ofl.logger.log_level("WARNING")  # loguru's default sink would format every DEBUG line
     datasets = data.synthetic(options.clients, 0.5, 0.5, seed=options.seed, samples_per_client=SAMPLES,
                               num_features=FEATURES)
-    run = run_api if options.child == "api" else run_plain
-    run(datasets, options.clients, options.fraction, options.rounds, options.seed, Gate())
+    arguments = (datasets, options.clients, options.fraction, options.rounds, options.seed, Gate())
+    if options.child == "plain":
+        run_plain(*arguments)
+    else:
+        run_api(*arguments, exact=options.child == "api")
     print(json.dumps({"rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}), flush=True)
 
 
@@ -207,10 +244,10 @@ class Child:
 
 
 def lockstep(options: argparse.Namespace, clients: int, fraction: float, env: Dict[str, str]) -> Dict[str, Any]:
-    """Run both modes of one configuration in lockstep; each mode's rounds and peak RSS."""
+    """Run the modes of one configuration in lockstep; each mode's rounds and peak RSS."""
     children = {}
     try:
-        for mode in ("api", "plain"):
+        for mode in MODES:
             command = [sys.executable, __file__, "--child", mode, "--clients", str(clients), "--fraction",
                        str(fraction), "--rounds", str(options.rounds), "--threads", str(options.threads),
                        "--seed", str(options.seed)]
@@ -218,9 +255,9 @@ def lockstep(options: argparse.Namespace, clients: int, fraction: float, env: Di
         for child_ in children.values():
             if child_.line() != "ready":
                 sys.exit(f"child {child_.mode} did not get ready")
-        rounds: Dict[str, List[Dict[str, float]]] = {"api": [], "plain": []}
+        rounds: Dict[str, List[Dict[str, float]]] = {mode: [] for mode in MODES}
         for number in range(options.rounds):
-            for mode in (("api", "plain") if number % 2 == 0 else ("plain", "api")):
+            for mode in MODES[number % len(MODES):] + MODES[:number % len(MODES)]:
                 children[mode].say("go")
                 rounds[mode].append(json.loads(children[mode].line()))
         result = {}
@@ -246,27 +283,31 @@ def parent(options: argparse.Namespace) -> None:
           "medians in brackets; API / plain = median of the paired per-round ratios (rounds 2..N), with the range "
           "of the per-repeat medians; CPU = process CPU seconds (all threads).\n")
     print("| K | fraction | clients/round | API steady | plain steady | API / plain (per-repeat range) | "
-          "API / plain CPU | first round API / plain | API round spread | peak RSS MB API / plain |")
-    print("|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
+          "API / plain CPU | API / float32 sum (per-repeat range) | first round API / plain | API round spread | "
+          "peak RSS MB API / float32 / plain |")
+    print("|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
     for (clients, fraction), repeats in results.items():
         def steady(mode: str, key: str = "wall") -> List[List[float]]:
             return [[r[key] for r in run[mode]["rounds"][1:]] for run in repeats]
 
-        paired = [[a / p for a, p in zip(api, plain)] for api, plain in zip(steady("api"), steady("plain"))]
-        paired_cpu = [[a / p for a, p in zip(api, plain)] for api, plain in zip(steady("api", "cpu"),
-                                                                                steady("plain", "cpu"))]
-        flat = {mode: [x for run in steady(mode) for x in run] for mode in ("api", "plain")}
-        per_repeat = {mode: [statistics.median(run) for run in steady(mode)] for mode in ("api", "plain")}
-        ratios = [statistics.median(run) for run in paired]
-        first = {mode: statistics.median(run[mode]["rounds"][0]["wall"] for run in repeats) for mode in ("api", "plain")}
-        rss = {mode: max(run[mode]["rss_mb"] for run in repeats) for mode in ("api", "plain")}
+        def paired(over: str, key: str = "wall") -> List[List[float]]:
+            return [[a / b for a, b in zip(api, other)] for api, other in zip(steady("api", key), steady(over, key))]
+
+        def summary(runs: List[List[float]]) -> str:
+            per_repeat = [statistics.median(run) for run in runs]
+            return f"{statistics.median(x for run in runs for x in run):.3f} ({min(per_repeat):.3f}-{max(per_repeat):.3f})"
+
+        flat = {mode: [x for run in steady(mode) for x in run] for mode in MODES}
+        per_repeat = {mode: [statistics.median(run) for run in steady(mode)] for mode in MODES}
+        first = {mode: statistics.median(run[mode]["rounds"][0]["wall"] for run in repeats) for mode in MODES}
+        rss = {mode: max(run[mode]["rss_mb"] for run in repeats) for mode in MODES}
         noise = statistics.pstdev(flat["api"]) / statistics.mean(flat["api"])
         print(f"| {clients} | {fraction} | {max(1, round(fraction * clients))} | "
               f"{statistics.median(flat['api']):.3f} ({min(per_repeat['api']):.3f}-{max(per_repeat['api']):.3f}) | "
               f"{statistics.median(flat['plain']):.3f} ({min(per_repeat['plain']):.3f}-{max(per_repeat['plain']):.3f}) | "
-              f"{statistics.median(x for run in paired for x in run):.2f} ({min(ratios):.2f}-{max(ratios):.2f}) | "
-              f"{statistics.median(x for run in paired_cpu for x in run):.2f} | "
-              f"{first['api']:.3f} / {first['plain']:.3f} | {noise:.0%} | {rss['api']:.0f} / {rss['plain']:.0f} |")
+              f"{summary(paired('plain'))} | {statistics.median(x for run in paired('plain', 'cpu') for x in run):.2f} | "
+              f"{summary(paired('float32'))} | {first['api']:.3f} / {first['plain']:.3f} | {noise:.0%} | "
+              f"{rss['api']:.0f} / {rss['float32']:.0f} / {rss['plain']:.0f} |")
 
 
 def config(text: str) -> Tuple[int, float]:
@@ -289,7 +330,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--config", type=config, action="append",
                         help="K:FRACTION, e.g. 100:1.0; repeatable (default: all three configurations)")
-    parser.add_argument("--child", choices=("api", "plain"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument("--clients", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--fraction", type=float, help=argparse.SUPPRESS)
     options = parser.parse_args()

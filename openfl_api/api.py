@@ -367,7 +367,8 @@ class API:
         if self._server is not None:
             self._server.stop(reason)
         elif self._client is not None and not self._client.ended:
-            self._client._end(reason)
+            self._client._end(reason, quiet=True)
+            self.log.info(f"stopped: {reason}")
 
     def save_checkpoint(self, path: Union[str, Path]) -> None:
         """Backend: write everything needed to resume to ``path`` atomically: the global model,

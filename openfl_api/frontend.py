@@ -170,7 +170,7 @@ class Client:
             reason = str(fields.get("reason", "the federation ended"))[:2000]
             code = fields.get("code")
             if code in ("refused", "mismatch"):
-                self._end(reason)
+                self._end(reason, quiet=True)
                 self.log.error(f"the backend {reason}")
                 raise (ConfigurationError if code == "mismatch" else AdmissionError)(f"the backend {reason}")
             self._end(reason)
@@ -205,10 +205,11 @@ class Client:
         said = f"; the backend says: {self._backend_said}" if self._backend_said else ""
         return f"{what} from {self.backend_name or 'the backend'} at {self.address.init_method}{said}"
 
-    def _end(self, reason: str) -> None:
+    def _end(self, reason: str, quiet: bool = False) -> None:
         self.ended = True
         self.end_reason = reason
-        self.log.info(f"federation over: {reason}")
+        if not quiet:
+            self.log.info(f"federation over: {reason}")
 
     def download(self, state: SharedState, rank: int, nick_name: str) -> bool:
         """Load a global model whose version is >= the local one; False once it has ended."""

@@ -29,7 +29,7 @@ import queue
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as _FutureTimeout
 from datetime import timedelta
-from typing import Any, Callable, Dict, Iterator, List, Optional, TypeVar, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, TypeVar, Union
 
 __all__ = ["logged", "interruptible", "Helper", "seconds", "exit_fast_after_interrupt"]
 
@@ -46,14 +46,20 @@ def seconds(value: float) -> str:
 
 
 class _Wait:
-    __slots__ = ("log", "interval", "what", "started", "due")
+    __slots__ = ("log", "interval", "what", "started", "due", "origin")
 
-    def __init__(self, log: Any, interval: float, what: Callable[[], str]) -> None:
+    def __init__(self, log: Any, interval: float, what: Callable[[], str], origin: Tuple[str, str, int]) -> None:
         self.log = log
         self.interval = interval
         self.what = what
         self.started = time.monotonic()
         self.due = self.started + interval
+        self.origin = origin  # (module, function, line) of the code that waits, named in the log line
+
+    def say(self, now: float) -> None:
+        module, function, line = self.origin
+        log = self.log.patch(lambda record: record.update(name=module, function=function, line=line))
+        log.info(f"still waiting for {self.what()} (for {seconds(now - self.started)})")
 
 
 class _Watchdog:
@@ -88,7 +94,7 @@ class _Watchdog:
                     wait.due = now + wait.interval
             for wait in due:
                 try:
-                    wait.log.info(f"still waiting for {wait.what()} (for {seconds(now - wait.started)})")
+                    wait.say(now)
                 except Exception as exc:  # a describing callable must not kill the watchdog
                     wait.log.debug(f"could not describe a wait: {exc!r}")
 
@@ -104,7 +110,9 @@ def logged(log: Any, interval: timedelta, what: Union[str, Callable[[], str]]) -
     then (the backend's last status, the attempt number).
     """
     describe = what if callable(what) else (lambda: what)
-    key = _watchdog.add(_Wait(log, interval.total_seconds(), describe))
+    caller = sys._getframe(2)  # the frame with the ``with`` statement (past contextlib's __enter__)
+    origin = (caller.f_globals.get("__name__", "?"), caller.f_code.co_name, caller.f_lineno)
+    key = _watchdog.add(_Wait(log, interval.total_seconds(), describe, origin))
     try:
         yield
     finally:

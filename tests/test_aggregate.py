@@ -153,7 +153,7 @@ def test_second_round_does_not_see_the_first_rounds_uploads() -> None:
 
 
 def _level_buffers(agg) -> list:
-    return list(agg._sums["w0"]._levels.values())
+    return list(agg._sum._levels.sums.values())
 
 
 def test_buffers_are_reused_across_rounds() -> None:

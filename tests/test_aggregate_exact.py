@@ -15,12 +15,17 @@ from openfl_api.aggregate import AverageAggregator, ExactSum
 from openfl_api.aggregate import exact as exact_module
 
 
+def _one(x: torch.Tensor) -> ExactSum:
+    """An exact sum of tensors like ``x``."""
+    return ExactSum([tuple(x.shape)], floating=[x.is_floating_point() or x.is_complex()], complex_=[x.is_complex()])
+
+
 def _sum(terms, order):
-    total = ExactSum(tuple(terms[0][0].shape))
+    total = _one(terms[0][0])
     for index in order:
         x, weight = terms[index]
-        total.add_(x, weight)
-    return total.value()
+        total.add_([x], weight)
+    return total.value()[0]
 
 
 def _bits(tensor: torch.Tensor) -> bytes:
@@ -76,40 +81,53 @@ def test_the_sum_is_within_the_documented_bound_of_the_exact_sum() -> None:
 def test_every_real_dtype_sums_like_float64_of_its_values(dtype) -> None:
     values = [torch.tensor([1, 0, 3], dtype=dtype), torch.tensor([2, 1, 0], dtype=dtype),
               torch.tensor([0, 1, 1], dtype=dtype)]
-    total = ExactSum((3,))
+    total = _one(values[0])
     for x in values:
-        total.add_(x, 2.0)
+        total.add_([x], 2.0)
     expected = sum(x.to(torch.float64) * 2.0 for x in values)
-    assert torch.equal(total.value(), expected)
+    assert torch.equal(total.value()[0], expected)
 
 
 def test_complex_entries_come_back_as_pairs_of_reals() -> None:
-    total = ExactSum((2,))
+    x = torch.tensor([1 + 2j, -0.5j], dtype=torch.complex64)
+    total = _one(x)
     for _ in range(3):
-        total.add_(torch.tensor([1 + 2j, -0.5j], dtype=torch.complex64), 1.0)
-    assert torch.equal(torch.view_as_complex(total.value()), torch.tensor([3 + 6j, -1.5j], dtype=torch.complex128))
+        total.add_([x], 1.0)
+    assert torch.equal(torch.view_as_complex(total.value()[0]), torch.tensor([3 + 6j, -1.5j], dtype=torch.complex128))
 
 
 def test_state_dict_round_trips_a_sum_in_progress_exactly() -> None:
     generator = torch.Generator().manual_seed(2)
     xs = [torch.randn(64, generator=generator) * 10.0 ** k for k in range(-3, 3)]
-    first, second = ExactSum((64,)), ExactSum((64,))
+    first, second = _one(xs[0]), _one(xs[0])
     for x in xs[:3]:
-        first.add_(x, 1.5)
+        first.add_([x], 1.5)
     second.load_state_dict(first.state_dict())
     for x in xs[3:]:
-        first.add_(x, 1.5)
-        second.add_(x, 1.5)
-    assert _bits(first.value()) == _bits(second.value())
+        first.add_([x], 1.5)
+        second.add_([x], 1.5)
+    assert _bits(first.value()[0]) == _bits(second.value()[0])
 
 
 def test_too_many_terms_of_one_magnitude_are_refused(monkeypatch) -> None:
     monkeypatch.setattr(exact_module, "MAX_TERMS", 3)
-    total = ExactSum((1,))
+    total = _one(torch.ones(1))
     for _ in range(3):
-        total.add_(torch.ones(1), 1.0)
+        total.add_([torch.ones(1)], 1.0)
     with pytest.raises(OverflowError, match="at most 3 terms of one magnitude"):
-        total.add_(torch.ones(1), 1.0)
+        total.add_([torch.ones(1)], 1.0)
+
+
+def test_tensors_of_one_upload_keep_their_own_levels_and_counters_do_not_coarsen_the_weights() -> None:
+    # A tiny tensor beside a large one, and an integer counter beside floats: each is rounded to
+    # its own level's grid, so each is exact here (the values sit on grids far coarser than 2**-42).
+    tensors = [torch.tensor([3.0e4, -1.5e4]), torch.tensor([2.0**-20, 3 * 2.0**-21]), torch.tensor(123456789)]
+    total = ExactSum([(2,), (2,), ()], floating=[True, True, False])
+    for _ in range(3):
+        total.add_(tensors, 1.0)
+    sums = total.value()
+    for got, x in zip(sums, tensors):
+        assert torch.equal(got, x.to(torch.float64) * 3)
 
 
 def test_fedavg_of_three_or_more_uploads_does_not_depend_on_their_order() -> None:
@@ -125,4 +143,18 @@ def test_fedavg_of_three_or_more_uploads_does_not_depend_on_their_order() -> Non
             agg.add(*uploads[index])
         out = agg.aggregate({"w": params[0].detach(), "b": params[1].detach()})
         results.add(_bits(out["w"]) + _bits(out["b"]))
+    assert len(results) == 1
+
+
+def test_with_the_uploads_peak_every_order_gives_the_same_bits() -> None:
+    generator = torch.Generator().manual_seed(4)
+    uploads = [[torch.randn(300, generator=generator), torch.randn(7, generator=generator) * 1e-3]
+               for _ in range(4)]
+    results = set()
+    for order in itertools.permutations(range(4)):
+        total = ExactSum([(300,), (7,)])
+        for index in order:
+            tensors = uploads[index]
+            total.add_(tensors, 2.0 + index, peak=max(float(t.abs().max()) for t in tensors))
+        results.add(b"".join(_bits(v) for v in total.value()))
     assert len(results) == 1

@@ -22,8 +22,8 @@ def test_a_count_the_connected_frontends_cannot_meet_is_named_with_the_fix() -> 
     status = VersionStatus(version=0, accepted=2, needed=3, needed_by="AggregateCount(count=3)", uploaded=["1", "2"],
                            missing=["3"], connected=["1", "2"], unconnected=["3"])
     assert status.unmet() == (
-        "version 0 cannot be aggregated by the connected frontends: AggregateCount(count=3) needs 1 more uploads "
-        "and only 0 connected clients have not uploaded for it; start 3 or lower the count the step needs")
+        "The connected frontends cannot complete it: AggregateCount(count=3) needs 1 more upload and only 0 "
+        "connected clients have yet to upload; start 3 or lower the count the step needs")
 
 
 def test_when_every_allowed_frontend_is_connected_the_fix_is_world_size_or_the_count() -> None:
@@ -36,9 +36,11 @@ def test_asynchronous_lines_have_no_missing_clients_and_the_start_says_what_it_w
     status = VersionStatus(version=5, accepted=1, needed=2, uploaded=["1"], connected=["1", "2"], asynchronous=True)
     assert status.line() == "version 5: 1 of 2 uploads (from 1); connected: 1, 2"
     assert status.unmet() is None
-    start = VersionStatus(version=0, accepted=0, missing=["3"], connected=["1", "2"], start=(2, 3))
+    start = VersionStatus(version=0, accepted=0, missing=["3"], connected=["1", "2"], unconnected=["3"], start=(2, 3))
     assert start.line() == ("version 0: asynchronous start waits for 3 frontends to ask for a model, 2 have; "
                             "waiting for 3; connected: 1, 2")
+    assert start.unmet() == ("The connected frontends cannot start it: the asynchronous start waits for 3 frontends "
+                             "to ask for a model and only 2 have; start 3 or lower Asynchronous(min_frontends=...)")
 
 
 def test_long_lists_are_cut() -> None:

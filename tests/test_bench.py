@@ -20,7 +20,7 @@ def run(script: str, *args: str) -> str:
     return done.stdout
 
 
-def test_the_simulation_bench_runs_both_modes_in_lockstep_and_prints_its_table():
+def test_the_simulation_bench_runs_its_three_modes_in_lockstep_and_prints_its_table():
     out = run("simulation.py", "--repeats", "1", "--rounds", "3", "--config", "20:0.5")
     assert "| 20 | 0.5 | 10 |" in out
 

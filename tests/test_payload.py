@@ -816,3 +816,13 @@ def test_a_field_inserted_into_an_encoded_header_keeps_the_canonical_ending() ->
     inserted = insert_field(raw, "clients", ["3", "10"])
     assert parse_header(inserted) == {**parse_header(raw), "clients": ["3", "10"]}
     assert parse_header(inserted, schema=schema)["tensors"] is schema.entries
+
+
+def test_decode_finds_the_largest_magnitude_of_the_floating_tensors_in_the_finite_check() -> None:
+    tensors = mixed_tensors()
+    header, buffer, schema = encoded(tensors, kind="update")
+    expected = max(float(t.abs().max()) for t in tensors.values() if t.is_floating_point())
+    assert decode(encode_header(header), buffer, schema, kind="update").peak == expected
+    scan = FiniteScan(schema, buffer)
+    scan.progress(buffer.numel())
+    assert decode(encode_header(header), buffer, schema, kind="update", scan=scan).peak == expected

@@ -30,7 +30,7 @@ def test_the_base_class_defines_every_event_as_a_method_that_does_nothing() -> N
 def test_a_misspelled_event_is_refused_at_attach_with_the_closest_event(name, closest) -> None:
     misspelled = type("Misspelled", (ofl.Step,), {name: lambda self, api, transfer=None: None})
     with pytest.raises(ofl.ConfigurationError, match=rf"step Misspelled has a method {name}\(\) that is no event, so it "
-                                                     rf"would never fire: did you mean {closest}\?"):
+                                                     rf"would never fire\. Did you mean {closest}\?"):
         fast_api(False).register_step(misspelled())
 
 

@@ -38,10 +38,10 @@ class Aggregator(abc.ABC):
     * ``f"optim/{key}/{param_name}"`` for each key in :attr:`state_keys`;
     * ``f"extra/{key}/{param_name}"`` for each key in :attr:`upload_keys`.
 
-    Each entry is summed, weighted, into an :class:`~openfl_api.aggregate.exact.ExactSum`, whose
-    bits do not depend on the order of the adds (integer sums at fixed levels); its buffers are
-    kept for later rounds while the entry's shape stays the same. The total weight is summed
-    exactly too (``math.fsum``), so an aggregate is the same whatever order the uploads came in.
+    The entries are summed, weighted, into one :class:`~openfl_api.aggregate.exact.ExactSum`,
+    whose bits do not depend on the order of the adds (integer sums at fixed levels); its buffers
+    are kept for later rounds while the layout stays the same. The total weight is summed exactly
+    too (``math.fsum``), so an aggregate is the same whatever order the uploads came in.
     The first upload of a round fixes the entry names, shapes and dtypes; the others must match it.
 
     Subclasses say how an upload is weighted (:meth:`effective_weight`) and may override
@@ -80,12 +80,14 @@ class Aggregator(abc.ABC):
         self.state_keys = _check_keys(state_keys, "state_keys")
         self._param_names: tuple[str, ...] | None = None
         self._param_set: frozenset[str] = frozenset()
-        self._sums: dict[str, ExactSum] = {}
+        self._sum: ExactSum | None = None
+        self._shapes: dict[str, tuple[int, ...]] = {}  # entry -> shape, in the order of the sum
         self._dtypes: dict[str, torch.dtype] = {}
+        self._values: dict[str, torch.Tensor] = {}  # the sums, while aggregate() finishes them
         self._count = 0
         self._weights: list[float] = []
-        self._scratch = torch.empty(0, dtype=torch.float64)
         self._names_checked: tuple = ()
+        self._kinds: list[tuple[bool, bool]] = []
 
     @property
     def params(self) -> list[torch.Tensor]:
@@ -144,7 +146,8 @@ class Aggregator(abc.ABC):
         """Returns the weight an upload of ``num_samples`` samples and caller ``weight`` gets."""
 
     def add(
-        self, tensors: Mapping[str, torch.Tensor], num_samples: int, weight: float = 1.0
+        self, tensors: Mapping[str, torch.Tensor], num_samples: int, weight: float = 1.0,
+        peak: float | None = None,
     ) -> None:
         """Accumulates one accepted upload.
 
@@ -155,6 +158,8 @@ class Aggregator(abc.ABC):
             tensors: entry name to tensor; see the class docstring for the names.
             num_samples: samples the frontend trained on, ``>= 0``.
             weight: extra factor from the caller, finite and ``>= 0``.
+            peak: the largest magnitude of the floating entries, when the caller knows it (the
+                backend's finite check finds it); see :meth:`ExactSum.add_`.
 
         Raises:
             ConfigurationError: :meth:`bind` was not called, an argument is out of range, an entry
@@ -184,10 +189,8 @@ class Aggregator(abc.ABC):
             self._allocate(tensors)
         effective = float(self.effective_weight(num_samples, weight))
         if not self._count:
-            for total in self._sums.values():
-                total.zero_()
-        for name, x in tensors.items():
-            self._sums[name].add_(x, effective, self._scratch)
+            self._sum.zero_()
+        self._sum.add_([tensors[name] for name in self._shapes], effective, peak)
         self._count += 1
         self._weights.append(effective)
 
@@ -214,19 +217,23 @@ class Aggregator(abc.ABC):
                 f"aggregate() needs a positive total weight; the {self._count} uploads since the "
                 "last reset all had weight 0 (num_samples or weight was 0)"
             )
-        for name, acc in self._sums.items():
+        for name, shape in self._shapes.items():
             if _is_model_entry(name):
                 if name not in current:
                     raise ConfigurationError(
                         f"current has no entry {name!r}; pass the global model's full state_dict()"
                     )
-                if tuple(current[name].shape) != acc.shape:
+                if tuple(current[name].shape) != shape:
                     raise ConfigurationError(
                         f"current[{name!r}] has shape {tuple(current[name].shape)} but the uploads "
-                        f"have {acc.shape}"
+                        f"have {shape}"
                     )
-        with torch.no_grad():
-            result = {name: self._finish(name, current) for name in self._sums}
+        self._values = dict(zip(self._shapes, self._sum.value()))
+        try:
+            with torch.no_grad():
+                result = {name: self._finish(name, current) for name in self._shapes}
+        finally:
+            self._values = {}
         self.reset()
         return result
 
@@ -239,14 +246,15 @@ class Aggregator(abc.ABC):
         """Returns the accumulation state, so a backend can resume a round exactly.
 
         Holds only tensors, dtypes and Python scalars, so ``torch.load(weights_only=True)`` reads
-        it back: the count, every weight, and each entry's exact sum (its integer level sums).
+        it back: the count, every weight, the layout and the exact sum's integer level sums.
         """
-        live = {name: total.state_dict() for name, total in self._sums.items()} if self._count else {}
+        live = self._count > 0
         return {
             "count": self._count,
             "weights": list(self._weights),
-            "sums": live,
-            "dtypes": dict(self._dtypes) if self._count else {},
+            "shapes": {name: list(shape) for name, shape in self._shapes.items()} if live else {},
+            "dtypes": dict(self._dtypes) if live else {},
+            "sum": self._sum.state_dict() if live else None,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -255,40 +263,30 @@ class Aggregator(abc.ABC):
         Raises:
             ConfigurationError: ``state`` does not have the structure :meth:`state_dict` returns.
         """
-        expected = {"count", "weights", "sums", "dtypes"}
+        expected = {"count", "weights", "shapes", "dtypes", "sum"}
         if not isinstance(state, Mapping) or set(state) != expected:
             got = sorted(state) if isinstance(state, Mapping) else type(state).__name__
             raise ConfigurationError(
                 f"state must be a dict with keys {sorted(expected)}, as state_dict() returns; "
                 f"got {got}"
             )
-        count, weights = state["count"], state["weights"]
-        sums, dtypes = state["sums"], state["dtypes"]
+        count, weights, shapes, dtypes = state["count"], state["weights"], state["shapes"], state["dtypes"]
         if isinstance(count, bool) or not isinstance(count, int) or count < 0:
             raise ConfigurationError(f"state['count'] must be an int >= 0; got {count!r}")
         if not isinstance(weights, list) or len(weights) != count or not all(_is_weight(w) for w in weights):
             raise ConfigurationError(
                 f"state['weights'] must list one finite weight >= 0 per upload ({count}); got {str(weights)[:80]}"
             )
-        if set(sums) != set(dtypes):
-            raise ConfigurationError(
-                "state['sums'] and state['dtypes'] must name the same entries; "
-                f"got {sorted(set(sums) ^ set(dtypes))} in only one of them"
-            )
-        loaded = {}
-        for name, saved in sums.items():
-            if not isinstance(saved, Mapping) or set(saved) != {"levels", "terms"}:
-                raise ConfigurationError(
-                    f"state['sums'][{name!r}] must be an exact sum's state_dict() (levels and terms)"
-                )
-            levels = list(saved["levels"].values())
-            shape = self._sums[name].shape if name in self._sums else None
-            total = ExactSum(shape if shape is not None else tuple(levels[0].shape) if levels else (0,))
-            total.load_state_dict(saved)
-            loaded[name] = total
+        if list(shapes) != list(dtypes) or not all(isinstance(d, torch.dtype) for d in dtypes.values()):
+            raise ConfigurationError("state['shapes'] and state['dtypes'] must name the same entries, in order")
         if count:
-            self._sums = loaded
-            self._dtypes = dict(dtypes)
+            layout = {name: torch.empty(tuple(shape), dtype=dtypes[name], device="meta")
+                      for name, shape in shapes.items()}
+            self._allocate(layout)
+            try:
+                self._sum.load_state_dict(state["sum"])
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                raise ConfigurationError(f"state['sum'] does not fit the layout it was saved with: {exc}") from None
         self._count = count
         self._weights = [float(w) for w in weights]
 
@@ -305,8 +303,9 @@ class Aggregator(abc.ABC):
         return finish_mean(self._sum_of(name, dtype), self.total_weight, dtype)
 
     def _sum_of(self, name: str, dtype: torch.dtype) -> torch.Tensor:
-        """The exact sum of entry ``name`` in float64 (complex128 for complex entries)."""
-        value = self._sums[name].value()
+        """The exact sum of entry ``name`` in float64 (complex128 for complex entries); only while
+        :meth:`aggregate` finishes the entries."""
+        value = self._values[name]
         return torch.view_as_complex(value) if dtype.is_complex else value
 
     def _check_names(self, tensors: Mapping[str, torch.Tensor]) -> None:
@@ -340,35 +339,33 @@ class Aggregator(abc.ABC):
 
     def _check_layout(self, tensors: Mapping[str, torch.Tensor]) -> None:
         """Raises ConfigurationError unless ``tensors`` has the round's names, shapes and dtypes."""
-        unknown = [name for name in tensors if name not in self._sums]
+        unknown = [name for name in tensors if name not in self._shapes]
         if unknown:
             raise ConfigurationError(
                 f"unknown entry {unknown[0]!r}: the first upload of this round did not carry it"
             )
-        missing = [name for name in self._sums if name not in tensors]
+        missing = [name for name in self._shapes if name not in tensors]
         if missing:
             raise ConfigurationError(
                 f"the upload lacks entries {missing!r} that the first upload of this round carried"
             )
         for name, x in tensors.items():
-            if tuple(x.shape) != self._sums[name].shape or x.dtype != self._dtypes[name]:
+            if tuple(x.shape) != self._shapes[name] or x.dtype != self._dtypes[name]:
                 raise ConfigurationError(
                     f"entry {name!r} came as {x.dtype} {tuple(x.shape)} but the first upload of "
-                    f"this round had {self._dtypes[name]} {self._sums[name].shape}"
+                    f"this round had {self._dtypes[name]} {self._shapes[name]}"
                 )
 
     def _allocate(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        """Makes one exact sum per entry of ``tensors``, reusing the sums that still fit."""
-        sums = {}
-        largest = 0
-        for name, x in tensors.items():
-            own = self._sums.get(name)
-            sums[name] = own if own is not None and own.shape == tuple(x.shape) else ExactSum(tuple(x.shape))
-            largest = max(largest, x.numel() * (2 if x.is_complex() else 1))
-        self._sums = sums
-        self._dtypes = {name: x.dtype for name, x in tensors.items()}
-        if self._scratch.numel() < largest:
-            self._scratch = torch.empty(largest, dtype=torch.float64)
+        """Makes the exact sum for the layout of ``tensors``, reusing the one that still fits."""
+        shapes = {name: tuple(x.shape) for name, x in tensors.items()}
+        dtypes = {name: x.dtype for name, x in tensors.items()}
+        kinds = [(x.is_floating_point() or x.is_complex(), x.is_complex()) for x in tensors.values()]
+        if self._sum is None or shapes != self._shapes or kinds != self._kinds:
+            self._sum = ExactSum(list(shapes.values()), floating=[f for f, _ in kinds], complex_=[c for _, c in kinds])
+            self._kinds = kinds
+        self._shapes = shapes
+        self._dtypes = dtypes
 
 
 def _check_keys(keys: Sequence[str], what: str) -> tuple[str, ...]:

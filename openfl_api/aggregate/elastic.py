@@ -131,8 +131,8 @@ class ElasticAggregator(AverageAggregator):
         if name not in self._param_set:
             return super()._finish(name, current)
         total = self.total_weight
-        average = self._sums[name].value() / total
-        sensitivity = self._sums[f"extra/sensitivity/{name}"].value() / total
+        average = self._values[name] / total
+        sensitivity = self._values[f"extra/sensitivity/{name}"] / total
         start = current[name].detach().to(device=average.device, dtype=average.dtype)
         return elastic_update(start, average, sensitivity, self.tau).to(current[name].dtype)
 

@@ -2,31 +2,36 @@
 
 Floating-point addition is not associative, so a float accumulator gives different bits when
 three or more uploads arrive in another order. :class:`ExactSum` adds in integers instead, where
-addition is exact (fixed point with data-independent levels, after Demmel and Nguyen's
-pre-rounding for reproducible summation):
+addition is exact (fixed point at data-independent levels, after Demmel and Nguyen's
+pre-rounding for reproducible summation). For each tensor ``x`` of an upload with weight ``w``:
 
-1. Each term ``t = w * x`` is formed in float64 (one rounding, the same whatever the order).
-2. Its *level* ``L`` is fixed by the term's own largest magnitude ``m``: the smallest ``L`` with
-   ``m < 2**(8 * L)``. Levels are absolute powers of two, so they depend on the term alone.
-3. The term is rounded to the level's grid ``2**(8 * L - 42)`` (so ``|q| <= 2**42``) and added to
-   the level's int64 accumulator, which is exact for up to ``2**20`` terms.
+1. its *level* ``L`` is fixed by the term's own largest magnitude ``m = max|w * x|``: the
+   smallest ``L`` with ``m < 2**(8 * L)``. Levels are absolute powers of two, so they depend on
+   the term alone;
+2. ``w * x`` is formed in float64 and rounded to the level's grid ``2**(8 * L - 42)``, one
+   rounding that depends on the term alone (so ``|q| <= 2**42``);
+3. ``q`` is added to the level's int64 accumulator, where addition is exact for up to ``2**20``
+   terms;
 4. :meth:`value` converts each level's integer sum to float64 once and adds the levels in a fixed
    order (ascending ``L``).
 
-Every integer sum is exact and every rounding depends on one term only, so the result is the same,
-bit for bit, for any order of the adds. Error against the exact ``sum_k w_k x_k``, per coordinate:
-at most ``2**-34 * m_k`` for each term ``k`` (``m_k`` the largest ``|w_k x_k|`` of its tensor) plus
-float64 roundings (``2**-53`` relative), well below the final rounding to float32 (``2**-24``).
+Every integer sum is exact and every rounding depends on one term only, so the result is the
+same, bit for bit, for any order of the adds. Error against the exact ``sum_k w_k x_k``, per
+coordinate: at most ``2**-34 * m_k`` for each term ``k`` (``m_k`` the largest ``|w_k x_k|`` of its
+tensor), plus float64 roundings (``2**-52`` relative), well below a final rounding to float32.
 
-Rounding a float64 ``t * 2**f`` to an integer uses the "magic number" trick: adding
-``1.5 * 2**52`` leaves the integer in the low bits of the float64's representation, so the whole
-term is one multiply, one add and one integer add, without a float-to-int conversion.
+The tensors of one upload live in one flat layout, so an upload costs a handful of calls whatever
+its number of tensors: the floating tensors of one level are scaled into a float64 buffer filled
+with the "magic number" ``1.5 * 2**52`` (adding it rounds ``t * 2**f`` to an integer held in the
+low bits of the float64) in one ``torch._foreach_add_``, and the buffer's bits are added to the
+level's int64 sum in one numpy add. Integer and bool tensors (``num_batches_tracked``) are summed
+apart, each at its own level, so a counter never coarsens the grid of the weights.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -46,99 +51,164 @@ def _level(bound: float) -> int:
     return -((-exponent) // LEVEL_BITS)
 
 
-def _flat(x: torch.Tensor) -> torch.Tensor:
-    """``x`` as a flat CPU tensor of a real dtype (complex as pairs of reals)."""
+def _real(x: torch.Tensor) -> torch.Tensor:
+    """``x`` detached, on the CPU, with a complex tensor as pairs of reals."""
     x = x.detach()
     if x.device.type != "cpu":
         x = x.cpu()
-    if x.is_complex():
-        x = torch.view_as_real(x)
-    return x.reshape(-1)
+    return torch.view_as_real(x) if x.is_complex() else x
 
 
 def _peak(x: torch.Tensor) -> float:
-    """The largest magnitude in ``x`` (0 for an empty tensor)."""
+    """The largest magnitude in ``x`` (a real tensor; 0 when empty)."""
     if x.numel() == 0:
         return 0.0
-    if x.is_complex():
-        x = torch.view_as_real(x)
     if x.dtype == torch.bool:
         return float(bool(x.any()))
-    low, high = torch.aminmax(x.detach())
+    low, high = torch.aminmax(x)
     return max(-float(low), float(high))
 
 
-class ExactSum:
-    """A running sum of ``weight * x`` for tensors of one shape, exact in any order of the adds.
+class _Levels:
+    """The int64 sums of one flat layout, one per level in use, and how many terms each took."""
 
-    Args:
-        shape: the shape of the tensors added.
-    """
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.sums: Dict[int, np.ndarray] = {}
+        self.terms: Dict[int, int] = {}
 
-    def __init__(self, shape: Tuple[int, ...]) -> None:
-        self.shape = tuple(shape)
-        self.numel = math.prod(self.shape)
-        self._levels: Dict[int, np.ndarray] = {}  # level -> int64 sum (wrapping; see value())
-        self._terms: Dict[int, int] = {}  # level -> terms added since the last zero_()
+    def zero_(self) -> None:
+        self.terms = {level: 0 for level in self.sums}
 
-    def zero_(self) -> "ExactSum":
-        """Forget every term; the level buffers are kept for reuse."""
-        self._terms = {level: 0 for level in self._levels}
-        return self
-
-    def add_(self, x: torch.Tensor, weight: float, scratch: Optional[torch.Tensor] = None) -> "ExactSum":
-        """Add ``weight * x``.
-
-        Args:
-            x: a tensor of :attr:`shape`, finite (any real dtype, bool, or complex).
-            weight: a finite weight ``>= 0``.
-            scratch: a flat float64 CPU tensor of at least ``x.numel()`` elements (twice that for
-                complex) to work in; the sum allocates one when it is missing or too small.
-        """
-        bound = _peak(x) * weight
-        if bound == 0.0:
-            return self
-        level = _level(bound)
-        terms = self._terms.get(level, 0)
+    def deposit(self, level: int, magic_bits: np.ndarray) -> None:
+        """Add a float64 buffer of magic-rounded terms (as int64 bits) to ``level``'s sum."""
+        terms = self.terms.get(level, 0)
         if terms >= MAX_TERMS:
             raise OverflowError(f"an exact sum takes at most {MAX_TERMS} terms of one magnitude; aggregate sooner")
-        flat = _flat(x)
-        size = flat.numel()
-        if scratch is None or scratch.numel() < size:
-            scratch = torch.empty(size, dtype=torch.float64)
-        work = scratch[:size]
-        # t * 2**f in float64 (scaling by a power of two is exact), rounded to an integer by the
-        # magic number, |t * 2**f| <= 2**42 < 2**51: the same bits whatever the order of the adds.
-        work.copy_(flat).mul_(math.ldexp(weight, GRID_BITS - LEVEL_BITS * level)).add_(_MAGIC)
-        total = self._levels.get(level)
-        if total is None or total.size != size:
-            total = self._levels[level] = np.zeros(size, dtype=np.int64)
+        total = self.sums.get(level)
+        if total is None:
+            total = self.sums[level] = np.zeros(self.size, dtype=np.int64)
         elif terms == 0:
             total.fill(0)
-        np.add(total, work.numpy().view(np.int64), out=total)  # wraps; each add carries _MAGIC_BITS
-        self._terms[level] = terms + 1
-        return self
+        np.add(total, magic_bits, out=total)  # wraps; each deposit carries _MAGIC_BITS per element
+        self.terms[level] = terms + 1
 
-    def value(self) -> torch.Tensor:
-        """The sum as a fresh float64 tensor (complex128 is not rebuilt: real and imaginary parts
-        come as a trailing dimension of 2 when complex tensors were added)."""
-        out = np.zeros(next((a.size for a in self._levels.values()), self.numel), dtype=np.float64)
-        for level in sorted(self._levels):
-            terms = self._terms.get(level, 0)
+    def value(self) -> np.ndarray:
+        out = np.zeros(self.size, dtype=np.float64)
+        for level in sorted(self.sums):
+            terms = self.terms.get(level, 0)
             if not terms:
                 continue
             offset = (terms * _MAGIC_BITS) % (1 << 64)
-            exact = np.subtract(self._levels[level], np.int64(offset - (1 << 64) if offset >= 1 << 63 else offset))
+            exact = np.subtract(self.sums[level], np.int64(offset - (1 << 64) if offset >= 1 << 63 else offset))
             out += exact.astype(np.float64) * math.ldexp(1.0, LEVEL_BITS * level - GRID_BITS)
-        result = torch.from_numpy(out)
-        return result.reshape(self.shape) if result.numel() == self.numel else result.reshape(*self.shape, 2)
+        return out
+
+    def state_dict(self) -> Dict[str, Any]:
+        used = [level for level in sorted(self.sums) if self.terms.get(level, 0)]
+        return {"sums": {str(level): torch.from_numpy(self.sums[level].copy()) for level in used},
+                "terms": {str(level): self.terms[level] for level in used}}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.sums = {int(level): total.numpy().astype(np.int64).copy() for level, total in state["sums"].items()}
+        self.terms = {int(level): int(count) for level, count in state["terms"].items()}
+        if any(total.size != self.size for total in self.sums.values()):
+            raise ValueError("the saved exact sum has another layout")
+
+
+class ExactSum:
+    """A running sum of ``weight * tensors`` (one upload: a list of tensors of fixed shapes), exact
+    in any order of the adds.
+
+    Args:
+        shapes: the shape of each tensor of an upload.
+        complex_: which of them are complex (summed as pairs of reals).
+        floating: which of them are floating or complex (summed together); the others (integer,
+            bool) are summed one by one.
+    """
+
+    def __init__(self, shapes: Sequence[Tuple[int, ...]], floating: Optional[Sequence[bool]] = None,
+                 complex_: Optional[Sequence[bool]] = None) -> None:
+        self.shapes = [tuple(shape) for shape in shapes]
+        count = len(self.shapes)
+        self.complex = list(complex_) if complex_ is not None else [False] * count
+        self.floating = list(floating) if floating is not None else [True] * count
+        self._sizes = [math.prod(s) * (2 if c else 1) for s, c in zip(self.shapes, self.complex)]
+        self._float = [i for i in range(count) if self.floating[i]]
+        self._other = [i for i in range(count) if not self.floating[i]]
+        self._offsets: Dict[int, int] = {}
+        size = 0
+        for i in self._float:
+            self._offsets[i] = size
+            size += self._sizes[i]
+        self._work = torch.empty(size, dtype=torch.float64)
+        self._magic = self._work.numpy().view(np.int64)
+        self._views = {i: self._work[self._offsets[i]:self._offsets[i] + self._sizes[i]]
+                       .view(*self.shapes[i], *((2,) if self.complex[i] else ())) for i in self._float}
+        self._levels = _Levels(size)
+        self._singles = {i: _Levels(self._sizes[i]) for i in self._other}
+
+    def zero_(self) -> "ExactSum":
+        """Forget every term; the level buffers are kept for reuse."""
+        self._levels.zero_()
+        for single in self._singles.values():
+            single.zero_()
+        return self
+
+    def add_(self, tensors: Sequence[torch.Tensor], weight: float, peak: Optional[float] = None) -> "ExactSum":
+        """Add ``weight * tensors`` (finite tensors of :attr:`shapes`; ``weight`` finite and ``>= 0``).
+
+        Args:
+            peak: the largest magnitude of the floating tensors, when known (a receiver's finite
+                check finds it): they then share one level, the upload's, and no pass looks for
+                each tensor's; the error bound is then relative to the upload's largest magnitude.
+        """
+        if weight == 0.0:
+            return self
+        real = [_real(x) for x in tensors]
+        groups: Dict[int, List[int]] = {}
+        if peak is not None and not any(self.complex):
+            if peak * weight > 0.0 and self._float:
+                groups[_level(peak * weight)] = self._float
+        else:
+            for i in self._float:
+                bound = _peak(real[i]) * weight
+                if bound > 0.0:
+                    groups.setdefault(_level(bound), []).append(i)
+        for level, members in sorted(groups.items()):
+            # w * x * 2**f in float64 (scaling by a power of two is exact) plus the magic number, in one
+            # pass; |w * x * 2**f| <= 2**42 < 2**51, so the float64 sum is the rounded integer's bits.
+            self._work.fill_(_MAGIC)
+            torch._foreach_add_([self._views[i] for i in members], [real[i] for i in members],
+                                alpha=math.ldexp(weight, GRID_BITS - LEVEL_BITS * level))
+            self._levels.deposit(level, self._magic)
+        for i in self._other:
+            x = real[i].reshape(-1).to(torch.float64)
+            bound = _peak(x) * weight
+            if bound > 0.0:
+                level = _level(bound)
+                work = torch.full_like(x, _MAGIC).add_(x, alpha=math.ldexp(weight, GRID_BITS - LEVEL_BITS * level))
+                self._singles[i].deposit(level, work.numpy().view(np.int64))
+        return self
+
+    def value(self) -> List[torch.Tensor]:
+        """The sums as fresh float64 tensors of :attr:`shapes` (a complex tensor's sum comes as
+        pairs of reals, a trailing dimension of 2)."""
+        flat = self._levels.value()
+        out = []
+        for i, (shape, is_complex) in enumerate(zip(self.shapes, self.complex)):
+            values = flat[self._offsets[i]:self._offsets[i] + self._sizes[i]] if i in self._offsets \
+                else self._singles[i].value()
+            out.append(torch.from_numpy(values.copy()).reshape(*shape, 2) if is_complex
+                       else torch.from_numpy(values.copy()).reshape(shape))
+        return out
 
     def state_dict(self) -> Dict[str, Any]:
         """The level sums (int64 tensors) and term counts, for a checkpoint."""
-        used = [level for level in sorted(self._levels) if self._terms.get(level, 0)]
-        return {"levels": {str(level): torch.from_numpy(self._levels[level].copy()) for level in used},
-                "terms": {str(level): self._terms[level] for level in used}}
+        return {"levels": self._levels.state_dict(),
+                "singles": {str(i): single.state_dict() for i, single in self._singles.items()}}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self._levels = {int(level): total.numpy().astype(np.int64).copy() for level, total in state["levels"].items()}
-        self._terms = {int(level): int(count) for level, count in state["terms"].items()}
+        self._levels.load_state_dict(state["levels"])
+        for i, saved in state["singles"].items():
+            self._singles[int(i)].load_state_dict(saved)

@@ -9,8 +9,8 @@ added as they come.
 
 from __future__ import annotations
 
+import inspect
 from concurrent.futures import Future, ThreadPoolExecutor
-from datetime import timedelta
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -20,21 +20,32 @@ from openfl_api.errors import ConfigurationError
 __all__ = ["Accumulation", "OVERLAP_BYTES"]
 
 #: Uploads of at least this many bytes are accumulated on the accumulation thread while the loop
-#: goes on; smaller ones are added on the loop, where the hand-off would cost more than the addition.
-OVERLAP_BYTES = 4 * 1024 * 1024
+#: (and, in one process, the frontend's next client) goes on; smaller ones are added on the loop,
+#: where the hand-off would cost more than the exact sum's four passes over the upload.
+OVERLAP_BYTES = 256 * 1024
+
+
+def _takes_peak(aggregator: Any) -> bool:
+    """Whether ``aggregator.add`` takes the upload's ``peak`` (an aggregator of one's own with an
+    ``add(tensors, num_samples, weight)`` of its own does not)."""
+    known = _PEAK.get(type(aggregator))
+    if known is None:
+        known = _PEAK[type(aggregator)] = "peak" in inspect.signature(aggregator.add).parameters
+    return known
+
+
+_PEAK: Dict[type, bool] = {}
 
 
 class Accumulation:
     """Adds accepted uploads to the aggregator; remembers the clients a version expects.
 
     Args:
-        transfer: how long an accumulation waits for the worker to send its answer.
         log: a bound logger.
     """
 
-    def __init__(self, transfer: timedelta, log: Any) -> None:
+    def __init__(self, log: Any) -> None:
         self.aggregator: Any = None  # set when the backend is prepared
-        self._transfer = transfer.total_seconds()
         self.log = log
         self._expected: Optional[Tuple[int, List[str]]] = None  # (version, clients)
         self._executor: Optional[ThreadPoolExecutor] = None  # started at the first large upload
@@ -54,29 +65,30 @@ class Accumulation:
         self._expected = (version, order)
 
     def add(self, worker: Any, tensors: Dict[str, torch.Tensor], num_samples: int, weight: float,
-            nbytes: int) -> None:
+            nbytes: int, peak: Optional[float] = None) -> None:
         """Add an accepted upload; large ones on the accumulation thread.
 
-        ``tensors`` view the worker's receive buffer: ``worker.free`` is set once they are no longer
-        read, and the thread starts adding once ``worker.replied`` is set (a thread holding the
-        interpreter lock would hold up the worker's answer).
+        The upload was answered already (its ACK goes out within the turn, before this), so the
+        frontend goes on meanwhile. ``tensors`` view the worker's receive buffer: ``worker.free`` is
+        set once they are no longer read.
         """
         self.settle()
 
-        def run(after_reply: bool) -> None:
+        def run() -> None:
             try:
-                if after_reply:
-                    worker.replied.wait(self._transfer)
-                self.aggregator.add(tensors, num_samples, weight)
+                if peak is not None and _takes_peak(self.aggregator):
+                    self.aggregator.add(tensors, num_samples, weight, peak=peak)
+                else:
+                    self.aggregator.add(tensors, num_samples, weight)
             finally:
                 worker.free.set()
 
         if nbytes < OVERLAP_BYTES:
-            run(False)  # a hand-off to another thread costs more than adding a small upload
+            run()  # a hand-off to another thread costs more than adding a small upload
             return
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="openfl-accumulate")
-        self._pending = self._executor.submit(run, True)
+        self._pending = self._executor.submit(run)
 
     def settle(self, reraise: bool = True) -> None:
         """Wait for the accumulation in progress; re-raise what it raised."""

@@ -40,7 +40,7 @@ class Exchange:
         self.server = server
         self.log = server.log
         self.versions = Versions(server.asynchronous)
-        self.accumulation = Accumulation(server.timeouts.transfer, server.log)
+        self.accumulation = Accumulation(server.log)
         self.model: Optional[GlobalModel] = None
         self.clients: Dict[str, Worker] = {}  # client id -> the worker hosting it
         self.waiting: List[Tuple[Worker, Transfer]] = []  # held downloads
@@ -118,6 +118,7 @@ class Exchange:
         self.log.log(level, f"refused {worker.label} ({worker.peer.nick_name}): {reason}")
         self.server.ledger.refuse(f"{worker.label}: {reason}")
         worker.closing = True
+        worker.refused = True
         worker.reply(end_message(f"refused: {reason}", code))
 
     # ----------------------------------------------------------------- downloads
@@ -190,6 +191,8 @@ class Exchange:
         asynchronous = self.server.asynchronous is not None
         ready = [item for item in self.waiting if asynchronous or item[1].version <= self.versions.version]
         for item in ready:
+            if self.server.stop_reason is not None:
+                break  # a step stopped the federation: no further event fires
             self.waiting.remove(item)
             self.server.ledger.add(item[0].label, "pending", -1)
             self._offer(*item)
@@ -270,7 +273,8 @@ class Exchange:
             {"accepted": bool(transfer.accepted), "reason": transfer.reason, "version": versions.version})))
         handed = bool(judged and transfer.accepted)
         if handed:
-            self.accumulation.add(worker, payload.tensors, transfer.num_samples, transfer.weight, schema.nbytes)
+            self.accumulation.add(worker, payload.tensors, transfer.num_samples, transfer.weight, schema.nbytes,
+                                  payload.peak)
         server.fire(Event.AFTER_UPLOAD, transfer)
         return handed
 

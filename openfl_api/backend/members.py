@@ -68,7 +68,9 @@ class Members:
             return
         server = self.server
         server.exchange.leave(worker)
-        level = "INFO" if reason in ("said goodbye", "address removed") else "WARNING"
+        if worker.refused:
+            reason = "refused (see above)"
+        level = "INFO" if reason in ("said goodbye", "address removed", "refused (see above)") else "WARNING"
         server.log.log(level, f"rank {worker.peer.rank} ({worker.peer.nick_name}) left: {reason}")
         if not server.ended:
             server.fire(Event.ON_LEAVE, worker.peer)

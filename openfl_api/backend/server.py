@@ -4,8 +4,10 @@ Turns of the loop run one at a time under the loop's lock: the loop's own thread
 event it is posted (a frontend joined or left, the address file changed) and per ``tick`` when
 idle; a pipe's thread runs a turn for each request it receives (:meth:`Server.handle_now`), so a
 request costs no thread switch. A turn handles its event, fires ``at_loop``, offers held
-downloads again, writes the checkpoints asked for meanwhile and, every ``status`` interval while
-a version stays open, logs what the version has and what it waits for.
+downloads again and, every ``status`` interval while a version stays open, logs what the version
+has and what it waits for. Checkpoints that steps ask for are written as soon as every step has
+seen the event at hand, before the turn goes on (so no download of a version is served before
+its checkpoint is on disk).
 """
 
 from __future__ import annotations
@@ -78,7 +80,6 @@ class Server:
         self._lock = threading.Lock()
         self._thread: Optional[threading.Thread] = None
         self._thread_failure: Optional[BaseException] = None
-        self._in_turn = False
         self._firing = 0  # depth of step events being fired
         self._aggregate_asked = False
         self._pending_checkpoints: List[Tuple[str, Callable[[], Dict[str, Any]]]] = []
@@ -159,7 +160,9 @@ class Server:
         self.prepared.set()
 
     def fire(self, event: Event, *args: Any) -> None:
-        """Fire the steps of ``event``; then honour an aggregation a step asked for meanwhile."""
+        """Fire the steps of ``event``; then honour an aggregation a step asked for meanwhile, and
+        write the checkpoints asked for, before anything else happens (no download of a new version
+        is served before its checkpoint is on disk)."""
         self._firing += 1
         try:
             self._fire_steps(event, *args)
@@ -168,6 +171,8 @@ class Server:
         while self._firing == 0 and self._aggregate_asked:
             self._aggregate_asked = False
             self.exchange.aggregate()
+        if self._firing == 0:
+            self._write_pending_checkpoints()
 
     def aggregate(self) -> bool:
         """Fold the accepted uploads into a new version; False if none was accepted.
@@ -183,9 +188,9 @@ class Server:
 
     # ----------------------------------------------------------------- checkpoints
     def checkpoint(self, path: str, steps: Callable[[], Dict[str, Any]]) -> None:
-        """Save a checkpoint now, or, when asked while the loop runs a turn, once every step has
-        seen the event at hand (so the saved step state includes the whole event)."""
-        if self._in_turn:
+        """Save a checkpoint now, or, when asked by a step, once every step has seen the event at
+        hand (so the saved step state includes the whole event)."""
+        if self._firing:
             self._pending_checkpoints.append((path, steps))
         else:
             self.save_checkpoint(path, steps())
@@ -244,18 +249,13 @@ class Server:
                 self._end()
 
     def _turn(self, event: Any) -> None:
-        self._in_turn = True
-        try:
-            if event is not None:
-                self._handle(event)
-            self.loop_count += 1
-            if self.stop_reason is None:
-                self.fire(Event.AT_LOOP)
-            if self.stop_reason is None:
-                self.exchange.release_waiting()
-        finally:
-            self._in_turn = False
-        self._write_pending_checkpoints()
+        if event is not None:
+            self._handle(event)
+        self.loop_count += 1
+        if self.stop_reason is None:
+            self.fire(Event.AT_LOOP)
+        if self.stop_reason is None:
+            self.exchange.release_waiting()
         self.reporter.tick()
 
     def handle_now(self, event: Request) -> bool:

@@ -16,6 +16,11 @@ from openfl_api.versions import client_order
 __all__ = ["VersionStatus", "Reporter", "names"]
 
 
+def plural(count: int, noun: str) -> str:
+    """``"1 upload"``, ``"2 uploads"``."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def names(items: Sequence[str], limit: int = 10) -> str:
     """``"1, 2, 3"``, ``"none"``, or the first ``limit`` and how many more."""
     if not items:
@@ -67,8 +72,17 @@ class VersionStatus:
         return f"{head}; waiting for {names(self.missing)}; connected: {names(self.connected)}"
 
     def unmet(self) -> Optional[str]:
-        """Why the needed count cannot be met by the connected frontends, with the fix; None if it can."""
-        if self.asynchronous or self.needed is None or self.start is not None:
+        """Why the connected frontends cannot complete the version (or the asynchronous start), with
+        the fix; None when they can."""
+        if self.start is not None:
+            have, need = self.start
+            if need - have <= len(self.missing) - len(self.unconnected):
+                return None
+            start = f"start {names(self.unconnected)} or " if self.unconnected else ""
+            return (f"The connected frontends cannot start it: the asynchronous start waits for "
+                    f"{plural(need, 'frontend')} to ask for a model and only {have} have; {start}lower "
+                    "Asynchronous(min_frontends=...)")
+        if self.asynchronous or self.needed is None:
             return None
         short = self.needed - self.accepted
         can = len(self.missing) - len(self.unconnected)
@@ -77,8 +91,8 @@ class VersionStatus:
         fix = (f"start {names(self.unconnected)} or lower the count the step needs" if self.unconnected else
                "every frontend the address's world_size allows is connected: raise world_size and start more "
                "frontends, or lower the count the step needs")
-        return (f"version {self.version} cannot be aggregated by the connected frontends: {self.needed_by} needs "
-                f"{short} more uploads and only {can} connected clients have not uploaded for it; {fix}")
+        return (f"The connected frontends cannot complete it: {self.needed_by} needs {plural(short, 'more upload')} "
+                f"and only {plural(can, 'connected client')} {'has' if can == 1 else 'have'} yet to upload; {fix}")
 
 
 class Reporter:

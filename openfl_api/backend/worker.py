@@ -83,16 +83,12 @@ class Worker:
         self.clients: Optional[Tuple[str, ...]] = None  # registered with the first request
         self.hosts_many = False  # True when the frontend named its clients (virtual clients)
         self.closing = False
+        self.refused = False  # the backend refused it (its pipe closes after the answer)
         self._replies: "queue.SimpleQueue[Message]" = queue.SimpleQueue()
         self._buffer = torch.empty(0, dtype=torch.uint8)
         # Set while the loop holds no upload in the receive buffer (it accumulates after its ACK).
         self.free = threading.Event()
         self.free.set()
-        # Set once the answer to the request at hand is sent (or the pipe is gone): an accumulation
-        # starts only then, so it does not hold up this pipe's thread, which needs the interpreter
-        # lock to send the answer.
-        self.replied = threading.Event()
-        self.replied.set()
         self.scan: Optional[FiniteScan] = None  # the finite check of the upload being received
         self._answered = False  # the request at hand was answered from within its turn
         self.joined = threading.Event()  # set once the loop has handled this worker's Joined
@@ -108,7 +104,7 @@ class Worker:
 
         Sent at once by a pipe that only queues what it sends (in-process), and by the pipe's own
         thread for an answer without payload (an ACK, an END) to the request it is handling: the
-        accumulation of an accepted upload waits for its ACK to be out. A model, or an answer given
+        frontend goes on while its accepted upload is accumulated. A model, or an answer given
         by another thread's turn (a held download released), is sent by the pipe's thread after the
         turn, so a large or slow send never holds the loop's lock.
         """
@@ -122,7 +118,6 @@ class Worker:
             pass  # closed on this side: the frontend learns it at its next request
         finally:
             self._answered = True
-            self.replied.set()
 
     def handle(self, message: Message) -> bool:
         """The request path of every transport: hand ``message`` to the loop on this thread.
@@ -137,7 +132,6 @@ class Worker:
                 break
         if message.payload is not None:
             self.free.clear()
-        self.replied.clear()
         if self.closing or not server.handle_now(Request(self, message)):
             self.free.set()
             self.reply(end_message(server.stop_reason or "this address was removed"))
@@ -195,7 +189,6 @@ class Worker:
                 keep = self.handle(message)
                 if not self._answered:
                     self.pipe.send(self._await_reply(), timeouts.transfer)
-                    self.replied.set()
                 if not keep:
                     reason = "address removed"
                     break
@@ -206,7 +199,7 @@ class Worker:
             reason = str(exc)
         finally:
             if not delivered:
-                self._gone(reason)  # sets replied too
+                self._gone(reason)
 
     def _deliver(self, message: Message) -> None:
         """A message from an in-process pipe, on the frontend's thread: checked as :meth:`_run`'s
@@ -229,7 +222,6 @@ class Worker:
             if self._is_gone:
                 return
             self._is_gone = True
-        self.replied.set()
         self.pipe.close()
         self.lobby.release(self.peer.rank)
         self.server.post(Left(self, reason), force=True)

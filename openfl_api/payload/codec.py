@@ -20,13 +20,18 @@ __all__ = ["Payload", "encode", "encode_pieces", "PIECE_BYTES", "split", "Finite
 
 @dataclass
 class Payload:
-    """A decoded, validated payload: the header fields and zero-copy views into the buffer."""
+    """A decoded, validated payload: the header fields and zero-copy views into the buffer.
+
+    ``peak``: the largest magnitude of the floating tensors when the finite check found it (the
+    canonical layout), else None.
+    """
 
     kind: str
     version: int
     sender: str
     meta: Dict[str, Any]
     tensors: Dict[str, torch.Tensor]
+    peak: Optional[float] = None
 
 
 def _source(tensors: Mapping[str, torch.Tensor], spec: TensorSpec) -> torch.Tensor:
@@ -149,7 +154,7 @@ class FiniteScan:
         self.schema = schema
         self.buffer = buffer
         self.done = 0  # runs checked
-        self.clean = True  # every checked run summed to a finite number
+        self.peak = 0.0  # the largest magnitude in the runs checked (NaN or inf if one is not finite)
 
     def progress(self, end: int) -> None:
         """Bytes ``[0, end)`` of the buffer have arrived: check the runs that lie within them."""
@@ -158,13 +163,31 @@ class FiniteScan:
             return
         while self.done < len(runs) and runs[self.done][1] <= end:
             start, stop, dtype, _ = runs[self.done]
-            self.clean = self.clean and _run_sum_finite(self.buffer, start, stop, dtype)
+            self.peak = _larger(self.peak, _run_peak(self.buffer, start, stop, dtype))
             self.done += 1
 
+    @property
+    def clean(self) -> bool:
+        """Every run checked so far is finite."""
+        return math.isfinite(self.peak)
 
-def _run_sum_finite(buffer: torch.Tensor, start: int, stop: int, dtype: torch.dtype) -> bool:
-    accumulate = torch.float32 if dtype.itemsize < 4 else dtype
-    return math.isfinite(buffer[start:stop].view(dtype).sum(dtype=accumulate).item())
+
+def _larger(a: float, b: float) -> float:
+    """``max(a, b)``, NaN if either is NaN (Python's ``max`` would drop a NaN in second place)."""
+    return math.nan if math.isnan(a) or math.isnan(b) else max(a, b)
+
+
+def _run_peak(buffer: torch.Tensor, start: int, stop: int, dtype: torch.dtype) -> float:
+    """The largest magnitude in a run of one floating dtype: NaN or inf when a value is not finite.
+
+    One pass that serves two ends: the finite check, and the magnitude that fixes the grid of the
+    aggregator's exact sum.
+    """
+    low, high = torch.aminmax(buffer[start:stop].view(dtype))
+    low, high = float(low), float(high)
+    if math.isnan(low) or math.isnan(high):
+        return math.nan
+    return max(-low, high)
 
 
 def _staging(schema: Schema, out: Optional[torch.Tensor]) -> torch.Tensor:
@@ -195,7 +218,9 @@ def decode(
 
     Nothing is copied: the returned tensors are views that stay valid while ``buffer`` is not
     reused. Every check runs before the caller can touch a value. ``scan``: the
-    :class:`FiniteScan` that watched ``buffer`` arrive; the runs it found finite are not summed again.
+    :class:`FiniteScan` that watched ``buffer`` arrive; the runs it found finite are not read again.
+    A payload in the schema's canonical layout comes back with ``peak``, the largest magnitude of
+    its floating tensors, found by the same pass as the finite check.
     ``reused``: False for a buffer that comes once (an in-memory pipe's), whose views are then not
     kept in the schema's cache.
 
@@ -226,9 +251,12 @@ def decode(
         # The canonical layout (compared as JSON, so true is not 1): every per-entry check below
         # holds; only the values are left.
         views = schema.views(buffer, cache=reused)
+        peak: Optional[float] = None
         if check_finite:
             scanned = scan is not None and scan.buffer is buffer and scan.schema is schema and scan.clean
-            _check_runs_finite(buffer, schema, first=scan.done if scanned else 0)
+            peak = _check_runs_finite(buffer, schema, first=scan.done if scanned else 0,
+                                      peak=scan.peak if scanned else 0.0)
+        return Payload(kind=kind, version=version, sender=sender, meta=meta, tensors=views, peak=peak)
     else:
         views = _check_entries(entries, buffer, schema)
         if check_finite:
@@ -238,19 +266,22 @@ def decode(
     return Payload(kind=kind, version=version, sender=sender, meta=meta, tensors=views)
 
 
-def _check_runs_finite(buffer: torch.Tensor, schema: Schema, first: int = 0) -> None:
-    """Check the floating tensors of a canonical payload, one sum per run of neighbours.
+def _check_runs_finite(buffer: torch.Tensor, schema: Schema, first: int = 0, peak: float = 0.0) -> float:
+    """Check the floating tensors of a canonical payload, one pass per run of neighbours; return
+    the largest magnitude among them.
 
-    The padding inside a run is summed too; zero padding changes nothing, and any other padding at
-    worst sends the run to the exact, per-tensor check. Runs before ``first`` are known finite.
+    The padding inside a run is read too; zero padding changes nothing. Runs before ``first`` are
+    known finite, with ``peak`` their largest magnitude.
     """
     for start, end, dtype, members in schema.finite_runs[first:]:
-        if _run_sum_finite(buffer, start, end, dtype):
-            continue
-        for index in members:
-            spec = schema.specs[index]
-            if not _all_finite(_view(buffer, schema.offsets[index], spec)):
-                raise PayloadError(f"tensor {spec.name!r} holds NaN or Inf values; the payload was rejected")
+        run = _run_peak(buffer, start, end, dtype)
+        if not math.isfinite(run):
+            for index in members:
+                spec = schema.specs[index]
+                if not _all_finite(_view(buffer, schema.offsets[index], spec)):
+                    raise PayloadError(f"tensor {spec.name!r} holds NaN or Inf values; the payload was rejected")
+        peak = _larger(peak, run)
+    return peak
 
 
 def _expect_field(fields: Mapping[str, Any], key: str, kind: type) -> Any:

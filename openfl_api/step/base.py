@@ -197,9 +197,9 @@ class Step(metaclass=_AttachOnBuild):
                 continue
             closest = difflib.get_close_matches(attribute, events, n=1, cutoff=0.75)
             if closest or attribute.startswith(_EVENT_PREFIXES):
-                hint = f"did you mean {closest[0]}? " if closest else ""
+                hint = f"Did you mean {closest[0]}? " if closest else ""
                 raise ConfigurationError(
-                    f"step {self.name} has a method {attribute}() that is no event, so it would never fire: "
+                    f"step {self.name} has a method {attribute}() that is no event, so it would never fire. "
                     f"{hint}The events are {', '.join(events)}. Rename it, or start a helper's name with '_'"
                 )
 

@@ -88,7 +88,7 @@ def _reach_tcp_store(address: Address, timeout: timedelta, log: Any) -> Store:
                 ) from None
             wait = min(delay, left)
             log.info(f"no backend at {address.init_method} yet ({cause}); attempt {attempt}, trying again in "
-                     f"{wait:.1f} s, giving up in {seconds(left)}")
+                     f"{wait:.2f}".rstrip("0").rstrip(".") + f" s, giving up in {seconds(left)}")
             time.sleep(wait)
             delay = min(delay * 2, 5.0)
             continue

@@ -192,7 +192,7 @@ def run_scenarios(base: Path) -> Dict[str, List[Line]]:
         wait_for_line(base / "no_rank.log", r"serve loop started at version 0", STARTUP, no_rank)
         _interrupt(no_rank, "demo.py started with no rank")
         stalled_logs = base / "stalled" / "logs"
-        wait_for_line(stalled_logs / "rank_0.log", r"WARNING .* version 0 cannot be aggregated", STARTUP, stalled)
+        wait_for_line(stalled_logs / "rank_0.log", r"WARNING .* The connected frontends cannot complete it", STARTUP, stalled)
         wait_for_line(stalled_logs / "rank_1.log", r"still waiting for the model of version 1", STARTUP, stalled)
         wait_for_line(base / "stalled" / "launcher.log", r"rank 2 exited with code 1", STARTUP, stalled)
         assert _interrupt(stalled, "the stalled federation") == 128 + signal.SIGINT

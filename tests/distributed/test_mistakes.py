@@ -72,8 +72,8 @@ def test_a_version_stalled_by_a_frontend_that_never_started_names_what_it_waits_
     found = wait_for_line(log(tmp_path, 0), r"version 0: 2 of 3 uploads \(from 1, 2\); waiting for 3; "
                                              r"connected: 1, 2\. (.*)", 3.0, launcher)
     assert found.group(1).startswith(
-        "version 0 cannot be aggregated by the connected frontends: AggregateCount(count=3) needs 1 more uploads "
-        "and only 0 connected clients have not uploaded for it; start 3 or lower the count the step needs")
+        "The connected frontends cannot complete it: AggregateCount(count=3) needs 1 more upload and only 0 "
+        "connected clients have yet to upload; start 3 or lower the count the step needs")
     # The frontends waiting for version 1 say so too, with the backend's status.
     wait_for_line(log(tmp_path, 1), r"still waiting for the model of version 1 or later from backend at "
                                     r"tcp://\S+; the backend says: version 0: 2 of 3 uploads", 5.0, launcher)
@@ -90,7 +90,7 @@ def test_a_frontend_without_a_backend_retries_with_a_line_per_attempt_then_fails
     text = out.read_text()
     assert code == 1
     assert re.search(rf"no backend at tcp://127\.0\.0\.1:{port} yet \(Connection refused\); attempt 1, trying "
-                     r"again in 0\.2 s, giving up in \d s", text), text
+                     r"again in 0\.25 s, giving up in \d s", text), text
     assert "attempt 3," in text
     assert re.search(rf"TransportError: no backend at tcp://127\.0\.0\.1:{port}: nothing answered within 0:00:04 "
                      r"\(\d+ attempts, last: Connection refused\)\. Start the backend \(rank 0\) first", text), text

@@ -11,7 +11,6 @@ import os
 import signal
 import time
 from datetime import timedelta
-from pathlib import Path
 
 import torch
 
