@@ -30,6 +30,7 @@ from openfl_api import checkpoint, connect, waiting
 from openfl_api.address import Address
 from openfl_api.asynchronous import Asynchronous
 from openfl_api.backend import Server
+from openfl_api.controls import Controls
 from openfl_api.errors import ConfigurationError, RoleError
 from openfl_api.frontend import Client, check_upload_meta
 from openfl_api.logger import bind
@@ -37,12 +38,12 @@ from openfl_api.parser import environ
 from openfl_api.state import SharedState
 from openfl_api.step import BACKEND, FRONTEND, Event, Step, Steps
 from openfl_api.timeouts import Timeouts
-from openfl_api.transport.rendezvous import Peer, token_from
+from openfl_api.transport.rendezvous import token_from
 
 __all__ = ["API"]
 
 
-class API:
+class API(Controls):
     """The federation seen from one process: backend (aggregator) or frontend (client).
 
     Args:
@@ -132,69 +133,6 @@ class API:
         if self._rank is None:
             return "unconnected"
         return "backend" if self._rank == 0 else f"rank{self._rank}"
-
-    @property
-    def version(self) -> int:
-        """Backend: the global version. Frontend: the local version."""
-        if self._server is not None:
-            return self._server.version
-        if self._client is not None:
-            return self._client.version
-        return 0
-
-    @property
-    def accepted(self) -> int:
-        """Backend: uploads accepted for the current version (since the last aggregation)."""
-        return self._require_server("accepted").accepted
-
-    @property
-    def loop_count(self) -> int:
-        """Backend: serve-loop iterations so far."""
-        return self._require_server("loop_count").loop_count
-
-    @property
-    def frontends(self) -> List[Peer]:
-        """Backend: the frontends connected now."""
-        return self._require_server("frontends").frontends
-
-    @property
-    def clients(self) -> List[str]:
-        """Backend: the ids of the connected clients. Frontend: the hosted clients taking part in
-        the version downloaded last (all hosted ones unless the backend samples)."""
-        if self._server is not None:
-            return self._server.clients
-        if self._client is not None:
-            return list(self._client.selected)
-        return list(self._hosted or [])
-
-    @property
-    def expected(self) -> Optional[List[str]]:
-        """Backend: the clients the current version expects uploads from (see :meth:`expect`), or None."""
-        return self._require_server("expected").expected
-
-    def expect(self, clients: Sequence[str]) -> None:
-        """Backend: declare the clients taking part in the current version (steps such as
-        ``ClientSampling`` call it); the status line and fractional quorums count them."""
-        self._require_server("expect()").expect(list(clients))
-
-    @property
-    def asynchronous(self) -> Optional[Asynchronous]:
-        """The asynchronous settings, or None in synchronous mode."""
-        return self._asynchronous
-
-    @property
-    def stop_reason(self) -> Optional[str]:
-        """Why the federation stopped, or None while it runs."""
-        if self._server is not None:
-            return self._server.stop_reason
-        if self._client is not None and self._client.ended:
-            return self._client.end_reason
-        return None
-
-    def _require_server(self, what: str) -> Server:
-        if self._server is None:
-            raise RoleError(f"{what} belongs to the backend, and this API is not a connected backend")
-        return self._server
 
     # ----------------------------------------------------------------- steps
     def register_step(self, step: Step) -> RemovableHandle:
@@ -356,29 +294,6 @@ class API:
         if self._client is None:
             raise RoleError(f"{what} needs a connection: call build_connection(...) first")
         return self._client
-
-    # ----------------------------------------------------------------- acting from steps
-    def aggregate(self) -> bool:
-        """Backend: fold accepted uploads into a new version now. False if none was accepted."""
-        return self._require_server("aggregate()").aggregate()
-
-    def stop(self, reason: str) -> None:
-        """End the federation after the event at hand (backend), or stop this frontend's calls."""
-        if self._server is not None:
-            self._server.stop(reason)
-        elif self._client is not None and not self._client.ended:
-            self._client._end(reason, quiet=True)
-            self.log.info(f"stopped: {reason}")
-
-    def save_checkpoint(self, path: Union[str, Path]) -> None:
-        """Backend: write everything needed to resume to ``path`` atomically: the global model,
-        version, aggregator and server-optimizer state, the steps' state and the random generators
-        (``torch.load(path, weights_only=True)`` reads it).
-
-        Called from a step while the serve loop handles an event, the file is written once every
-        step has seen that event, so the saved state of the steps is consistent."""
-        server = self._require_server("save_checkpoint()")
-        server.checkpoint(str(path), lambda: checkpoint.step_states(list(self._steps)))
 
     def _prepare_backend(self, server: Server) -> None:
         server.prepare(self._shared_state(), self._server_optimizer)
