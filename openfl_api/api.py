@@ -172,7 +172,7 @@ class API(Controls):
         if self._server is not None or self._client is not None:
             raise RoleError("build_connection(...) was called already on this API")
         addresses = connect.given_addresses(address, address_file)
-        rank = addresses[0].rank if addresses else connect.env_rank()
+        rank = addresses[0].rank if addresses else connect.file_rank(address_file)
         if self._frontend is None:
             self._frontend = rank > 0
         self._rank = rank if self._frontend else 0

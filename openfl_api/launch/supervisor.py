@@ -172,7 +172,7 @@ class Supervisor:
         die_with_launcher = _parent_death_hook(os.getpid())
         try:
             for local_rank in range(config.nproc_per_node):
-                rank = config.node_rank * config.nproc_per_node + local_rank
+                rank = config.first_rank + local_rank
                 started = self._start_rank(rank, local_rank, die_with_launcher)
                 self._ranks.append(started)
                 self._running.append(started)

@@ -19,6 +19,7 @@ from torch.distributed import FileStore, HashStore, PrefixStore, Store, TCPStore
 from openfl_api.address import Address
 from openfl_api.errors import AddressError, TransportError
 from openfl_api.logger import bind
+from openfl_api.transport.interfaces import check_local
 from openfl_api.waiting import seconds
 
 __all__ = ["open_store", "wait_for_key", "fresh_client"]
@@ -43,6 +44,8 @@ def open_store(address: Address, backend: bool, timeout: timedelta, log: Any = N
     scheme = address.scheme
     try:
         if scheme == "tcp":
+            if backend:
+                check_local(address.host, address.port)
             base: Store = (TCPStore(address.host, address.port, None, True, timeout=timeout, wait_for_workers=False)
                            if backend else _reach_tcp_store(address, timeout, log or bind("frontend")))
         elif scheme == "file":
