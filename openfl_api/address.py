@@ -13,8 +13,9 @@ An address file is JSON with a schema version and a list of addresses::
         {"init_method": "file:///tmp/site-b.store", "world_size": 5, "group_name": "site-b"}]}
 
 A backend serves every entry; a frontend joins one. :class:`AddressFileWatcher` re-reads the file
-when it changes: added entries are reported as added, removed ones as removed, and a file that does
-not parse keeps the previous set (a half-written file never closes a live address).
+when it changes: entries are reported as added, removed or changed (same ``init_method`` and
+``group_name``, other fields), and a file that does not parse keeps the previous set (a
+half-written file never closes a live address).
 """
 
 from __future__ import annotations
@@ -276,7 +277,7 @@ def dump_address_file(path: Union[str, Path], addresses: Sequence[Address]) -> N
 
 
 class AddressFileWatcher:
-    """Watches an address file and reports entries added and removed while it runs.
+    """Watches an address file and reports entries added, removed and changed while it runs.
 
     The file is polled (its modification time, size and inode) every ``interval``; a changed file
     is parsed and compared with the last good set. A file that fails to parse is logged and
@@ -284,14 +285,16 @@ class AddressFileWatcher:
 
     Args:
         path: the address file.
-        on_change: called as ``on_change(added, removed)`` from the watcher's thread.
+        on_change: called as ``on_change(added, removed, changed)`` from the watcher's thread;
+            ``changed`` lists ``(old, new)`` pairs of entries whose key (``init_method``,
+            ``group_name``) stayed while another field changed.
         interval: how often to look at the file.
     """
 
     def __init__(
         self,
         path: Union[str, Path],
-        on_change: Callable[[List[Address], List[Address]], None],
+        on_change: Callable[[List[Address], List[Address], List[Tuple[Address, Address]]], None],
         interval: timedelta = timedelta(seconds=0.5),
         log: Any = None,
     ) -> None:
@@ -330,11 +333,12 @@ class AddressFileWatcher:
             self._log.error(f"{exc}; keeping the {len(self._current)} addresses read before")
             return
         fresh = {a.key: a for a in addresses}
-        added = [a for key, a in fresh.items() if key not in self._current or self._current[key] != a]
-        removed = [a for key, a in self._current.items() if key not in fresh or fresh[key] != a]
+        added = [a for key, a in fresh.items() if key not in self._current]
+        removed = [a for key, a in self._current.items() if key not in fresh]
+        changed = [(a, fresh[key]) for key, a in self._current.items() if key in fresh and fresh[key] != a]
         self._current = fresh
-        if added or removed:
-            self._on_change(added, removed)
+        if added or removed or changed:
+            self._on_change(added, removed, changed)
 
     def start(self) -> None:
         """Start polling in a daemon thread."""

@@ -59,6 +59,11 @@ class API(Controls):
         tick: how often an idle serve loop fires ``at_loop``.
         status_interval: how often a wait that lasts says what it waits for: the backend's open
             version (uploads in, uploads missing, who is connected), a frontend's download or join.
+        heartbeat: how often each side of a pipe shows the other it is there when it has nothing
+            else to send (frontend heartbeats between requests, backend pings during them).
+        link_timeout: how long a pipe may hear nothing from its peer, not even a heartbeat, before
+            the link counts as cut: both ends say so, the backend counts the frontend as gone and
+            the frontend joins again (see ``reconnect``). At least twice ``heartbeat``.
         asynchronous: backend: an :class:`~openfl_api.Asynchronous` turns on asynchronous mode
             (``download()`` answered at once, staleness-weighted uploads); None is synchronous.
         clients: frontend: the ids of the virtual clients this process hosts (ints or str); each
@@ -82,6 +87,8 @@ class API(Controls):
         drain: timedelta = timedelta(seconds=10),
         tick: timedelta = timedelta(milliseconds=100),
         status_interval: timedelta = timedelta(seconds=10),
+        heartbeat: timedelta = timedelta(seconds=1),
+        link_timeout: timedelta = timedelta(seconds=3),
         asynchronous: Optional[Asynchronous] = None,
         clients: Optional[Sequence[Union[int, str]]] = None,
         reconnect: timedelta = timedelta(seconds=60),
@@ -96,7 +103,7 @@ class API(Controls):
         self._token = token_from(token if token is not None else environ().get("OPENFL_API_TOKEN"))
         self._nick_name = nick_name
         self.timeouts = Timeouts(idle=timeout, transfer=transfer_timeout, connect=connect_timeout, drain=drain, tick=tick,
-                                 status=status_interval)
+                                 heartbeat=heartbeat, link=link_timeout, status=status_interval)
         self._steps = Steps(self)
         self._rank: Optional[int] = None
         self._server: Optional[Server] = None

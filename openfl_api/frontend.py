@@ -11,10 +11,16 @@ The first request registers the frontend: it carries the layout of its model (``
 with virtual clients, the ids it hosts. While a reply takes long, a line every ``status`` interval
 says what the frontend waits for and what the backend last said of its version. On the main
 thread the pipe's blocking waits run on a helper thread, so Ctrl-C is never held up.
+
+Between requests a :class:`~openfl_api.transport.heartbeat.Beat` sends heartbeats that the backend
+echoes; while a reply is awaited the backend pings. When the backend falls silent for the link
+timeout the link counts as lost: the frontend says so at once, and its next request joins again
+(for up to ``reconnect``) and is repeated.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from datetime import timedelta
 from typing import Any, Callable, Dict, List, Mapping, Optional, Union
@@ -31,7 +37,8 @@ from openfl_api.payload import (
 from openfl_api.state import SharedState
 from openfl_api.step import Event, Transfer
 from openfl_api.timeouts import Timeouts
-from openfl_api.transport.base import Kind, Limits, Message, Pieces, Pipe
+from openfl_api.transport.base import Kind, Limits, Message, Pieces, Pipe, Silence
+from openfl_api.transport.heartbeat import Beat
 from openfl_api.transport.rendezvous import join
 from openfl_api.transport.store import open_store
 from openfl_api.waiting import Helper, interruptible, logged
@@ -68,6 +75,7 @@ class Client:
         self.backend_name = ""
         self.address: Optional[Address] = None
         self._pipe: Optional[Pipe] = None
+        self._beat: Optional[Beat] = None
         self._store: Any = None
         self._ended_on_store: Callable[[], Optional[bool]] = lambda: None
         self._token = b""
@@ -89,17 +97,36 @@ class Client:
             address, self._store, token, nick_name, timeout, log=self.log, status=self.timeouts.status)
         self.address, self._token, self._nick_name = address, token, nick_name
         self._registered = False
+        if self._pipe.heartbeats:
+            self._pipe.link = self.timeouts.link
+            self._beat = Beat(self._pipe, self.timeouts.heartbeat, self.timeouts.link, self._link_lost)
         self.log.info(f"joined {self.backend_name} at {address.init_method} as rank {address.rank}")
 
-    def _rejoin(self, cause: TransportError) -> bool:
-        """Join a restarted backend again, with back-off, for up to ``reconnect``; True if joined."""
-        deadline = time.monotonic() + self.reconnect.total_seconds()
-        delay = 0.2
-        self.log.warning(f"lost the backend at {self.address.init_method} ({cause}); "
-                         f"trying to join again for up to {self.reconnect}")
+    def _link_lost(self, reason: Exception) -> None:
+        """From the heartbeat's thread: say at once that the backend fell silent."""
+        self.log.warning(f"lost the link to {self.backend_name} at {self.address.init_method}: {reason}; "
+                         f"the next request joins again (for up to reconnect={self.reconnect})")
+
+    def _drop_pipe(self) -> None:
+        if self._beat is not None:
+            self._beat.stop()
+            self._beat = None
         if self._pipe is not None:
             self._pipe.close()
             self._pipe = None
+
+    def _rejoin(self, cause: TransportError, moved: bool = False) -> bool:
+        """Join a restarted backend again, with back-off, for up to ``reconnect`` (``moved``: the
+        backend asked for it, for at least ``connect_timeout``); True if joined."""
+        patience = max(self.reconnect, self.timeouts.connect) if moved else self.reconnect
+        deadline = time.monotonic() + patience.total_seconds()
+        delay = 0.2
+        if moved:
+            self.log.info(f"the backend at {self.address.init_method} says: {cause}; joining again")
+        else:
+            self.log.warning(f"lost the backend at {self.address.init_method} ({cause}); "
+                             f"trying to join again for up to {self.reconnect}")
+        self._drop_pipe()
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -149,8 +176,18 @@ class Client:
             try:
                 with logged(self.log, self.timeouts.status, lambda: self._waiting_for(what)):
                     reply = self._round_trip(request(), limits)
+                if reply.kind is Kind.END and _header_or_empty(reply.header).get("code") == "changed":
+                    # The backend's address-file entry changed: it serves it again; join its new session.
+                    reason = str(_header_or_empty(reply.header).get("reason", ""))[:500]
+                    if rejoins < MAX_REJOINS and self._rejoin(TransportError(reason), moved=True):
+                        rejoins += 1
+                        continue
+                    raise TransportError(f"could not join {self.address.init_method} again after the backend "
+                                         f"changed it: {reason}")
                 break
             except TransportError as exc:
+                if isinstance(exc, Silence):
+                    self._link_lost(exc)
                 ended = self._ended_on_store()
                 if ended:
                     self._end(f"the backend closed the pipe ({exc})")
@@ -179,7 +216,9 @@ class Client:
 
     def _round_trip(self, message: Message, limits: Limits) -> Message:
         """Send ``message`` and receive the reply, skipping the backend's pings (remembering their status)."""
-        pipe = self._pipe
+        pipe, beat = self._pipe, self._beat
+        if pipe is None:
+            raise TransportError("the pipe to the backend was closed after an earlier failure")
         if pipe.queues_sends:  # in-process: the backend answers on this thread, nothing blocks long
             pipe.send(message, self.timeouts.transfer)
             return self._receive(pipe, limits)
@@ -187,18 +226,22 @@ class Client:
             self._io = Helper("openfl-frontend-io")
 
         def call() -> Message:
-            pipe.send(message, self.timeouts.transfer)
-            return self._receive(pipe, limits)
+            with beat.request() if beat is not None else contextlib.nullcontext():
+                pipe.send(message, self.timeouts.transfer)
+                return self._receive(pipe, limits)
 
         return interruptible(call, self._io)
 
     def _receive(self, pipe: Pipe, limits: Limits) -> Message:
-        reply = pipe.recv(limits, self.timeouts.idle, self.timeouts.transfer, self._alloc, self._progress)
-        while reply.kind is Kind.PING:  # the backend holds the request and checks on us
+        # The backend pings while it handles or holds the request: silence means a cut link.
+        idle = self.timeouts.link if pipe.heartbeats else self.timeouts.idle
+        limits = Limits(limits.kinds | {Kind.HEARTBEAT}, limits.max_header, limits.max_payload)
+        reply = pipe.recv(limits, idle, self.timeouts.transfer, self._alloc, self._progress)
+        while reply.kind in (Kind.PING, Kind.HEARTBEAT):  # the backend checks on us while it works
             status = _header_or_empty(reply.header).get("status")
             if isinstance(status, str):
                 self._backend_said = status[:500]
-            reply = pipe.recv(limits, self.timeouts.idle, self.timeouts.transfer, self._alloc, self._progress)
+            reply = pipe.recv(limits, idle, self.timeouts.transfer, self._alloc, self._progress)
         return reply
 
     def _waiting_for(self, what: str) -> str:
@@ -342,9 +385,13 @@ class Client:
         (a wait of the pipe may still be blocked on the helper thread)."""
         if self._pipe is None:
             return
+        beat, self._beat = self._beat, None
+        if beat is not None:
+            beat.stop()
         if not interrupted:
             try:
-                self._pipe.send(Message(Kind.BYE), self.timeouts.transfer)
+                with beat.request() if beat is not None else contextlib.nullcontext():
+                    self._pipe.send(Message(Kind.BYE), self.timeouts.transfer)
             except TransportError:
                 pass
             self._pipe.close()

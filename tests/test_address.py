@@ -356,11 +356,11 @@ class Recorder:
     """An on_change callback that records every call and sets an event."""
 
     def __init__(self) -> None:
-        self.calls: List[Tuple[List[Address], List[Address]]] = []
+        self.calls: List[tuple] = []
         self.called = threading.Event()
 
-    def __call__(self, added: List[Address], removed: List[Address]) -> None:
-        self.calls.append((added, removed))
+    def __call__(self, added: List[Address], removed: List[Address], changed: list) -> None:
+        self.calls.append((added, removed, changed))
         self.called.set()
 
 
@@ -395,21 +395,22 @@ def test_poll_reports_an_added_entry(watched: Tuple[Path, AddressFileWatcher, Re
     path, watcher, recorder = watched
     write_atomically(path, document(A, B, C))
     watcher.poll()
-    assert recorder.calls == [([address(C)], [])]
+    assert recorder.calls == [([address(C)], [], [])]
 
 
 def test_poll_reports_a_removed_entry(watched: Tuple[Path, AddressFileWatcher, Recorder]) -> None:
     path, watcher, recorder = watched
     write_atomically(path, document(B))
     watcher.poll()
-    assert recorder.calls == [([], [address(A)])]
+    assert recorder.calls == [([], [address(A)], [])]
 
 
-def test_poll_reports_a_changed_entry_as_removed_and_added(watched: Tuple[Path, AddressFileWatcher, Recorder]) -> None:
+def test_poll_reports_a_changed_entry_as_changed_with_its_old_and_new_fields(
+        watched: Tuple[Path, AddressFileWatcher, Recorder]) -> None:
     path, watcher, recorder = watched
     write_atomically(path, document(A, dict(B, world_size=9)))
     watcher.poll()
-    assert recorder.calls == [([address(dict(B, world_size=9))], [address(B)])]
+    assert recorder.calls == [([], [], [(address(B), address(dict(B, world_size=9)))])]
 
 
 def test_poll_of_a_rewrite_with_the_same_entries_reports_nothing(watched: Tuple[Path, AddressFileWatcher, Recorder]) -> None:
@@ -449,7 +450,7 @@ def test_a_valid_rewrite_after_an_invalid_one_is_reported(watched: Tuple[Path, A
     watcher.poll()
     write_atomically(path, document(B, C))
     watcher.poll()
-    assert recorder.calls == [([address(C)], [address(A)])]
+    assert recorder.calls == [([address(C)], [address(A)], [])]
 
 
 def test_poll_without_load_reports_every_entry_as_added(tmp_path: Path) -> None:
@@ -457,7 +458,7 @@ def test_poll_without_load_reports_every_entry_as_added(tmp_path: Path) -> None:
     write_atomically(path, document(A, B))
     recorder = Recorder()
     AddressFileWatcher(path, recorder).poll()
-    assert recorder.calls == [([address(A), address(B)], [])]
+    assert recorder.calls == [([address(A), address(B)], [], [])]
 
 
 def test_watcher_thread_reports_an_added_entry(watched: Tuple[Path, AddressFileWatcher, Recorder]) -> None:
@@ -465,7 +466,7 @@ def test_watcher_thread_reports_an_added_entry(watched: Tuple[Path, AddressFileW
     watcher.start()
     dump_address_file(path, [address(A), address(B), address(C)])
     assert recorder.called.wait(WAIT), f"the watcher reported nothing within {WAIT} s"
-    assert recorder.calls == [([address(C)], [])]
+    assert recorder.calls == [([address(C)], [], [])]
 
 
 def test_watcher_thread_outlives_a_failing_callback(tmp_path: Path) -> None:
@@ -474,7 +475,7 @@ def test_watcher_thread_outlives_a_failing_callback(tmp_path: Path) -> None:
     calls: List[Tuple[List[Address], List[Address]]] = []
     first, second = threading.Event(), threading.Event()
 
-    def on_change(added: List[Address], removed: List[Address]) -> None:
+    def on_change(added: List[Address], removed: List[Address], changed: list) -> None:
         calls.append((added, removed))
         if not first.is_set():
             first.set()

@@ -305,6 +305,36 @@ def test_an_address_added_to_a_watched_file_is_served_and_a_removed_one_closed(f
     federation.backend.finish()
 
 
+def test_a_changed_entry_of_a_watched_file_is_served_again_and_its_frontend_joins_again(federation, tmp_path):
+    path = tmp_path / "federation.json"
+    entry = ofl.Address(init_method=f"memory://{federation.name}-c", world_size=2, rank=0, group_name="c")
+    ofl.dump_address_file(path, [entry])
+    federation.backend.build_connection(address_file=path)
+    federation.backend.set_aggregator_and_optimizer(aggregate.AverageAggregator(federation.model.parameters()))
+    federation.backend.set_state_dict(federation.model.state_dict(keep_vars=True))
+    federation.backend.start()
+    frontend = fast_api(True)
+    frontend.build_connection(address=entry.replace(world_size=3, rank=1))
+    frontend.set_state_dict(Model().state_dict(keep_vars=True))
+    assert frontend.download()
+    served = federation.backend._server.addresses.lobbies[entry.key]
+    ofl.dump_address_file(path, [entry.replace(world_size=3)])
+    deadline = time.monotonic() + WAIT
+    while federation.backend._server.addresses.lobbies.get(entry.key) in (served, None) and time.monotonic() < deadline:
+        time.sleep(0.01)  # polling the backend's own state, not waiting for another rank
+    lobby = federation.backend._server.addresses.lobbies[entry.key]
+    assert lobby is not served and lobby.address.world_size == 3 and lobby.store is served.store
+    # The next request is told to join again, joins the entry's new session and is answered.
+    assert frontend.download()
+    assert frontend.stop_reason is None
+    second = fast_api(True)
+    second.build_connection(address=entry.replace(world_size=3, rank=2))  # rank 2 exists only now
+    second.finish()
+    frontend.finish()
+    federation.backend.stop("test over")
+    federation.backend.finish()
+
+
 class Boom(ofl.Step):
     roles = frozenset({"backend"})
 

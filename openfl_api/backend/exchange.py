@@ -208,12 +208,12 @@ class Exchange:
         self.log.debug(f"served version {version} to {worker.label}")
         self.server.fire(Event.AFTER_DOWNLOAD, transfer)
 
-    def answer_held(self, worker: Worker, reason: str) -> None:
-        """Answer ``worker``'s held download with END."""
+    def answer_held(self, worker: Worker, reason: str, code: str = "ended") -> None:
+        """Answer ``worker``'s held download with END (``code="changed"``: join again)."""
         for item in [w for w in self.waiting if w[0] is worker]:
             self.waiting.remove(item)
             self.server.ledger.add(worker.label, "pending", -1)
-            worker.reply(end_message(reason))
+            worker.reply(end_message(reason, code))
 
     # ----------------------------------------------------------------- uploads
     def upload(self, worker: Worker, message: Message) -> None:

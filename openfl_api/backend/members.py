@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional
 
 from openfl_api.address import Address
-from openfl_api.backend.addresses import REMOVED, Addresses
+from openfl_api.backend.addresses import CHANGED, REMOVED, Addresses
 from openfl_api.backend.worker import AddressChange, Joined, Worker
 from openfl_api.step import Event
 from openfl_api.transport.base import Pipe
@@ -26,7 +26,9 @@ class Members:
         self.server = server
         self.workers: Dict[int, Worker] = {}
         self.addresses = Addresses(token, server.timeouts.connect, server.nick_name, server.log,
-                                   on_admit=self._admit, on_refuse=self._refuse)
+                                   on_admit=self._admit, on_refuse=self._refuse,
+                                   on_opened=lambda address, store: server.post(
+                                       AddressChange(opened=[(address, store)]), force=True))
 
     def serve(self, address: Address) -> None:
         """Host or open the store of ``address`` and start admitting frontends there."""
@@ -34,7 +36,8 @@ class Members:
 
     def watch(self, path: str) -> None:
         """Serve every address in the file ``path`` and follow its changes while running."""
-        self.addresses.watch(path, lambda added, removed: self.server.post(AddressChange(added, removed), force=True))
+        self.addresses.watch(path, lambda added, removed, changed: self.server.post(
+            AddressChange(added, removed, changed), force=True))
 
     def _admit(self, pipe: Pipe, peer: Peer) -> None:
         """From a handshake thread: a frontend was admitted; its worker starts once the loop knows."""
@@ -70,19 +73,26 @@ class Members:
         server.exchange.leave(worker)
         if worker.refused:
             reason = "refused (see above)"
-        level = "INFO" if reason in ("said goodbye", "address removed", "refused (see above)") else "WARNING"
+        level = "INFO" if reason in ("said goodbye", "address removed", "address changed", "refused (see above)") \
+            else "WARNING"
         server.log.log(level, f"rank {worker.peer.rank} ({worker.peer.nick_name}) left: {reason}")
         if not server.ended:
             server.fire(Event.ON_LEAVE, worker.peer)
 
-    def change(self, added: List[Address], removed: List[Address]) -> None:
-        """In a turn: the address file changed; frontends of a removed address are told and closed."""
-        closing = {a.key for a in removed if self.addresses.lobby(a) is not None}
+    def change(self, change: AddressChange) -> None:
+        """In a turn: the address file changed. Frontends of a removed address are told the
+        federation ended; those of a changed one are told to join again (``code="changed"``)."""
+        ending = {a.key: (REMOVED, "ended") for a in change.removed if self.addresses.lobby(a) is not None}
+        ending.update({old.key: (CHANGED, "changed") for old, _ in change.changed
+                       if self.addresses.lobby(old) is not None})
         for worker in list(self.workers.values()):
-            if worker.peer.address.key in closing:
+            if worker.peer.address.key in ending:
                 worker.closing = True
-                self.server.exchange.answer_held(worker, REMOVED)
-        self.addresses.change(added, removed)
+                worker.ending = ending[worker.peer.address.key]
+                self.server.exchange.answer_held(worker, *worker.ending)
+        self.addresses.change(change.added, change.removed, change.changed)
+        for address, store in change.opened:
+            self.addresses.opened(address, store)
 
     def close(self, drained: bool, drain: Any) -> None:
         """Close the pipes of frontends still connected and every address; after an interrupt

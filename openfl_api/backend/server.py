@@ -35,6 +35,7 @@ from openfl_api.state import SharedState
 from openfl_api.step import Event
 from openfl_api.timeouts import Timeouts
 from openfl_api.transport.base import REQUESTS, Kind, Limits
+from openfl_api.transport.heartbeat import Pinger
 from openfl_api.transport.rendezvous import Peer
 from openfl_api.versions import client_order
 from openfl_api.waiting import logged
@@ -71,6 +72,7 @@ class Server:
         self.ended = False
         self.request_limits = Limits(REQUESTS, MAX_HEADER_BYTES, 0)
         self.prepared = threading.Event()
+        self.pinger = Pinger(timeouts.heartbeat)
         self.members = Members(self, token)
         self.exchange = Exchange(self)
         self._events: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
@@ -300,7 +302,7 @@ class Server:
         elif isinstance(event, Left):
             self.members.left(event.worker, event.reason)
         elif isinstance(event, AddressChange):
-            self.members.change(event.added, event.removed)
+            self.members.change(event)
 
     # ----------------------------------------------------------------- the end
     def _end(self) -> None:
@@ -373,4 +375,5 @@ class Server:
                 continue
             self._settle_after_end(event, self.stop_reason)
         self.members.close(drain, self.timeouts.drain)
+        self.pinger.stop()
         return self._thread_failure

@@ -5,26 +5,33 @@ on the thread that received it: a gloo pipe's own I/O thread, or, for an in-proc
 (:meth:`Pipe.deliver_to`), the frontend's thread. ``handle_now`` runs one turn of the loop under
 the loop's lock, so steps never race, with no thread switch per message. The reply to a request
 is sent by the pipe's thread once the loop has given it (a download the loop holds for a later
-version is answered when that version exists; meanwhile the pipe pings the frontend with the
-backend's status).
+version is answered when that version exists). While a request is handled or held, the server's
+:class:`~openfl_api.transport.heartbeat.Pinger` pings the frontend with the backend's status;
+between requests the worker echoes the frontend's heartbeats, and drops the pipe when nothing
+comes for the link timeout (:mod:`openfl_api.transport.heartbeat`).
 """
 
 from __future__ import annotations
 
 import queue
 import threading
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any, List, Optional, Tuple
 
 import torch
 
 from openfl_api.address import Address
 from openfl_api.errors import ProtocolError, TransportError
-from openfl_api.payload import FiniteScan, encode_header
-from openfl_api.transport.base import Kind, Message, Pipe, check_frame, frame_of
+from openfl_api.payload import MAX_HEADER_BYTES, FiniteScan, encode_header
+from openfl_api.transport.base import REPLIES, REQUESTS, Kind, Limits, Message, Pipe, Silence, check_frame, frame_of
 from openfl_api.transport.rendezvous import Lobby, Peer
+from openfl_api.waiting import seconds
 
 __all__ = ["Worker", "Joined", "Request", "Left", "AddressChange", "end_message"]
+
+_EARLY = Limits(REQUESTS, MAX_HEADER_BYTES, 1 << 62)  # requests before the backend knows its model
 
 
 @dataclass
@@ -52,10 +59,13 @@ class Left:
 
 @dataclass
 class AddressChange:
-    """The watched address file changed."""
+    """The watched address file changed: entries added, removed, changed (``(old, new)`` pairs), or
+    an address whose store could only be hosted after retries (``opened``: ``(address, store)``)."""
 
-    added: List[Address]
-    removed: List[Address]
+    added: List[Address] = field(default_factory=list)
+    removed: List[Address] = field(default_factory=list)
+    changed: List[Tuple[Address, Address]] = field(default_factory=list)
+    opened: List[Tuple[Address, Any]] = field(default_factory=list)
 
 
 def end_message(reason: str, code: str = "ended") -> Message:
@@ -83,6 +93,7 @@ class Worker:
         self.clients: Optional[Tuple[str, ...]] = None  # registered with the first request
         self.hosts_many = False  # True when the frontend named its clients (virtual clients)
         self.closing = False
+        self.ending = ("this address was removed", "ended")  # the END a closing pipe answers with
         self.refused = False  # the backend refused it (its pipe closes after the answer)
         self._replies: "queue.SimpleQueue[Message]" = queue.SimpleQueue()
         self._buffer = torch.empty(0, dtype=torch.uint8)
@@ -94,6 +105,12 @@ class Worker:
         self.joined = threading.Event()  # set once the loop has handled this worker's Joined
         self._gone_lock = threading.Lock()
         self._is_gone = False
+        self._gone_reason = ""
+        # Sends to the frontend: the pipe's thread, and the pinger while a request is handled.
+        self._send_lock = threading.Lock()
+        self._handling = False  # a request came and its reply is not sent yet
+        self._sent = time.monotonic()  # when the frontend last got something
+        pipe.link = server.timeouts.link
         self._thread = threading.Thread(target=self._run, name=f"openfl-pipe-{self.label}", daemon=True)
 
     def start(self) -> None:
@@ -113,11 +130,43 @@ class Worker:
             self._replies.put(message)
             return
         try:
-            self.pipe.send(message, self.server.timeouts.transfer)
+            self._send(message, self.server.timeouts.transfer)
         except TransportError:
             pass  # closed on this side: the frontend learns it at its next request
         finally:
             self._answered = True
+
+    def _send(self, message: Message, timeout: Any) -> None:
+        with self._send_lock:
+            try:
+                self.pipe.send(message, timeout)
+            finally:
+                self._sent = time.monotonic()
+                if message.kind in REPLIES:
+                    self._handling = False
+
+    def ping_if_due(self, now: float) -> None:
+        """From the pinger's thread: ping the frontend if its request is handled or held and it has
+        heard nothing for a heartbeat; drop the pipe when earlier pings are not taken. Never blocks."""
+        timeouts = self.server.timeouts
+        if not self._handling or self._is_gone or now - self._sent < timeouts.heartbeat.total_seconds():
+            return
+        if not self._send_lock.acquire(blocking=False):
+            return  # the pipe's thread is sending: the frontend hears from it
+        failure = None
+        try:
+            if self._handling:
+                failure = self.pipe.undelivered(timeouts.link)
+                if failure is None:
+                    self.pipe.post(Message(Kind.PING, self.server.reporter.ping_header()), timeouts.transfer)
+                    self._sent = now
+        except TransportError as exc:
+            failure = str(exc)
+        finally:
+            self._send_lock.release()
+        if failure is not None:
+            # Closing a pipe may take a moment: never on the pinger's thread.
+            threading.Thread(target=self._gone, args=(failure,), name="openfl-pipe-close", daemon=True).start()
 
     def handle(self, message: Message) -> bool:
         """The request path of every transport: hand ``message`` to the loop on this thread.
@@ -134,14 +183,24 @@ class Worker:
             self.free.clear()
         if self.closing or not server.handle_now(Request(self, message)):
             self.free.set()
-            self.reply(end_message(server.stop_reason or "this address was removed"))
+            if server.stop_reason is not None:
+                self.reply(end_message(server.stop_reason))
+            else:
+                self.reply(end_message(*self.ending))
             return not self.closing
         return True
 
     def _alloc(self, size: int) -> torch.Tensor:
+        server = self.server
+        # A payload that came before the backend had its model: its size is checked now.
+        while not server.prepared.wait(server.timeouts.tick.total_seconds()):
+            if server.ended or self.closing:
+                raise TransportError("the backend ended before it had a model to take this upload")
+        if size > server.request_limits.max_payload:
+            raise ProtocolError(f"payload of {size} bytes is over the limit of {server.request_limits.max_payload}")
         # The loop may still accumulate the previous upload after its ACK: wait until it is done.
-        while not self.free.wait(self.server.timeouts.tick.total_seconds()):
-            if self.server.ended:
+        while not self.free.wait(server.timeouts.tick.total_seconds()):
+            if server.ended:
                 break
         if self._buffer.numel() < size:
             self._buffer = torch.zeros(size, dtype=torch.uint8)  # zero padding keeps the finite check on its fast path
@@ -154,17 +213,39 @@ class Worker:
         self.scan.progress(end)
 
     def _await_reply(self) -> Message:
-        timeouts = self.server.timeouts
-        beat = timeouts.heartbeat.total_seconds()
+        """The reply the loop gives to a request it holds (a download waiting for its version);
+        the pinger pings the frontend meanwhile."""
+        tick = self.server.timeouts.tick.total_seconds()
         while True:
             try:
-                return self._replies.get(timeout=beat)
+                return self._replies.get(timeout=tick)
             except queue.Empty:
+                if self._is_gone:
+                    raise TransportError(self._gone_reason) from None
                 if self.server.ended and self._replies.empty():
                     return end_message(self.server.stop_reason or "the federation ended")
-                # The request is held (a download waiting for its version): a ping fails at once
-                # if the frontend died meanwhile, which frees its rank; it carries the backend's status.
-                self.pipe.send(Message(Kind.PING, self.server.reporter.ping_header()), timeouts.transfer)
+
+    def _next(self, last_request: float) -> Message:
+        """The frontend's next request; heartbeats are echoed on the way. Raises :class:`Silence`
+        when nothing came for the link timeout, or no request for ``timeout``."""
+        server, timeouts = self.server, self.server.timeouts
+        idle = timeouts.idle.total_seconds()
+        while True:
+            left = idle - (time.monotonic() - last_request)
+            wait = timeouts.link if self.pipe.heartbeats else timeouts.idle
+            # Before the backend has its model the largest upload is unknown: _alloc checks it.
+            limits = server.request_limits if server.prepared.is_set() else _EARLY
+            try:
+                message = self.pipe.recv(limits, min(wait, timedelta(seconds=max(0.001, left))),
+                                         timeouts.transfer, self._alloc, self._progress)
+            except Silence:
+                if left <= wait.total_seconds():
+                    raise Silence(f"pipe failed: no request for {seconds(idle)} (API(timeout=...)); the frontend "
+                                  "hangs") from None
+                raise
+            if message.kind is not Kind.HEARTBEAT:
+                return message
+            self._send(Message(Kind.HEARTBEAT), timeouts.link)
 
     def _run(self) -> None:
         server = self.server
@@ -172,25 +253,32 @@ class Worker:
         reason = "closed"
         delivered = False
         try:
-            # The request limits (largest upload) are known once the backend has its state_dict.
-            while not server.prepared.wait(timeouts.tick.total_seconds()):
-                if server.ended or self.closing:
-                    return
-            delivered = self.pipe.deliver_to(self._deliver, self._gone)
-            if delivered:
-                return  # from now on the frontend's thread brings each request
+            if self.pipe.heartbeats:
+                # Heard from at once, before the backend has its model: the frontend's heartbeats
+                # are echoed, and a request waits (pinged) for the serve loop.
+                server.pinger.add(self)
+            else:
+                # The request limits (largest upload) are known once the backend has its state_dict.
+                while not server.prepared.wait(timeouts.tick.total_seconds()):
+                    if server.ended or self.closing:
+                        return
+                delivered = self.pipe.deliver_to(self._deliver, self._gone)
+                if delivered:
+                    return  # from now on the frontend's thread brings each request
+            last_request = time.monotonic()
             while True:
-                message = self.pipe.recv(server.request_limits, timeouts.idle, timeouts.transfer, self._alloc,
-                                         self._progress)
+                message = self._next(last_request)
+                last_request = time.monotonic()
                 if message.kind is Kind.BYE:
                     reason = "said goodbye"
                     break
                 self._answered = False
+                self._handling = True
                 keep = self.handle(message)
                 if not self._answered:
-                    self.pipe.send(self._await_reply(), timeouts.transfer)
+                    self._send(self._await_reply(), timeouts.transfer)
                 if not keep:
-                    reason = "address removed"
+                    reason = "address changed" if self.ending[1] == "changed" else "address removed"
                     break
         except ProtocolError as exc:
             reason = f"invalid message: {exc}"
@@ -198,6 +286,7 @@ class Worker:
         except TransportError as exc:
             reason = str(exc)
         finally:
+            server.pinger.remove(self)
             if not delivered:
                 self._gone(reason)
 
@@ -214,7 +303,7 @@ class Worker:
         if message.kind is Kind.BYE:
             self._gone("said goodbye")
         elif not self.handle(message):
-            self._gone("address removed")
+            self._gone("address changed" if self.ending[1] == "changed" else "address removed")
 
     def _gone(self, reason: str) -> None:
         """The pipe is done (the frontend left, broke it or was dropped): release its rank, tell the loop."""
@@ -222,6 +311,7 @@ class Worker:
             if self._is_gone:
                 return
             self._is_gone = True
+            self._gone_reason = reason
         self.pipe.close()
         self.lobby.release(self.peer.rank)
         self.server.post(Left(self, reason), force=True)

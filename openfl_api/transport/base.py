@@ -7,10 +7,13 @@ size before it receives anything and can refuse an oversized message without rea
 gives the payload as :class:`Pieces` (spans of the flat buffer that live in separate tensors, such
 as a model's parameters) so it never copies them into one buffer; the receiver always gets the
 flat buffer. Frontends send requests (``DOWNLOAD``, ``UPLOAD``, ``BYE``); the
-backend answers each with one reply (``MODEL``, ``ACK``, ``END``).
+backend answers each with one reply (``MODEL``, ``ACK``, ``END``). Between requests a frontend
+sends ``HEARTBEAT``, which the backend echoes; while it handles a request the backend sends
+``PING`` (:mod:`openfl_api.transport.heartbeat`).
 
 A pipe that times out or breaks is dead: :class:`~openfl_api.errors.TransportError` is raised and
-the pipe must be closed.
+the pipe must be closed. :class:`Silence` is the TransportError of a receive that timed out before
+anything came: the peer hangs, or the link is cut.
 """
 
 from __future__ import annotations
@@ -23,10 +26,10 @@ from typing import Callable, List, Optional, Tuple, Union
 
 import torch
 
-from openfl_api.errors import ProtocolError
+from openfl_api.errors import ProtocolError, TransportError
 
 __all__ = [
-    "Kind", "Message", "Pieces", "Limits", "Pipe", "MAGIC", "MAX_PIECES", "REQUESTS", "REPLIES",
+    "Kind", "Message", "Pieces", "Limits", "Pipe", "Silence", "MAGIC", "MAX_PIECES", "REQUESTS", "REPLIES",
     "check_frame", "check_pieces", "frame_of", "payload_size",
 ]
 
@@ -45,10 +48,16 @@ class Kind(enum.IntEnum):
     ACK = 5  #: backend says whether an upload was accepted
     END = 6  #: backend says the federation has ended
     PING = 7  #: backend checks that a frontend whose request it holds is still there; no reply
+    HEARTBEAT = 8  #: frontend, between requests: the link is alive; the backend echoes it at once
 
 
-REQUESTS = frozenset({Kind.DOWNLOAD, Kind.UPLOAD, Kind.BYE})
+REQUESTS = frozenset({Kind.DOWNLOAD, Kind.UPLOAD, Kind.BYE, Kind.HEARTBEAT})
 REPLIES = frozenset({Kind.MODEL, Kind.ACK, Kind.END})
+
+
+class Silence(TransportError):
+    """Nothing came from the peer within the time a receive waited: the peer hangs, or the link
+    between the two is cut. The pipe is dead, as after any TransportError."""
 
 
 @dataclass(frozen=True)
@@ -179,10 +188,26 @@ class Pipe(ABC):
     #: at once: the backend's loop then sends its replies itself instead of handing each one to
     #: the pipe's thread (a thread switch per message saved; see ``backend._Worker.reply``).
     queues_sends: bool = False
+    #: True when the two sides are separate processes, so each must hear from the other
+    #: (:mod:`openfl_api.transport.heartbeat`); an in-memory pipe shares the process.
+    heartbeats: bool = False
+    #: How long the peer may take to take the start of a message (its control block) before the
+    #: link counts as cut; None: the whole send's ``timeout``. Set by the pipe's owner.
+    link: Optional[timedelta] = None
 
     @abstractmethod
     def send(self, message: Message, timeout: timedelta) -> None:
         """Send one message; raise TransportError if the peer is gone or it takes over ``timeout``."""
+
+    def post(self, message: Message, timeout: timedelta) -> None:
+        """Send a message without payload (a ping) without waiting until the peer takes it; a
+        message sent afterwards arrives after it. Pipes that cannot send it."""
+        self.send(message, timeout)
+
+    def undelivered(self, older_than: timedelta) -> Optional[str]:
+        """Why a message given to :meth:`post` is not delivered: it failed, or the peer has not
+        taken it for ``older_than``; None when all is well."""
+        return None
 
     @abstractmethod
     def recv(

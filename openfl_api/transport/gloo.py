@@ -7,9 +7,10 @@ that times out closes the pair, which is why a pipe that timed out is dead.
 
 from __future__ import annotations
 
+import threading
 import time
 from datetime import timedelta
-from typing import Callable, List, Optional
+from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 from torch.distributed import PrefixStore, ProcessGroupGloo, Store
@@ -17,8 +18,9 @@ from torch.distributed import PrefixStore, ProcessGroupGloo, Store
 from openfl_api.errors import TransportError
 from openfl_api.transport.interfaces import IFNAME_VAR, binding
 from openfl_api.transport.base import (
-    FRAME, MAGIC, Limits, Message, Pieces, Pipe, check_frame, check_pieces, payload_size,
+    FRAME, MAGIC, Limits, Message, Pieces, Pipe, Silence, check_frame, check_pieces, payload_size,
 )
+from openfl_api.waiting import seconds
 
 __all__ = ["GlooPipe", "open_gloo_pipe"]
 
@@ -73,17 +75,25 @@ _FRAME_BYTES = FRAME * 8
 class GlooPipe(Pipe):
     """A pipe over a two-rank gloo process group.
 
-    A message is sent as one fixed-size control message of :data:`INLINE` bytes (the frame, then
-    the piece table, then the header, zero-padded), the overflow of that control block when it is
-    larger, and the payload's pieces. Sends are posted together and waited once; the receiver
-    waits for the control message, checks the frame, and posts every piece at once. On loopback
-    each separately waited gloo operation costs a thread hand-off, hence so few of them.
+    A message is sent as one control message of at most :data:`INLINE` bytes (the frame, then the
+    piece table, then the header), the overflow of that control block when it is larger, and the
+    payload's pieces. Sends are posted together and waited once; the receiver posts a receive of
+    :data:`INLINE` bytes for the control message (a shorter message fills its start), checks the
+    frame, and posts every piece at once. On loopback each separately waited gloo operation costs
+    a thread hand-off, hence so few of them.
+
+    Sends are serialised by a lock, so one thread may send (a heartbeat, a ping) while another is
+    blocked in a receive. A gloo send completes once the peer has posted the matching receive.
     """
+
+    heartbeats = True
 
     def __init__(self, group: ProcessGroupGloo, peer: int) -> None:
         self._group = group
         self._peer = peer
         self._first = torch.zeros(INLINE, dtype=torch.uint8)
+        self._send_lock = threading.Lock()
+        self._posted: List[Tuple[Any, torch.Tensor, float]] = []  # (work, tensor kept alive, posted at)
 
     def _post(self, send: bool, tensor: torch.Tensor, what: str):
         try:
@@ -101,26 +111,77 @@ class GlooPipe(Pipe):
         except RuntimeError as exc:
             raise TransportError(f"pipe failed while {what}: {str(exc).splitlines()[0][:300]}") from exc
 
+    def _wait_first(self, work: object, idle: timedelta) -> None:
+        """Wait for a message to start; :class:`Silence` when nothing came within ``idle``."""
+        started = time.monotonic()
+        try:
+            work.wait(idle)
+        except RuntimeError as exc:
+            first = str(exc).splitlines()[0][:300]
+            if "Timed out" in first or time.monotonic() - started >= idle.total_seconds():
+                raise Silence(f"pipe failed: nothing came for {seconds(idle.total_seconds())}, not even a "
+                              "heartbeat (the link is cut, or the peer hangs)") from exc
+            raise TransportError(f"pipe failed while waiting for a message: {first}") from exc
+
     def send(self, message: Message, timeout: timedelta) -> None:
+        with self._send_lock:
+            self._send(message, timeout)
+
+    def post(self, message: Message, timeout: timedelta) -> None:
+        if message.payload is not None:
+            raise ValueError("post() takes messages without payload")
+        with self._send_lock:
+            self._prune()
+            tensor = torch.frombuffer(bytearray(self._control(message, ())), dtype=torch.uint8)
+            self._posted.append((self._post(True, tensor, "sending a ping"), tensor, time.monotonic()))
+
+    def _prune(self) -> None:
+        self._posted = [item for item in self._posted if not item[0].is_completed()]
+
+    def undelivered(self, older_than: timedelta) -> Optional[str]:
+        with self._send_lock:
+            now = time.monotonic()
+            for work, _, posted in self._posted:
+                if work.is_completed():
+                    if not work.is_success():
+                        return "pipe failed while sending a ping: the connection to the frontend broke"
+                elif now - posted > older_than.total_seconds():
+                    return (f"pipe failed: the frontend took no ping for {seconds(now - posted)} (the link is cut, "
+                            "or the frontend hangs)")
+            self._prune()
+        return None
+
+    def _control(self, message: Message, pieces: tuple, table: Optional[torch.Tensor] = None) -> bytes:
+        """The frame, the piece table and the header of a message, as sent in its control block."""
+        frame = torch.tensor([MAGIC, int(message.kind), len(message.header), payload_size(message.payload),
+                              len(pieces)], dtype=torch.int64)
+        control = frame.numpy().tobytes()
+        if table is not None:
+            control += table.numpy().tobytes()
+        return control + bytes(message.header)
+
+    def _send(self, message: Message, timeout: timedelta) -> None:
         payload = message.payload
         if isinstance(payload, torch.Tensor):
             payload = Pieces(payload.numel(), ((0, payload),) if payload.numel() else ())
         pieces = payload.pieces if payload is not None else ()
-        frame = torch.tensor(
-            [MAGIC, int(message.kind), len(message.header), payload_size(payload), len(pieces)], dtype=torch.int64
-        )
-        control = frame.numpy().tobytes()
-        if pieces:
-            control += payload.table().numpy().tobytes()
-        control += bytes(message.header)
-        first = bytearray(INLINE)
-        first[: min(len(control), INLINE)] = control[:INLINE]
+        control = self._control(Message(message.kind, message.header, payload), pieces,
+                                payload.table() if pieces else None)
         # Every tensor posted stays referenced here until the waits below are over.
-        tensors = [torch.frombuffer(first, dtype=torch.uint8)]
+        tensors = [torch.frombuffer(bytearray(control[:INLINE]), dtype=torch.uint8)]
         if len(control) > INLINE:
             tensors.append(torch.frombuffer(bytearray(control[INLINE:]), dtype=torch.uint8))
         tensors.extend(piece for _, piece in pieces)
         works = [self._post(True, tensor, "sending a message") for tensor in tensors]
+        if self.link is not None and self.link < timeout:
+            # The peer takes a message's start at once when it is there: waiting longer is a cut link.
+            # (Each work is waited once: a second wait of a gloo send waits for another send.)
+            try:
+                works[0].wait(self.link)
+            except RuntimeError as exc:
+                raise Silence(f"pipe failed: the peer took no message for {seconds(self.link.total_seconds())} "
+                              "(the link is cut, or the peer hangs)") from exc
+            works = works[1:]
         self._wait(works, timeout, "sending a message")
 
     def recv(
@@ -131,7 +192,7 @@ class GlooPipe(Pipe):
         alloc: Callable[[int], torch.Tensor],
         progress: Optional[Callable[[int], None]] = None,
     ) -> Message:
-        self._wait([self._post(False, self._first, "waiting for a message")], idle, "waiting for a message")
+        self._wait_first(self._post(False, self._first, "waiting for a message"), idle)
         kind, header_len, payload_len, count = check_frame(self._first[:_FRAME_BYTES].view(torch.int64), limits)
         control_len = _FRAME_BYTES + 16 * count + header_len
         control = self._first.numpy().tobytes()[: min(control_len, INLINE)]
