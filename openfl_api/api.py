@@ -107,6 +107,7 @@ class API:
         self._state: Optional[SharedState] = None
         self._ran = False
         self._finished = False
+        self._transforms: Any = None  # the upload chain (openfl_api.transforms.Chain), or None
         self.log = bind("frontend" if frontend else "backend" if frontend is False else "-")
 
     # ----------------------------------------------------------------- identity
@@ -289,6 +290,50 @@ class API:
             self._state = SharedState(self._state_dict, self._aggregator, self._optimizer)
         return self._state
 
+    # ----------------------------------------------------------------- upload transforms
+    def set_upload_transforms(self, *transforms: Any, seed: Optional[int] = None) -> Any:
+        """Declare the upload chain: transforms applied to each update on the frontend before
+        upload and undone on the backend before aggregation (clipping, compression, secure
+        aggregation, noise; see ``docs/privacy.rst``). Call it with the same transforms on every rank,
+        before ``run()``/``download()``; a frontend with another chain is refused when it joins.
+
+        Args:
+            transforms: ``openfl_api.transforms`` objects in the order clip, compress, mask, noise.
+            seed: seeds the frontends' stochastic rounding per version and client; None: fresh.
+
+        Returns:
+            The :class:`~openfl_api.transforms.Chain`.
+
+        Raises:
+            ConfigurationError: a transform is unknown, out of order, or combined with one it cannot go with.
+            RoleError: called twice, or after the federation started.
+        """
+        from openfl_api.transforms.chain import Chain, ChainStep
+
+        if self._transforms is not None:
+            raise RoleError("set_upload_transforms(...) was called already on this API; a chain is declared once")
+        if self._ran or (self._client is not None and self._client.transforms is not None):
+            raise RoleError("set_upload_transforms(...) must come before run(), start(), download() and upload()")
+        chain = Chain(transforms, seed=seed)
+        self._transforms = chain
+        self.register_step(ChainStep(self))
+        return chain
+
+    @property
+    def upload_transforms(self) -> Any:
+        """The upload chain declared with :meth:`set_upload_transforms`, or None."""
+        return self._transforms
+
+    def _frontend_transforms(self, client: Client) -> None:
+        """Give the frontend its side of the upload chain, built for the current shared state."""
+        if self._transforms is None:
+            return
+        state = self._shared_state()
+        if client.transforms is None or client.transforms.state is not state:
+            from openfl_api.transforms.chain import FrontendSide
+
+            client.transforms = FrontendSide(self._transforms, state, self.log, self._hosted, self.timeouts, self._token)
+
     # ----------------------------------------------------------------- running
     def run(self) -> None:
         """Backend: serve until a stop step fires (blocking). Frontend: return at once."""
@@ -320,6 +365,7 @@ class API:
         if not self._frontend:
             return False
         client = self._require_client("download()")
+        self._frontend_transforms(client)
         return client.download(self._shared_state(), self.rank, self.nick_name)
 
     def upload(
@@ -337,6 +383,7 @@ class API:
             return False
         meta = check_upload_meta(num_samples, {} if metrics is None else metrics)
         owner = self._require_client("upload()")
+        self._frontend_transforms(owner)
         return owner.upload(self._shared_state(), self.rank, self.nick_name, meta["num_samples"], meta["metrics"],
                             client=None if client is None else str(client))
 
@@ -382,6 +429,10 @@ class API:
 
     def _prepare_backend(self, server: Server) -> None:
         server.prepare(self._shared_state(), self._server_optimizer)
+        if self._transforms is not None:
+            from openfl_api.transforms.chain import attach_backend
+
+            attach_backend(self._transforms, self, server)
         if self._resume is None:
             return
         found = checkpoint.newest(self._resume, self.log)
