@@ -306,7 +306,11 @@ class Client:
         tensors = state.upload_tensors()
         if self.transforms is not None:  # upload transforms: what goes on the wire instead of the state
             who = client or f"{self.address.group_name}/rank{self.address.rank}"  # the id the backend knows
-            prepared = self.transforms.outgoing(tensors, self.version, who, num_samples, self._store)
+            prepared = self.transforms.outgoing(tensors, self.version, who, num_samples, self._store,
+                                                self._ended_on_store)
+            if prepared is None and self.transforms.ended:
+                self._end(self.transforms.skipped)
+                return False
             if prepared is None:
                 transfer.accepted, transfer.reason = False, self.transforms.skipped
                 self.ledger.discard(self.backend_name, transfer.reason)

@@ -30,7 +30,9 @@ from openfl_api.transforms.base import Stage, Transform
 from openfl_api.transforms.compress import QSGD, Cast, Compressor, TopK
 from openfl_api.transforms.dp import AdaptiveClip, Clip, GaussianNoise, add_noise_, update_noise_multiplier
 from openfl_api.transforms.layout import WIRE, Layout
-from openfl_api.transforms.secagg import Board, Coordinator, SecAgg, SecAggClient, SecAggFailure, quantize
+from openfl_api.transforms.secagg import (
+    Board, Coordinator, FederationEnded, SecAgg, SecAggClient, SecAggFailure, quantize,
+)
 
 __all__ = ["Chain", "FrontendSide", "BackendSide", "RULES"]
 
@@ -240,12 +242,15 @@ class FrontendSide:
         return torch.Generator().manual_seed(client_seed(self.chain.seed, version, client or "0"))
 
     def outgoing(self, tensors: Dict[str, torch.Tensor], version: int, client: str, num_samples: int,
-                 store: Any) -> Optional[Tuple[Dict[str, torch.Tensor], Schema, Dict[str, Any]]]:
+                 store: Any, ended: Any = lambda: None) -> Optional[Tuple[Dict[str, torch.Tensor], Schema, Dict[str, Any]]]:
         """What to send for the local ``tensors``: ``(wire tensors, wire schema, meta fields)``, or
-        None when this update takes no part (``self.skipped`` says why)."""
+        None when this update takes no part (``self.skipped`` says why; ``self.ended`` is True when
+        the federation ended meanwhile). ``ended()``: whether the backend recorded the end."""
         chain = self.chain
         meta: Dict[str, Any] = {"transforms": chain.digest}
         self.skipped = ""
+        self.ended = False
+        self._ended = ended
         if not chain.needs_reference:
             return tensors, self.wire_schema, meta
         if self.reference is None:
@@ -303,7 +308,12 @@ class FrontendSide:
         weight = _weight_of(self.state.aggregator, num_samples)
         asynchronous = bool(fields.get("asynchronous"))
         before = self._secagg.board.sent + self._secagg.board.received
-        result = self._secagg.masked(levels, weight, client or "", None if asynchronous else version, clip_range)
+        self._secagg.ended = self._ended
+        try:
+            result = self._secagg.masked(levels, weight, client or "", None if asynchronous else version, clip_range)
+        except FederationEnded:
+            self.skipped, self.ended = "the federation ended during secure aggregation's round", True
+            return None
         self.control = self._secagg.board.sent + self._secagg.board.received - before
         if result is None:
             self.skipped = self._secagg.skipped
@@ -320,7 +330,10 @@ class FrontendSide:
         """After the backend's answer: secure aggregation sends its unmask shares."""
         context, self._context = self._context, None
         if context is not None and accepted:
-            self._secagg.unmask(context)
+            try:
+                self._secagg.unmask(context)
+            except FederationEnded:
+                pass  # the backend ended the federation before it needed these shares
 
 
 class BackendSide:

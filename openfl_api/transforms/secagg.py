@@ -41,7 +41,7 @@ from openfl_api.transforms.base import Stage, Transform, check_int, check_number
 from openfl_api.transforms.layout import WIRE
 
 __all__ = ["SecAgg", "Board", "SecAggClient", "Coordinator", "quantize", "dequantize_sum", "neighbours_of",
-           "SecAggFailure"]
+           "SecAggFailure", "FederationEnded"]
 
 MASKED = f"{WIRE}masked"
 RING = 2**32
@@ -50,6 +50,10 @@ _INFO = "openfl_api/secagg/v1"
 
 class SecAggFailure(OpenFLError, RuntimeError):
     """A secure-aggregation round cannot give the sum (too few shares, a bad share, ...)."""
+
+
+class FederationEnded(Exception):
+    """The federation ended while a frontend waited on a round (not an error)."""
 
 
 class SecAgg(Transform):
@@ -204,8 +208,14 @@ class Board:
     def count(self, stage: str, store: Any) -> int:
         return int(store.add(self.prefix + f"{stage}/n", 0))
 
-    def wait(self, keys: Sequence[str], timeout: timedelta, what: str, log: Any, interval: timedelta) -> str:
-        """Wait up to ``timeout`` for the first of ``keys``; return it, logging while it lasts."""
+    def wait(self, keys: Sequence[str], timeout: timedelta, what: str, log: Any, interval: timedelta,
+             ended: Callable[[], Any] = lambda: None) -> str:
+        """Wait up to ``timeout`` for the first of ``keys``; return it, logging while it lasts.
+
+        Raises:
+            FederationEnded: ``ended()`` says the backend recorded the end of the federation.
+            SecAggFailure: ``timeout`` ran out.
+        """
         from openfl_api.waiting import logged
 
         deadline = time.monotonic() + timeout.total_seconds()
@@ -215,6 +225,8 @@ class Board:
                 for key in keys:
                     if self.has(key):
                         return key
+                if ended():
+                    raise FederationEnded()
                 if time.monotonic() >= deadline:
                     raise SecAggFailure(f"waited {timeout} for {what}")
                 time.sleep(delay)
@@ -265,10 +277,26 @@ class SecAggClient:
         self.timeout, self.interval = timeout, interval
         #: test hook: called with the round's context once the masked update is computed.
         self.after_masking: Callable[[Dict[str, Any]], None] = lambda context: None
+        #: whether the backend recorded the end of the federation (the frontend's store check)
+        self.ended: Callable[[], Any] = lambda: None
+        self.joined: Set[str] = set()  # rounds this client advertised keys in
+
+    def _next_round(self, round_id: str) -> None:
+        """Wait until the backend opens a round other than ``round_id``."""
+        from openfl_api.waiting import logged
+
+        deadline = time.monotonic() + self.timeout.total_seconds()
+        with logged(self.log, self.interval, f"the secure-aggregation round after {round_id}"):
+            while str(self.board.get("open")["round"]) == round_id:
+                if self.ended():
+                    raise FederationEnded()
+                if time.monotonic() >= deadline:
+                    raise SecAggFailure(f"waited {self.timeout} for the secure-aggregation round after {round_id}")
+                time.sleep(0.01)
 
     def _wait(self, round_id: str, key: str, what: str) -> None:
         found = self.board.wait([f"{round_id}/{key}", f"{round_id}/failed"], self.timeout,
-                                f"secure aggregation round {round_id}: {what}", self.log, self.interval)
+                                f"secure aggregation round {round_id}: {what}", self.log, self.interval, self.ended)
         if found.endswith("/failed"):
             reason = self.board.get(f"{round_id}/failed").get("reason", "")
             raise SecAggFailure(f"the backend ended secure-aggregation round {round_id}: {reason}")
@@ -289,16 +317,21 @@ class SecAggClient:
         self.skipped = ""
         while True:
             board_open = board.wait(["open"], self.timeout, "the backend to open a secure-aggregation round",
-                                    self.log, self.interval)
+                                    self.log, self.interval, self.ended)
             opened = board.get(board_open)
             round_id, round_version = str(opened["round"]), int(opened["version"])
             if version is not None and round_version > version:
                 self.skipped = (f"stale: trained from version {version} but secure aggregation is at version "
                                 f"{round_version}")
                 return None
-            if version is not None and round_version < version:
-                time.sleep(0.01)
+            closed = round_id in self.joined or board.has(f"{round_id}/U1")
+            if version is not None and closed and round_version == version:
+                self.skipped = f"the key stage of secure aggregation round {round_id} closed without this client"
+                return None
+            if (version is not None and round_version < version) or closed:
+                self._next_round(round_id)  # asynchronous: a buffer this client is in, or that filled
                 continue
+            self.joined.add(round_id)
             keys = crypto.KeyPair(), crypto.KeyPair()
             board.append(f"{round_id}/keys", {"client": client, "c": _b64(keys[0].public), "s": _b64(keys[1].public),
                                               "w": int(weight)})
@@ -568,13 +601,19 @@ class Coordinator:
                 self.checked[client] = [str(b) for b in value["bad"]]
         if len(self.checked) < len(u2) and not self._late():
             return
-        accused = {dealer for bad in self.checked.values() for dealer in bad if dealer in u2}
-        for dealer in sorted(accused):
-            reason = (f"secure aggregation round {self.round_id}: shares of {dealer} failed authentication at "
-                      f"{sorted(h for h, bad in self.checked.items() if dealer in bad)} (altered, or sealed with a wrong "
-                      "key); refused from the round")
-            self.log.warning(reason)
-            self.refused.append((dealer, reason))
+        # A dealer is refused when most of its holders that checked found its shares bad; one holder
+        # alone (itself with a wrong key, or lying) cannot get an honest dealer refused.
+        accused = set()
+        for dealer in sorted(u2):
+            holders = [h for h in self.graph[dealer] if h in self.checked]
+            accusers = sorted(h for h in holders if dealer in self.checked[h])
+            if accusers and 2 * len(accusers) > len(holders):
+                accused.add(dealer)
+                reason = (f"secure aggregation round {self.round_id}: shares of {dealer} failed authentication at "
+                          f"{accusers} of its {len(holders)} holders (altered, or sealed with a wrong key); refused "
+                          "from the round")
+                self.log.warning(reason)
+                self.refused.append((dealer, reason))
         self.masking = sorted(c for c in self.checked if c not in accused)
         if len(self.masking) < self.transform.min_clients:
             self.fail(f"only {len(self.masking)} members may mask after the share check; min_clients="
