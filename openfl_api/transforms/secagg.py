@@ -44,6 +44,8 @@ __all__ = ["SecAgg", "Board", "SecAggClient", "Coordinator", "quantize", "dequan
            "SecAggFailure", "FederationEnded"]
 
 MASKED = f"{WIRE}masked"
+#: Seconds between a waiting frontend's checks whether the backend recorded the end of the federation.
+ENDED_EVERY = 0.5
 RING = 2**32
 _INFO = "openfl_api/secagg/v1"
 
@@ -219,14 +221,16 @@ class Board:
         from openfl_api.waiting import logged
 
         deadline = time.monotonic() + timeout.total_seconds()
-        delay = 0.002
+        delay, asked = 0.002, time.monotonic()
         with logged(log, interval, what):
             while True:
                 for key in keys:
                     if self.has(key):
                         return key
-                if ended():
-                    raise FederationEnded()
+                if time.monotonic() - asked >= ENDED_EVERY:  # asking may open a store connection: not too often
+                    asked = time.monotonic()
+                    if ended():
+                        raise FederationEnded()
                 if time.monotonic() >= deadline:
                     raise SecAggFailure(f"waited {timeout} for {what}")
                 time.sleep(delay)
@@ -287,9 +291,12 @@ class SecAggClient:
 
         deadline = time.monotonic() + self.timeout.total_seconds()
         with logged(self.log, self.interval, f"the secure-aggregation round after {round_id}"):
+            asked = time.monotonic()
             while str(self.board.get("open")["round"]) == round_id:
-                if self.ended():
-                    raise FederationEnded()
+                if time.monotonic() - asked >= ENDED_EVERY:
+                    asked = time.monotonic()
+                    if self.ended():
+                        raise FederationEnded()
                 if time.monotonic() >= deadline:
                     raise SecAggFailure(f"waited {self.timeout} for the secure-aggregation round after {round_id}")
                 time.sleep(0.01)
