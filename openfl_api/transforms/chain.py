@@ -457,7 +457,9 @@ class BackendSide:
             self.coordinator.open(api.version)
         coordinator = self.coordinator
         try:
-            ready = coordinator.stage not in ("ready", "failed") and coordinator.tick(api.clients, api.expected)
+            needs = api._steps.uploads_needed()
+            ready = coordinator.stage not in ("ready", "failed") and coordinator.tick(
+                api.clients, api.expected, needs[0] if needs else 0)
         except SecAggFailure as exc:
             self.log.error(f"{exc}; the model is unchanged and the federation stops")
             self._count_refusals()

@@ -527,11 +527,15 @@ class Coordinator:
         self.board.put(f"{self.round_id}/failed", {"reason": reason})
         raise SecAggFailure(f"secure aggregation round {self.round_id} failed: {reason}")
 
-    def tick(self, connected: Sequence[str], expected: Optional[Sequence[str]]) -> bool:
-        """Advance the round as far as what arrived allows; True once its sum is ready."""
+    def tick(self, connected: Sequence[str], expected: Optional[Sequence[str]], needed: int = 0) -> bool:
+        """Advance the round as far as what arrived allows; True once its sum is ready.
+
+        ``needed``: synchronous mode, the uploads the aggregation steps need (``AggregateCount``'s
+        count): the key stage waits for that many members too, until its deadline.
+        """
         stage = self.stage
         if stage == KEYS:
-            self._keys(connected, expected)
+            self._keys(connected, expected, needed)
         elif stage == SHARES:
             self._shares()
         elif stage == CHECK:
@@ -542,7 +546,7 @@ class Coordinator:
             self._unmask()
         return self.stage == READY
 
-    def _keys(self, connected: Sequence[str], expected: Optional[Sequence[str]]) -> None:
+    def _keys(self, connected: Sequence[str], expected: Optional[Sequence[str]], needed: int = 0) -> None:
         for value in self._slots("keys"):
             client = value["client"]
             if client in self.keys or not {"c", "s", "w"} <= set(value):
@@ -556,7 +560,7 @@ class Coordinator:
         else:
             wanted = len(expected) if expected is not None else len(connected)
             pool = set(expected) if expected is not None else set(connected)
-            full = len(self.keys) >= max(wanted, self.transform.min_clients) and pool <= set(self.keys)
+            full = len(self.keys) >= max(wanted, needed, self.transform.min_clients) and pool <= set(self.keys)
         late = self.first_key is not None and time.monotonic() - self.first_key >= self.transform.deadline.total_seconds()
         if not (full or (late and len(self.keys) >= self.transform.min_clients)):
             return
