@@ -63,10 +63,16 @@ def mask(seed: bytes, size: int) -> np.ndarray:
     """The mask of ``size`` uint32 words that ``seed`` expands to: the AES-128-CTR keystream."""
     from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+    global _zeros
     out = np.empty(size, dtype=np.uint32)
+    if len(_zeros) < 4 * size:
+        _zeros = bytes(4 * size)  # the keystream is the encryption of zeros; kept for the next mask
     encryptor = Cipher(algorithms.AES(seed[:16]), modes.CTR(bytes(16))).encryptor()
-    encryptor.update_into(bytes(4 * size), out.view(np.uint8))
+    encryptor.update_into(memoryview(_zeros)[:4 * size], out.view(np.uint8))
     return out
+
+
+_zeros = b""
 
 
 def seal(key: bytes, plaintext: bytes, aad: bytes) -> bytes:
