@@ -409,7 +409,7 @@ def test_secure_aggregation_recovers_two_of_six_frontends_dropping_after_masking
 
             side._masked = masked
 
-    result = federate(secagg(clip_range=2.0), n=6, rounds=1, hook=hook)
+    result = federate(secagg(clip_range=2.0, deadline=timedelta(seconds=15)), n=6, rounds=1, hook=hook)
     assert sorted(str(e) for e in result["errors"]) == ["dropped after masking"] * 2
     survivors = [1, 3, 4, 6]
     state = {k: v.double() for k, v in model().state_dict().items()}

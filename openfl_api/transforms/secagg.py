@@ -541,7 +541,7 @@ class Coordinator:
         elif stage == CHECK:
             self._check()
         elif stage == MASKED_STAGE:
-            self._masked_stage()
+            self._masked_stage(connected)
         elif stage == UNMASK:
             self._unmask()
         return self.stage == READY
@@ -649,8 +649,10 @@ class Coordinator:
         np.add(self.sum, masked.numpy().view(np.uint32), out=self.sum)
         self.deposited[client] = weight
 
-    def _masked_stage(self) -> None:
-        if len(self.deposited) < len(self.masking) and not self._late():
+    def _masked_stage(self, connected: Sequence[str] = ()) -> None:
+        # A member whose pipe closed will not upload: the stage need not wait for it.
+        waiting = [c for c in self.masking if c not in self.deposited and (not connected or c in connected)]
+        if waiting and not self._late():
             return
         if len(self.deposited) < self.transform.min_clients:
             if self._late():
