@@ -19,6 +19,7 @@ The same script runs on every rank::
 
 from __future__ import annotations
 
+import functools
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, List, Mapping, Optional, Sequence, Union
@@ -41,6 +42,21 @@ from openfl_api.timeouts import Timeouts
 from openfl_api.transport.rendezvous import token_from
 
 __all__ = ["API"]
+
+
+def _exits_fast_when_interrupted(method: Any) -> Any:
+    """A blocking API method that Ctrl-C interrupts makes the process end at once by SIGINT once
+    the interrupt has been printed (see :func:`openfl_api.waiting.exit_fast_after_interrupt`)."""
+
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(*args, **kwargs)
+        except KeyboardInterrupt:
+            waiting.exit_fast_after_interrupt()
+            raise
+
+    return wrapper
 
 
 class API(Controls):
@@ -157,6 +173,7 @@ class API(Controls):
         self._steps.fire(FRONTEND if self._frontend else BACKEND, event, *args)
 
     # ----------------------------------------------------------------- set-up
+    @_exits_fast_when_interrupted
     def build_connection(
         self,
         address: Union[Address, Sequence[Address], None] = None,
@@ -228,6 +245,7 @@ class API(Controls):
         return self._state
 
     # ----------------------------------------------------------------- running
+    @_exits_fast_when_interrupted
     def run(self) -> None:
         """Backend: serve until a stop step fires (blocking). Frontend: return at once."""
         if self._frontend:
@@ -239,6 +257,7 @@ class API(Controls):
         self._prepare_backend(server)
         server.run()
 
+    @_exits_fast_when_interrupted
     def start(self) -> None:
         """Backend: run the serve loop in a background thread; :meth:`finish` waits for it."""
         if self._frontend:
@@ -250,6 +269,7 @@ class API(Controls):
         self._prepare_backend(server)
         server.start()
 
+    @_exits_fast_when_interrupted
     def download(self) -> bool:
         """Frontend: load a global model of version >= the local one in place. False once ended.
 
@@ -260,6 +280,7 @@ class API(Controls):
         client = self._require_client("download()")
         return client.download(self._shared_state(), self.rank, self.nick_name)
 
+    @_exits_fast_when_interrupted
     def upload(
         self, num_samples: int = 1, metrics: Optional[Mapping[str, float]] = None,
         client: Union[int, str, None] = None,

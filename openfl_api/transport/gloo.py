@@ -7,6 +7,7 @@ that times out closes the pair, which is why a pipe that timed out is dead.
 
 from __future__ import annotations
 
+import re
 import time
 from datetime import timedelta
 from typing import Callable, List, Optional
@@ -23,6 +24,14 @@ from openfl_api.transport.base import (
 __all__ = ["GlooPipe", "open_gloo_pipe"]
 
 _TAG = 0
+
+
+def _reason(exc: BaseException) -> str:
+    """Gloo's error, as a log line can say it: its first line without the C++ source location and
+    the generic advice gloo appends."""
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    text = re.sub(r"\[[^\]]*\.(?:cc|cpp|h):\d+\]\s*", "", text)
+    return text.split(". This is typically caused")[0].strip()[:300]
 
 
 def open_gloo_pipe(store: Store, prefix: str, rank: int, timeout: timedelta, host: Optional[str]) -> "GlooPipe":
@@ -46,7 +55,7 @@ def open_gloo_pipe(store: Store, prefix: str, rank: int, timeout: timedelta, hos
         device = (ProcessGroupGloo.create_device(interface=bound.interface) if bound.interface
                   else ProcessGroupGloo.create_device(hostname=bound.hostname))
     except RuntimeError as exc:
-        raise TransportError(f"could not open a pipe on {bound}: {str(exc).splitlines()[0][:200]}; set "
+        raise TransportError(f"could not open a pipe on {bound}: {_reason(exc)}; set "
                              f"{IFNAME_VAR} to an interface of this machine that reaches the other side") from exc
     options._devices = [device]
     options._timeout = timeout
@@ -54,7 +63,7 @@ def open_gloo_pipe(store: Store, prefix: str, rank: int, timeout: timedelta, hos
     try:
         group = ProcessGroupGloo(PrefixStore(prefix, store), rank, 2, options)
     except RuntimeError as exc:
-        first = str(exc).splitlines()[0][:300]
+        first = _reason(exc)
         peer = "the backend" if rank == 1 else "the frontend"
         raise TransportError(
             f"could not connect the pipe to {peer} within {timeout}: {first}. This side bound to {bound}; check "
@@ -91,7 +100,7 @@ class GlooPipe(Pipe):
                 return self._group.send([tensor], self._peer, _TAG)
             return self._group.recv([tensor], self._peer, _TAG)
         except RuntimeError as exc:
-            raise TransportError(f"pipe failed while {what}: {str(exc).splitlines()[0][:300]}") from exc
+            raise TransportError(f"pipe failed while {what}: {_reason(exc)}") from exc
 
     def _wait(self, works: List, timeout: timedelta, what: str) -> None:
         deadline = time.monotonic() + timeout.total_seconds()
@@ -99,7 +108,7 @@ class GlooPipe(Pipe):
             for work in works:
                 work.wait(timedelta(seconds=max(0.001, deadline - time.monotonic())))
         except RuntimeError as exc:
-            raise TransportError(f"pipe failed while {what}: {str(exc).splitlines()[0][:300]}") from exc
+            raise TransportError(f"pipe failed while {what}: {_reason(exc)}") from exc
 
     def send(self, message: Message, timeout: timedelta) -> None:
         payload = message.payload

@@ -80,9 +80,16 @@ def _reach_tcp_store(address: Address, timeout: timedelta, log: Any) -> Store:
         try:
             with socket.create_connection((address.host, address.port), timeout=_ATTEMPT_S):
                 pass
-        except OSError as exc:
+            # A backend going down can still accept the probe: then torch's connect fails too, within
+            # a few seconds rather than the whole timeout; requests then get the full timeout.
+            store = TCPStore(address.host, address.port, None, False, timeout=timedelta(seconds=_ATTEMPT_S * 5),
+                             wait_for_workers=False)
+            store.set_timeout(timeout)
+            return store
+        except (OSError, RuntimeError) as exc:
             left = deadline - time.monotonic()
-            cause = exc.strerror or type(exc).__name__
+            cause = (exc.strerror if isinstance(exc, OSError) else None) or str(exc).splitlines()[0][:120] or \
+                type(exc).__name__
             if left <= 0:
                 raise TransportError(
                     f"no backend at {address.init_method}: nothing answered within {timeout} ({attempt} attempts, "
@@ -94,8 +101,6 @@ def _reach_tcp_store(address: Address, timeout: timedelta, log: Any) -> Store:
                      f"{wait:.2f}".rstrip("0").rstrip(".") + f" s, giving up in {seconds(left)}")
             time.sleep(wait)
             delay = min(delay * 2, 5.0)
-            continue
-        return TCPStore(address.host, address.port, None, False, timeout=timeout, wait_for_workers=False)
 
 
 def wait_for_key(store: Store, key: str, timeout: timedelta, delay: float = 0.002) -> bool:
