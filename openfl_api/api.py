@@ -19,6 +19,7 @@ The same script runs on every rank::
 
 from __future__ import annotations
 
+import functools
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, List, Mapping, Optional, Sequence, Union
@@ -30,6 +31,7 @@ from openfl_api import checkpoint, connect, waiting
 from openfl_api.address import Address
 from openfl_api.asynchronous import Asynchronous
 from openfl_api.backend import Server
+from openfl_api.controls import Controls
 from openfl_api.errors import ConfigurationError, RoleError
 from openfl_api.frontend import Client, check_upload_meta
 from openfl_api.logger import bind
@@ -37,12 +39,27 @@ from openfl_api.parser import environ
 from openfl_api.state import SharedState
 from openfl_api.step import BACKEND, FRONTEND, Event, Step, Steps
 from openfl_api.timeouts import Timeouts
-from openfl_api.transport.rendezvous import Peer, token_from
+from openfl_api.transport.rendezvous import token_from
 
 __all__ = ["API"]
 
 
-class API:
+def _exits_fast_when_interrupted(method: Any) -> Any:
+    """A blocking API method that Ctrl-C interrupts makes the process end at once by SIGINT once
+    the interrupt has been printed (see :func:`openfl_api.waiting.exit_fast_after_interrupt`)."""
+
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(*args, **kwargs)
+        except KeyboardInterrupt:
+            waiting.exit_fast_after_interrupt()
+            raise
+
+    return wrapper
+
+
+class API(Controls):
     """The federation seen from one process: backend (aggregator) or frontend (client).
 
     Args:
@@ -134,69 +151,6 @@ class API:
             return "unconnected"
         return "backend" if self._rank == 0 else f"rank{self._rank}"
 
-    @property
-    def version(self) -> int:
-        """Backend: the global version. Frontend: the local version."""
-        if self._server is not None:
-            return self._server.version
-        if self._client is not None:
-            return self._client.version
-        return 0
-
-    @property
-    def accepted(self) -> int:
-        """Backend: uploads accepted for the current version (since the last aggregation)."""
-        return self._require_server("accepted").accepted
-
-    @property
-    def loop_count(self) -> int:
-        """Backend: serve-loop iterations so far."""
-        return self._require_server("loop_count").loop_count
-
-    @property
-    def frontends(self) -> List[Peer]:
-        """Backend: the frontends connected now."""
-        return self._require_server("frontends").frontends
-
-    @property
-    def clients(self) -> List[str]:
-        """Backend: the ids of the connected clients. Frontend: the hosted clients taking part in
-        the version downloaded last (all hosted ones unless the backend samples)."""
-        if self._server is not None:
-            return self._server.clients
-        if self._client is not None:
-            return list(self._client.selected)
-        return list(self._hosted or [])
-
-    @property
-    def expected(self) -> Optional[List[str]]:
-        """Backend: the clients the current version expects uploads from (see :meth:`expect`), or None."""
-        return self._require_server("expected").expected
-
-    def expect(self, clients: Sequence[str]) -> None:
-        """Backend: declare the clients taking part in the current version (steps such as
-        ``ClientSampling`` call it); the status line and fractional quorums count them."""
-        self._require_server("expect()").expect(list(clients))
-
-    @property
-    def asynchronous(self) -> Optional[Asynchronous]:
-        """The asynchronous settings, or None in synchronous mode."""
-        return self._asynchronous
-
-    @property
-    def stop_reason(self) -> Optional[str]:
-        """Why the federation stopped, or None while it runs."""
-        if self._server is not None:
-            return self._server.stop_reason
-        if self._client is not None and self._client.ended:
-            return self._client.end_reason
-        return None
-
-    def _require_server(self, what: str) -> Server:
-        if self._server is None:
-            raise RoleError(f"{what} belongs to the backend, and this API is not a connected backend")
-        return self._server
-
     # ----------------------------------------------------------------- steps
     def register_step(self, step: Step) -> RemovableHandle:
         """Attach ``step``; it fires after the steps attached before it.
@@ -220,6 +174,7 @@ class API:
         self._steps.fire(FRONTEND if self._frontend else BACKEND, event, *args)
 
     # ----------------------------------------------------------------- set-up
+    @_exits_fast_when_interrupted
     def build_connection(
         self,
         address: Union[Address, Sequence[Address], None] = None,
@@ -235,7 +190,7 @@ class API:
         if self._server is not None or self._client is not None:
             raise RoleError("build_connection(...) was called already on this API")
         addresses = connect.given_addresses(address, address_file)
-        rank = addresses[0].rank if addresses else connect.env_rank()
+        rank = addresses[0].rank if addresses else connect.file_rank(address_file)
         if self._frontend is None:
             self._frontend = rank > 0
         self._rank = rank if self._frontend else 0
@@ -335,6 +290,7 @@ class API:
             client.transforms = FrontendSide(self._transforms, state, self.log, self._hosted, self.timeouts, self._token)
 
     # ----------------------------------------------------------------- running
+    @_exits_fast_when_interrupted
     def run(self) -> None:
         """Backend: serve until a stop step fires (blocking). Frontend: return at once."""
         if self._frontend:
@@ -346,6 +302,7 @@ class API:
         self._prepare_backend(server)
         server.run()
 
+    @_exits_fast_when_interrupted
     def start(self) -> None:
         """Backend: run the serve loop in a background thread; :meth:`finish` waits for it."""
         if self._frontend:
@@ -357,6 +314,7 @@ class API:
         self._prepare_backend(server)
         server.start()
 
+    @_exits_fast_when_interrupted
     def download(self) -> bool:
         """Frontend: load a global model of version >= the local one in place. False once ended.
 
@@ -368,6 +326,7 @@ class API:
         self._frontend_transforms(client)
         return client.download(self._shared_state(), self.rank, self.nick_name)
 
+    @_exits_fast_when_interrupted
     def upload(
         self, num_samples: int = 1, metrics: Optional[Mapping[str, float]] = None,
         client: Union[int, str, None] = None,
@@ -403,29 +362,6 @@ class API:
         if self._client is None:
             raise RoleError(f"{what} needs a connection: call build_connection(...) first")
         return self._client
-
-    # ----------------------------------------------------------------- acting from steps
-    def aggregate(self) -> bool:
-        """Backend: fold accepted uploads into a new version now. False if none was accepted."""
-        return self._require_server("aggregate()").aggregate()
-
-    def stop(self, reason: str) -> None:
-        """End the federation after the event at hand (backend), or stop this frontend's calls."""
-        if self._server is not None:
-            self._server.stop(reason)
-        elif self._client is not None and not self._client.ended:
-            self._client._end(reason, quiet=True)
-            self.log.info(f"stopped: {reason}")
-
-    def save_checkpoint(self, path: Union[str, Path]) -> None:
-        """Backend: write everything needed to resume to ``path`` atomically: the global model,
-        version, aggregator and server-optimizer state, the steps' state and the random generators
-        (``torch.load(path, weights_only=True)`` reads it).
-
-        Called from a step while the serve loop handles an event, the file is written once every
-        step has seen that event, so the saved state of the steps is consistent."""
-        server = self._require_server("save_checkpoint()")
-        server.checkpoint(str(path), lambda: checkpoint.step_states(list(self._steps)))
 
     def _prepare_backend(self, server: Server) -> None:
         server.prepare(self._shared_state(), self._server_optimizer)
