@@ -125,6 +125,7 @@ class API(Controls):
         self._ran = False
         self._finished = False
         self._transforms: Any = None  # the upload chain (openfl_api.transforms.Chain), or None
+        self._chain_step: Any = None  # the chain's backend step (openfl_api.transforms.chain.ChainStep), or None
         self.log = bind("frontend" if frontend else "backend" if frontend is False else "-")
 
     # ----------------------------------------------------------------- identity
@@ -271,7 +272,8 @@ class API(Controls):
             raise RoleError("set_upload_transforms(...) must come before run(), start(), download() and upload()")
         chain = Chain(transforms, seed=seed)
         self._transforms = chain
-        self.register_step(ChainStep(self))
+        self._chain_step = ChainStep()
+        self.register_step(self._chain_step)
         return chain
 
     @property
@@ -368,7 +370,7 @@ class API(Controls):
         if self._transforms is not None:
             from openfl_api.transforms.chain import attach_backend
 
-            attach_backend(self._transforms, self, server)
+            attach_backend(self._transforms, self, server, self._token, self._chain_step, self._steps.uploads_needed)
         if self._resume is None:
             return
         found = checkpoint.newest(self._resume, self.log)

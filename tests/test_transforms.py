@@ -404,7 +404,7 @@ def test_secure_aggregation_recovers_two_of_six_frontends_dropping_after_masking
             original = side._masked
 
             def masked(*args: Any, **kwargs: Any):
-                out = original(*args, **kwargs)
+                original(*args, **kwargs)
                 raise RuntimeError("dropped after masking")
 
             side._masked = masked

@@ -17,14 +17,13 @@ import hashlib
 import json
 import math
 import secrets
-import time
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from openfl_api.errors import ConfigurationError, PayloadError
-from openfl_api.payload import Schema, TensorSpec
+from openfl_api.payload import Schema
 from openfl_api.step import BACKEND, Step
 from openfl_api.transforms.base import Stage, Transform
 from openfl_api.transforms.compress import QSGD, Cast, Compressor, TopK
@@ -341,15 +340,20 @@ class BackendSide:
 
     Args:
         chain: the chain.
-        api: the backend API (its server, steps and log).
-        state: the backend's :class:`~openfl_api.state.SharedState`.
+        api: the backend API (its version, clients, log, aggregate() and stop()).
+        server: the prepared :class:`~openfl_api.backend.Server` (its model, ledger and lobbies).
+        token: the federation's token, or None.
+        needs: the steps' ``uploads_needed``.
     """
 
-    def __init__(self, chain: Chain, api: Any, state: Any) -> None:
+    def __init__(self, chain: Chain, api: Any, server: Any, token: Optional[str],
+                 needs: Callable[[], Optional[Tuple[int, str]]]) -> None:
         from openfl_api.aggregate import AverageAggregator, NaiveAggregator
 
+        state = server.model.state
         _check_reserved(state.upload_schema)
         self.chain, self.api, self.state = chain, api, state
+        self.server, self._token, self._needs = server, token, needs
         self.log = api.log
         self.layout = Layout(state.upload_schema)
         self.wire_schema = chain.wire_schema(state.upload_schema)
@@ -397,8 +401,7 @@ class BackendSide:
         return out
 
     def _stores(self) -> List[Any]:
-        server = self.api._server
-        return [lobby.store for lobby in server.members.addresses.lobbies.values()]
+        return [lobby.store for lobby in self.server.members.addresses.lobbies.values()]
 
     # ------------------------------------------------------------------ uploads
     def admit(self, meta: Mapping[str, Any], client: str) -> None:
@@ -415,7 +418,7 @@ class BackendSide:
         """The current global model (and exchanged optimizer state) as a flat vector, once per version."""
         version = self.api.version
         if self._reference is None or self._reference[0] != version:
-            model = self.api._server.model
+            model = self.server.model
             tensors = dict(model.current())
             tensors.update(model.optim_state)
             self._reference = (version, self.layout.flatten(tensors))
@@ -452,12 +455,12 @@ class BackendSide:
             return
         api = self.api
         if self.coordinator is None:
-            self.coordinator = Coordinator(self.chain.secagg, Board(self._stores(), self.run, api._token), self.run,
+            self.coordinator = Coordinator(self.chain.secagg, Board(self._stores(), self.run, self._token), self.run,
                                            self.layout.size, self.clip_range, self.log, self.asynchronous)
             self.coordinator.open(api.version)
         coordinator = self.coordinator
         try:
-            needs = api._steps.uploads_needed()
+            needs = self._needs()
             ready = coordinator.stage not in ("ready", "failed") and coordinator.tick(
                 api.clients, api.expected, needs[0] if needs else 0)
         except SecAggFailure as exc:
@@ -471,7 +474,7 @@ class BackendSide:
 
     def _count_refusals(self) -> None:
         coordinator = self.coordinator
-        ledger = self.api._server.ledger
+        ledger = self.server.ledger
         while coordinator is not None and coordinator.refused:
             client, reason = coordinator.refused.pop(0)
             ledger.discard(client, reason)
@@ -487,7 +490,7 @@ class BackendSide:
         total, weight = self.coordinator.result
         vector = (total / weight).to(torch.float32) + self.reference()
         tensors = self.layout.unflatten(vector)
-        current = self.api._server.model.current()
+        current = self.server.model.current()
         for spec in self.layout.others:
             tensors[spec.name] = current[spec.name] if spec.name in current else torch.zeros(spec.shape, dtype=spec.dtype)
         aggregator.add(tensors, 1, 1.0)
@@ -570,16 +573,16 @@ class ChainStep(Step):
 
     roles = frozenset({BACKEND})
 
-    def __init__(self, api: Any) -> None:
-        self._api = api
+    def __init__(self) -> None:
+        #: The chain's backend side, set by :func:`attach_backend` once the backend is prepared.
+        self.side: Optional["BackendSide"] = None
 
     @property
     def name(self) -> str:
         return "UploadTransforms"
 
     def _side(self) -> Optional["BackendSide"]:
-        server = self._api._server
-        return None if server is None else server.exchange.transforms
+        return self.side
 
     def at_loop(self, api: Any) -> None:
         side = self._side()
@@ -606,13 +609,18 @@ class ChainStep(Step):
             side.load_state_dict(state)
 
 
-def attach_backend(chain: Chain, api: Any, server: Any) -> "BackendSide":
-    """Give a prepared backend its side of the chain (and room for the chain's payloads)."""
+def attach_backend(chain: Chain, api: Any, server: Any, token: Optional[str], step: ChainStep,
+                   needs: Callable[[], Optional[Tuple[int, str]]]) -> "BackendSide":
+    """Give a prepared backend its side of the chain (and room for the chain's payloads).
+
+    ``token`` is the federation's token (it keys secure aggregation's board), ``step`` the chain's
+    registered :class:`ChainStep`, ``needs`` the steps' ``uploads_needed``."""
     from openfl_api.payload import MAX_HEADER_BYTES
     from openfl_api.transport.base import REQUESTS, Limits
 
-    side = BackendSide(chain, api, server.model.state)
+    side = BackendSide(chain, api, server, token, needs)
     server.exchange.transforms = side
+    step.side = side
     largest = max(server.request_limits.max_payload, side.wire_schema.nbytes)
     server.request_limits = Limits(REQUESTS, MAX_HEADER_BYTES, largest)
     return side

@@ -5,9 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import pytest
-
-from test_federation import DEADLINE, ROOT, launch, log_of, processes  # noqa: F401
+from test_federation import DEADLINE, launch, log_of, processes  # noqa: F401 (processes: a fixture)
 
 SCRIPT = Path(__file__).with_name("scripts") / "secagg.py"
 
