@@ -46,8 +46,9 @@ _LAZY = {
     "Asynchronous": "openfl_api.asynchronous",
     "VirtualClients": "openfl_api.virtual_clients",
     "ClientStates": "openfl_api.virtual_clients",
+    "StopAtEpsilon": "openfl_api.transforms.dp",
 }
-_SUBMODULES = ("aggregate", "data", "logger", "parser", "virtual_clients", "utils")
+_SUBMODULES = ("aggregate", "data", "logger", "parser", "virtual_clients", "utils", "transforms")
 
 __all__ = [
     *_LAZY,

@@ -19,6 +19,7 @@ The same script runs on every rank::
 
 from __future__ import annotations
 
+import functools
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, List, Mapping, Optional, Sequence, Union
@@ -41,6 +42,21 @@ from openfl_api.timeouts import Timeouts
 from openfl_api.transport.rendezvous import token_from
 
 __all__ = ["API"]
+
+
+def _exits_fast_when_interrupted(method: Any) -> Any:
+    """A blocking API method that Ctrl-C interrupts makes the process end at once by SIGINT once
+    the interrupt has been printed (see :func:`openfl_api.waiting.exit_fast_after_interrupt`)."""
+
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(*args, **kwargs)
+        except KeyboardInterrupt:
+            waiting.exit_fast_after_interrupt()
+            raise
+
+    return wrapper
 
 
 class API(Controls):
@@ -115,6 +131,8 @@ class API(Controls):
         self._state: Optional[SharedState] = None
         self._ran = False
         self._finished = False
+        self._transforms: Any = None  # the upload chain (openfl_api.transforms.Chain), or None
+        self._chain_step: Any = None  # the chain's backend step (openfl_api.transforms.chain.ChainStep), or None
         self.log = bind("frontend" if frontend else "backend" if frontend is False else "-")
 
     # ----------------------------------------------------------------- identity
@@ -164,6 +182,7 @@ class API(Controls):
         self._steps.fire(FRONTEND if self._frontend else BACKEND, event, *args)
 
     # ----------------------------------------------------------------- set-up
+    @_exits_fast_when_interrupted
     def build_connection(
         self,
         address: Union[Address, Sequence[Address], None] = None,
@@ -234,7 +253,53 @@ class API(Controls):
             self._state = SharedState(self._state_dict, self._aggregator, self._optimizer)
         return self._state
 
+    # ----------------------------------------------------------------- upload transforms
+    def set_upload_transforms(self, *transforms: Any, seed: Optional[int] = None) -> Any:
+        """Declare the upload chain: transforms applied to each update on the frontend before
+        upload and undone on the backend before aggregation (clipping, compression, secure
+        aggregation, noise; see ``docs/privacy.rst``). Call it with the same transforms on every rank,
+        before ``run()``/``download()``; a frontend with another chain is refused when it joins.
+
+        Args:
+            transforms: ``openfl_api.transforms`` objects in the order clip, compress, mask, noise.
+            seed: seeds the frontends' stochastic rounding per version and client; None: fresh.
+
+        Returns:
+            The :class:`~openfl_api.transforms.Chain`.
+
+        Raises:
+            ConfigurationError: a transform is unknown, out of order, or combined with one it cannot go with.
+            RoleError: called twice, or after the federation started.
+        """
+        from openfl_api.transforms.chain import Chain, ChainStep
+
+        if self._transforms is not None:
+            raise RoleError("set_upload_transforms(...) was called already on this API; a chain is declared once")
+        if self._ran or (self._client is not None and self._client.transforms is not None):
+            raise RoleError("set_upload_transforms(...) must come before run(), start(), download() and upload()")
+        chain = Chain(transforms, seed=seed)
+        self._transforms = chain
+        self._chain_step = ChainStep()
+        self.register_step(self._chain_step)
+        return chain
+
+    @property
+    def upload_transforms(self) -> Any:
+        """The upload chain declared with :meth:`set_upload_transforms`, or None."""
+        return self._transforms
+
+    def _frontend_transforms(self, client: Client) -> None:
+        """Give the frontend its side of the upload chain, built for the current shared state."""
+        if self._transforms is None:
+            return
+        state = self._shared_state()
+        if client.transforms is None or client.transforms.state is not state:
+            from openfl_api.transforms.chain import FrontendSide
+
+            client.transforms = FrontendSide(self._transforms, state, self.log, self._hosted, self.timeouts, self._token)
+
     # ----------------------------------------------------------------- running
+    @_exits_fast_when_interrupted
     def run(self) -> None:
         """Backend: serve until a stop step fires (blocking). Frontend: return at once."""
         if self._frontend:
@@ -246,6 +311,7 @@ class API(Controls):
         self._prepare_backend(server)
         server.run()
 
+    @_exits_fast_when_interrupted
     def start(self) -> None:
         """Backend: run the serve loop in a background thread; :meth:`finish` waits for it."""
         if self._frontend:
@@ -257,6 +323,7 @@ class API(Controls):
         self._prepare_backend(server)
         server.start()
 
+    @_exits_fast_when_interrupted
     def download(self) -> bool:
         """Frontend: load a global model of version >= the local one in place. False once ended.
 
@@ -265,8 +332,10 @@ class API(Controls):
         if not self._frontend:
             return False
         client = self._require_client("download()")
+        self._frontend_transforms(client)
         return client.download(self._shared_state(), self.rank, self.nick_name)
 
+    @_exits_fast_when_interrupted
     def upload(
         self, num_samples: int = 1, metrics: Optional[Mapping[str, float]] = None,
         client: Union[int, str, None] = None,
@@ -282,6 +351,7 @@ class API(Controls):
             return False
         meta = check_upload_meta(num_samples, {} if metrics is None else metrics)
         owner = self._require_client("upload()")
+        self._frontend_transforms(owner)
         return owner.upload(self._shared_state(), self.rank, self.nick_name, meta["num_samples"], meta["metrics"],
                             client=None if client is None else str(client))
 
@@ -304,6 +374,10 @@ class API(Controls):
 
     def _prepare_backend(self, server: Server) -> None:
         server.prepare(self._shared_state(), self._server_optimizer)
+        if self._transforms is not None:
+            from openfl_api.transforms.chain import attach_backend
+
+            attach_backend(self._transforms, self, server, self._token, self._chain_step, self._steps.uploads_needed)
         if self._resume is None:
             return
         found = checkpoint.newest(self._resume, self.log)

@@ -82,6 +82,10 @@ The launcher's environment, plus:
     ``torchrun`` does: several ranks each running one OpenMP thread per core overload the machine,
     and spinning OpenMP threads starve the pipes' I/O threads. Set it yourself to choose another
     value.
+``TORCH_CPP_LOG_LEVEL``
+    ``ERROR`` unless the launcher's environment sets it: torch's C++ warnings (a store connection
+    retried while a backend restarts, with a C++ stack trace each) would bury openfl_api's own
+    lines, which say what happened and what to do. Set it to ``WARNING`` to see them.
 
 Python ranks run unbuffered (``python -u``), so their output appears as it is written. Each rank
 runs in a session of its own: a Ctrl-C in the terminal reaches the launcher only, which forwards it.

@@ -200,6 +200,7 @@ class Supervisor:
         env[TOKEN_VAR] = config.token
         if config.nproc_per_node > 1:
             env.setdefault("OMP_NUM_THREADS", "1")
+        env.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
         if config.init_method is None:
             env.pop(INIT_METHOD_VAR, None)
         else:

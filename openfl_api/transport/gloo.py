@@ -7,6 +7,7 @@ that times out closes the pair, which is why a pipe that timed out is dead.
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from datetime import timedelta
@@ -25,6 +26,14 @@ from openfl_api.waiting import seconds
 __all__ = ["GlooPipe", "open_gloo_pipe"]
 
 _TAG = 0
+
+
+def _reason(exc: BaseException) -> str:
+    """Gloo's error, as a log line can say it: its first line without the C++ source location and
+    the generic advice gloo appends."""
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    text = re.sub(r"\[[^\]]*\.(?:cc|cpp|h):\d+\]\s*", "", text)
+    return text.split(". This is typically caused")[0].strip()[:300]
 
 
 def open_gloo_pipe(store: Store, prefix: str, rank: int, timeout: timedelta, host: Optional[str]) -> "GlooPipe":
@@ -48,7 +57,7 @@ def open_gloo_pipe(store: Store, prefix: str, rank: int, timeout: timedelta, hos
         device = (ProcessGroupGloo.create_device(interface=bound.interface) if bound.interface
                   else ProcessGroupGloo.create_device(hostname=bound.hostname))
     except RuntimeError as exc:
-        raise TransportError(f"could not open a pipe on {bound}: {str(exc).splitlines()[0][:200]}; set "
+        raise TransportError(f"could not open a pipe on {bound}: {_reason(exc)}; set "
                              f"{IFNAME_VAR} to an interface of this machine that reaches the other side") from exc
     options._devices = [device]
     options._timeout = timeout
@@ -56,7 +65,7 @@ def open_gloo_pipe(store: Store, prefix: str, rank: int, timeout: timedelta, hos
     try:
         group = ProcessGroupGloo(PrefixStore(prefix, store), rank, 2, options)
     except RuntimeError as exc:
-        first = str(exc).splitlines()[0][:300]
+        first = _reason(exc)
         peer = "the backend" if rank == 1 else "the frontend"
         raise TransportError(
             f"could not connect the pipe to {peer} within {timeout}: {first}. This side bound to {bound}; check "
@@ -101,7 +110,7 @@ class GlooPipe(Pipe):
                 return self._group.send([tensor], self._peer, _TAG)
             return self._group.recv([tensor], self._peer, _TAG)
         except RuntimeError as exc:
-            raise TransportError(f"pipe failed while {what}: {str(exc).splitlines()[0][:300]}") from exc
+            raise TransportError(f"pipe failed while {what}: {_reason(exc)}") from exc
 
     def _wait(self, works: List, timeout: timedelta, what: str) -> None:
         deadline = time.monotonic() + timeout.total_seconds()
@@ -109,7 +118,7 @@ class GlooPipe(Pipe):
             for work in works:
                 work.wait(timedelta(seconds=max(0.001, deadline - time.monotonic())))
         except RuntimeError as exc:
-            raise TransportError(f"pipe failed while {what}: {str(exc).splitlines()[0][:300]}") from exc
+            raise TransportError(f"pipe failed while {what}: {_reason(exc)}") from exc
 
     def _wait_first(self, work: object, idle: timedelta) -> None:
         """Wait for a message to start; :class:`Silence` when nothing came within ``idle``."""
@@ -117,7 +126,7 @@ class GlooPipe(Pipe):
         try:
             work.wait(idle)
         except RuntimeError as exc:
-            first = str(exc).splitlines()[0][:300]
+            first = _reason(exc)
             if "Timed out" in first or time.monotonic() - started >= idle.total_seconds():
                 raise Silence(f"pipe failed: nothing came for {seconds(idle.total_seconds())}, not even a "
                               "heartbeat (the link is cut, or the peer hangs)") from exc
