@@ -41,6 +41,11 @@ class Ledger:
         with self._lock:
             self.refused.append(reason)
 
+    def count(self, column: str) -> int:
+        """Return the sum of ``column`` over every peer."""
+        with self._lock:
+            return sum(row[column] for row in self._rows.values())
+
     def totals(self) -> Dict[str, int]:
         """Return the Pending / Finished / Discard totals over every peer."""
         with self._lock:

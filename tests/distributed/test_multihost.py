@@ -7,17 +7,26 @@ Every process is started with ``ip netns exec`` in its own session and killed wi
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import sys
+import time
+from datetime import datetime
+from pathlib import Path
 
 import pytest
 
 import netns
-from test_federation import DEADLINE, ROOT, Processes
+from test_federation import DEADLINE, ROOT, SCRIPT, Processes
 
 pytestmark = pytest.mark.skipif(not netns.available(), reason="needs root and ip(8) to build network namespaces")
 PORT = "29500"
 TOKEN = "0123456789abcdef0123456789abcdef"
+#: How long the partition test cuts a link. Detection depends only on the heartbeat and the link
+#: timeout, and each attempt to join again opens fresh connections, so a longer cut (the 60 s of a
+#: pulled cable: OPENFL_TEST_CUT_S=60) changes only how long the host stays out.
+CUT = float(os.environ.get("OPENFL_TEST_CUT_S", "8"))
 
 
 @pytest.fixture
@@ -27,12 +36,30 @@ def processes():
     group.reap()
 
 
-def launcher(processes, hosts, index, tmp_path, nnodes, counts, *script_args):
+def launcher(processes, hosts, index, tmp_path, nnodes, counts, *script_args, script=ROOT / "demo.py"):
     args = hosts.command(index, sys.executable, "-m", "openfl_api.launch", "--nnodes", str(nnodes), "--node_rank",
                          str(index), "--nproc_per_node", counts, "--master_addr", hosts.addresses[0],
                          "--master_port", PORT, "--logdir", str(tmp_path / f"node{index}"), "--grace", "5",
-                         str(ROOT / "demo.py"), *script_args)
+                         str(script), *script_args)
     return processes.start(args, log=tmp_path / f"launcher{index}.log", OPENFL_API_TOKEN=TOKEN)
+
+
+def rank_log(tmp_path: Path, node: int, rank: int) -> Path:
+    return tmp_path / f"node{node}" / f"rank_{rank}.log"
+
+
+def wait_for_line(path: Path, pattern: str, nodes, after: int = 0, deadline: float = DEADLINE) -> datetime:
+    """Wait until a line after the first ``after`` characters of the log ``path`` matches
+    ``pattern``; return the time the line was logged."""
+    end = time.monotonic() + deadline
+    while True:
+        text = path.read_text() if path.exists() else ""
+        match = re.search(rf"^(\S+ \S+) \|.*{pattern}", text[after:], re.MULTILINE)
+        if match:
+            return datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S.%f")
+        assert time.monotonic() < end, f"no line matching {pattern!r} in {path} within {deadline} s:\n{text[-3000:]}"
+        assert all(node.poll() is None for node in nodes), f"a launcher ended early:\n{text[-3000:]}"
+        time.sleep(0.05)  # polling a log file another process writes, with a deadline
 
 
 def test_a_federation_over_three_hosts_whose_names_resolve_to_loopback_finishes(processes, tmp_path):
@@ -67,3 +94,34 @@ def test_a_backend_refuses_to_host_an_address_of_another_machine(processes, tmp_
     text = (tmp_path / "backend.log").read_text()
     assert re.search(rf"AddressError: tcp://{re.escape(hosts.addresses[0])}:{PORT} is not an address of this machine "
                      r"\(.* which no interface here has\): the backend hosts the store of its own address", text), text
+
+
+def test_a_cut_link_is_named_at_both_ends_within_5_s_and_the_host_rejoins_without_losing_an_update(
+        processes, tmp_path):
+    stop, result = tmp_path / "stop", tmp_path / "result"
+    args = ("--count", "1", "--max_version", "1000", "--pace", "0.3", "--stop_file", str(stop),
+            "--result", str(result))
+    with netns.hosts(3, behind=[2]) as hosts:
+        nodes = [launcher(processes, hosts, i, tmp_path, 3, "1", *args, script=SCRIPT) for i in range(3)]
+        backend, cut_off = rank_log(tmp_path, 0, 0), rank_log(tmp_path, 2, 2)
+        wait_for_line(backend, "version 3: aggregated", nodes)
+        before = len(backend.read_text()), len(cut_off.read_text())
+        cut_at = datetime.now()
+        hosts.link(2, cut=True)
+        seen_backend = wait_for_line(backend, r"rank 2 \(\S+\) left: pipe failed", nodes, after=before[0])
+        seen_frontend = wait_for_line(cut_off, "lost the link to backend", nodes, after=before[1])
+        time.sleep(max(0.0, CUT - (datetime.now() - cut_at).total_seconds()))  # the cut lasts CUT seconds
+        hosts.link(2)
+        rejoined = wait_for_line(backend, r"rank 2 \(\S+\) joined", nodes, after=before[0])
+        wait_for_line(cut_off, "joined backend", nodes, after=before[1])
+        stop.touch()
+        for i, node in enumerate(nodes):
+            assert node.wait(timeout=DEADLINE) == 0, (tmp_path / f"launcher{i}.log").read_text()[-3000:]
+    assert (seen_backend - cut_at).total_seconds() < 5, f"the backend named the cut {seen_backend - cut_at} after it"
+    assert (seen_frontend - cut_at).total_seconds() < 5, f"the frontend named the cut {seen_frontend - cut_at} after it"
+    assert rejoined > cut_at
+    final = json.loads(Path(f"{result}.0").read_text())
+    # Each accepted upload made one version (count=1): none was accepted and then lost.
+    assert final["accepted"] == final["version"]
+    told = sum(json.loads(Path(f"{result}.{rank}").read_text())["accepted"] for rank in (1, 2))
+    assert final["version"] - 1 <= told <= final["version"]  # at most the ACK that the cut swallowed

@@ -1,7 +1,9 @@
 """A configurable federation script for the multi-process tests; run on every rank by the launcher.
 
 Frontends train a 2-parameter model, or (--rogue) send tampered uploads first, or (--die_rank)
-SIGKILL themselves mid-run. The backend can write its final model and ledger to --result.
+SIGKILL themselves mid-run, or (--pace) take that many seconds per round. The backend stops at
+--max_version, or once the file --stop_file exists, and can write its final model and ledger to
+--result.
 """
 
 import json
@@ -24,6 +26,8 @@ parser.add_argument("--rogue", action="store_true")
 parser.add_argument("--constant", type=float, default=None)
 parser.add_argument("--result", default=None)
 parser.add_argument("--wait_for", default=None)
+parser.add_argument("--pace", type=float, default=0.0)
+parser.add_argument("--stop_file", default=None)
 args = parser.parse_args()
 ofl.logger.log_level("DEBUG" if args.rogue else "INFO")
 
@@ -31,6 +35,25 @@ api = ofl.API(frontend=args.rank > 0, timeout=timedelta(seconds=60), connect_tim
               transfer_timeout=timedelta(seconds=30), drain=timedelta(seconds=5))
 api.set_aggregate_triggers(ofl.AggregateCount(count=args.count))
 api.register_step(ofl.StopAtVersion(max_version=args.max_version))
+
+
+class StopAtFile(ofl.Step):
+    """Stop once the test creates the file ``path``."""
+
+    roles = frozenset({"backend"})
+
+    def __init__(self, path):
+        self.path = Path(path)
+
+    def at_loop(self, api):
+        if self.path.exists():
+            api.stop(f"{self.path.name} exists")
+
+    after_aggregate = at_loop
+
+
+if args.stop_file:
+    api.register_step(StopAtFile(args.stop_file))
 if args.address_file and args.rank == 0:
     api.build_connection(address_file=args.address_file)
 else:
@@ -127,6 +150,7 @@ with api:
         if not api.upload(num_samples=16):
             break
         rounds += 1
+        time.sleep(args.pace)  # the time a round of training would take
         if args.rank == args.die_rank and rounds == 1:
             if args.wait_for:
                 Path(args.wait_for).touch()
@@ -138,7 +162,8 @@ if args.result:
     if args.rank == 0:
         result = {"version": api.version, "weight": net.weight.detach().tolist(),
                   "bias": net.bias.detach().tolist(), "totals": api._server.ledger.totals(),
+                  "accepted": api._server.ledger.count("uploads"),
                   "reasons": dict(api._server.ledger.discard_reasons)}
     else:
-        result = {"rounds": rounds, "tampered": report}
+        result = {"rounds": rounds, "accepted": api._client.ledger.count("uploads"), "tampered": report}
     Path(f"{args.result}.{args.rank}").write_text(json.dumps(result))
