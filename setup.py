@@ -18,11 +18,11 @@ setup(
     install_requires=requirements,
     extras_require={
         "test": ["pytest>=7", "pytest-timeout>=2", "hypothesis>=6", "matplotlib>=3.5", "scikit-learn>=1.0",
-                 "opacus>=1.5", "cryptography>=41"],
+                 "opacus>=1.5"],
         "docs": ["sphinx>=7"],
         "plot": ["matplotlib>=3.5"],
         "digits": ["scikit-learn>=1.0"],
-        # DP accounting and local DP-SGD (opacus), secure aggregation (cryptography): openfl_api.transforms
-        "privacy": ["opacus>=1.5", "cryptography>=41"],
+        # DP accounting and local DP-SGD (opacus): openfl_api.transforms (cryptography is a core requirement)
+        "privacy": ["opacus>=1.5"],
     },
 )

@@ -22,6 +22,7 @@ from openfl_api.errors import (
     RoleError,
     StepError,
     TransportError,
+    WireError,
 )
 
 __version__ = "0.1.0"
@@ -60,6 +61,7 @@ __all__ = [
     "AdmissionError",
     "TransportError",
     "ProtocolError",
+    "WireError",
     "StepError",
     *_SUBMODULES,
     "__version__",

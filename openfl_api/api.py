@@ -89,6 +89,11 @@ class API(Controls):
         resume: backend: a checkpoint prefix (as given to ``AggregateCount(checkpoint=...)``);
             the serve loop starts from the newest complete checkpoint ``f"{resume}.{version}"``
             found, or from the start when there is none.
+        protect_wire: whether every pipe's messages are authenticated and encrypted (AES-256-GCM
+            with keys from the admission handshake, sequence numbers against replays; see
+            :mod:`openfl_api.transport.wire`). None: on, unless an address stays on this machine
+            (``memory://``, or ``tcp://`` on loopback). The backend decides for its addresses; a
+            frontend with True refuses a backend that offers a plain wire.
     """
 
     def __init__(
@@ -108,9 +113,13 @@ class API(Controls):
         asynchronous: Optional[Asynchronous] = None,
         clients: Optional[Sequence[Union[int, str]]] = None,
         reconnect: timedelta = timedelta(seconds=60),
+        protect_wire: Optional[bool] = None,
         resume: Union[str, Path, None] = None,
     ) -> None:
         _check_arguments(frontend, token, nick_name, asynchronous, reconnect, resume)
+        if protect_wire is not None and not isinstance(protect_wire, bool):
+            raise ConfigurationError(f"API(protect_wire=...) must be True, False or None, got {protect_wire!r}")
+        self._protect_wire = protect_wire
         self._hosted = _check_clients(clients)
         self._asynchronous = asynchronous
         self._reconnect = reconnect
@@ -208,13 +217,15 @@ class API(Controls):
             self._rank = joined.rank
             self.log = bind(self.role, joined.rank)
             connect.warn_if_no_token(self._token, self.log)
-            self._client = Client(self._fire, self.timeouts, self.log, clients=self._hosted, reconnect=self._reconnect)
+            self._client = Client(self._fire, self.timeouts, self.log, clients=self._hosted, reconnect=self._reconnect,
+                                  protect_wire=self._protect_wire)
             self._client.connect(joined, self._token, self.nick_name)
             return
         connect.check_backend_addresses(addresses)
         connect.warn_if_no_token(self._token, self.log)
         self._server = Server(self._fire, self.timeouts, self._token, self.nick_name, self.log,
-                              asynchronous=self._asynchronous, needs=self._steps.uploads_needed)
+                              asynchronous=self._asynchronous, needs=self._steps.uploads_needed,
+                              protect_wire=self._protect_wire)
         for served in addresses:
             self._server.serve(served)
         if address_file is not None:

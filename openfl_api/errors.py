@@ -11,6 +11,7 @@ either. Messages say what must hold, what came, and how to fix it::
      +-- AdmissionError (PermissionError)     a peer was refused (wrong token, duplicate rank, ...)
      +-- TransportError (ConnectionError)     a pipe or store failed (peer crashed, timed out, ...)
      |    +-- ProtocolError                   the peer sent a message that breaks the wire protocol
+     |         +-- WireError                  a message of the protected wire was refused (tampered, replayed)
      +-- StepError (RuntimeError)             a step raised; the original exception is chained
 """
 
@@ -25,6 +26,7 @@ __all__ = [
     "AdmissionError",
     "TransportError",
     "ProtocolError",
+    "WireError",
     "StepError",
 ]
 
@@ -59,6 +61,15 @@ class TransportError(OpenFLError, ConnectionError):
 
 class ProtocolError(TransportError):
     """The peer sent a frame that breaks the wire protocol (bad magic, kind or size); the pipe is closed."""
+
+
+class WireError(ProtocolError):
+    """A message of the protected wire was refused: it failed authentication (a changed byte, a
+    peer with another key), came again (a replay) or out of order. ``reason`` names which."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class StepError(OpenFLError, RuntimeError):

@@ -28,7 +28,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Union
 import torch
 
 from openfl_api.address import Address
-from openfl_api.errors import AdmissionError, ConfigurationError, PayloadError, TransportError
+from openfl_api.errors import AdmissionError, ConfigurationError, PayloadError, TransportError, WireError
 from openfl_api.ledger import Ledger
 from openfl_api.payload import (
     MAX_HEADER_BYTES, FiniteScan, Schema, decode, dtype_name, encode, encode_header, encode_pieces, parse_header,
@@ -60,12 +60,14 @@ class Client:
     """
 
     def __init__(self, fire: Callable[..., None], timeouts: Timeouts, log: Any,
-                 clients: Optional[List[str]] = None, reconnect: timedelta = timedelta(0)) -> None:
+                 clients: Optional[List[str]] = None, reconnect: timedelta = timedelta(0),
+                 protect_wire: Optional[bool] = None) -> None:
         self._fire = fire
         self.hosted = clients  # virtual client ids, or None: this frontend is one client
         self.selected: List[str] = list(clients or [])
         self._registered = False
         self.reconnect = reconnect
+        self.protect_wire = protect_wire
         self.timeouts = timeouts
         self.log = log
         self.ledger = Ledger()
@@ -96,7 +98,8 @@ class Client:
         timeout = timeout or self.timeouts.connect
         self._store = open_store(address, backend=False, timeout=timeout, log=self.log)
         self._pipe, self.backend_name, self._ended_on_store = join(
-            address, self._store, token, nick_name, timeout, log=self.log, status=self.timeouts.status)
+            address, self._store, token, nick_name, timeout, log=self.log, status=self.timeouts.status,
+            protect_wire=self.protect_wire)
         self.address, self._token, self._nick_name = address, token, nick_name
         self._registered = False
         if self._pipe.heartbeats:
@@ -137,8 +140,11 @@ class Client:
                 self.connect(self.address, self._token, self._nick_name,
                              timeout=timedelta(seconds=max(0.5, min(left, self.timeouts.connect.total_seconds()))))
                 return True
-            except AdmissionError:
-                raise
+            except AdmissionError as exc:
+                # After a lost link the backend may not have dropped this rank's old pipe yet.
+                if getattr(exc, "code", None) != "duplicate":
+                    raise
+                self.log.debug(f"join again refused: {exc}; the backend still holds the old pipe")
             except (TransportError, RuntimeError) as exc:
                 self.log.debug(f"join again failed: {exc}")
             time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
@@ -188,6 +194,9 @@ class Client:
                                          f"changed it: {reason}")
                 break
             except TransportError as exc:
+                if isinstance(exc, WireError):
+                    self.ledger.refuse_on_wire(exc.reason)
+                    self.log.warning(f"refused a message from {self.backend_name}: {exc}")
                 if isinstance(exc, Silence):
                     self._link_lost(exc)
                 ended = self._ended_on_store()

@@ -2,7 +2,7 @@
 
 Per peer it counts requests held waiting (Pending), transfers completed (Finished: models served
 or updates accepted) and updates discarded (Discard: stale, invalid, or dropped by a step), plus
-the reasons for discards and refused joins.
+the reasons for discards, refused joins and messages refused by the protected wire.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ class Ledger:
         self._rows: Dict[str, Counter] = defaultdict(Counter)
         self.discard_reasons: Counter = Counter()
         self.refused: List[str] = []
+        self.wire: Counter = Counter()  # messages the protected wire refused, by reason
 
     def add(self, peer: str, column: str, amount: int = 1) -> None:
         """Add ``amount`` to ``column`` ("pending", "downloads", "uploads", "discard") of ``peer``."""
@@ -40,6 +41,11 @@ class Ledger:
         """Record a refused join."""
         with self._lock:
             self.refused.append(reason)
+
+    def refuse_on_wire(self, reason: str) -> None:
+        """Count one message the protected wire refused ("failed authentication", "replayed", ...)."""
+        with self._lock:
+            self.wire[reason] += 1
 
     def count(self, column: str) -> int:
         """Return the sum of ``column`` over every peer."""
@@ -70,6 +76,8 @@ class Ledger:
         lines = [table.get_string()]
         if self.discard_reasons:
             lines.append("discarded: " + ", ".join(f"{k} x{v}" for k, v in sorted(self.discard_reasons.items())))
+        if self.wire:
+            lines.append("refused on the wire: " + ", ".join(f"{k} x{v}" for k, v in sorted(self.wire.items())))
         if self.refused:
             lines.append(f"refused joins: {len(self.refused)} (last: {self.refused[-1]})")
         return "\n".join(lines)

@@ -152,11 +152,11 @@ def test_the_pipe_works_when_the_frontend_opens_its_side_first(harness: Harness,
     real_open_pipe = rendezvous._open_pipe
     frontend_opened = threading.Event()
 
-    def frontend_first(address: Address, store: Any, prefix: str, rank: int, timeout: timedelta) -> Pipe:
+    def frontend_first(address: Address, store: Any, prefix: str, rank: int, timeout: timedelta, keys=None) -> Pipe:
         if rank == 0:
             frontend_opened.wait(WAIT)
-            return real_open_pipe(address, store, prefix, rank, timeout)
-        pipe = real_open_pipe(address, store, prefix, rank, timeout)
+            return real_open_pipe(address, store, prefix, rank, timeout, keys)
+        pipe = real_open_pipe(address, store, prefix, rank, timeout, keys)
         frontend_opened.set()
         return pipe
 
@@ -324,10 +324,10 @@ def _failing_backend_side(monkeypatch: pytest.MonkeyPatch) -> None:
     real_open_pipe = rendezvous._open_pipe
     failures = [RuntimeError("[enforce fail at device.cc:186] rv != -1. Too many open files")]
 
-    def open_pipe(address: Address, store: Any, prefix: str, rank: int, timeout: timedelta) -> Pipe:
+    def open_pipe(address: Address, store: Any, prefix: str, rank: int, timeout: timedelta, keys=None) -> Pipe:
         if rank == 0 and failures:
             raise failures.pop()
-        return real_open_pipe(address, store, prefix, rank, timeout)
+        return real_open_pipe(address, store, prefix, rank, timeout, keys)
 
     monkeypatch.setattr(rendezvous, "_open_pipe", open_pipe)
 

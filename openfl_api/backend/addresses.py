@@ -44,7 +44,8 @@ class Addresses:
 
     def __init__(self, token: bytes, connect: timedelta, nick_name: str, log: Any,
                  on_admit: Callable[..., None], on_refuse: Callable[..., None],
-                 on_opened: Callable[[Address, Store], None] = lambda address, store: None) -> None:
+                 on_opened: Callable[[Address, Store], None] = lambda address, store: None,
+                 protect_wire: Optional[bool] = None) -> None:
         self._token = token
         self._connect = connect
         self._nick_name = nick_name
@@ -52,6 +53,7 @@ class Addresses:
         self._on_admit = on_admit
         self._on_refuse = on_refuse
         self._on_opened = on_opened
+        self._protect_wire = protect_wire
         self.lobbies: Dict[tuple, Lobby] = {}
         self._files: List[Path] = []
         self._watcher: Optional[AddressFileWatcher] = None
@@ -65,10 +67,12 @@ class Addresses:
         if store is None:
             store = open_store(address, backend=True, timeout=self._connect)
         self.lobbies[address.key] = Lobby(address, store, self._token, self._connect, on_admit=self._on_admit,
-                                          on_refuse=self._on_refuse, nick_name=self._nick_name, log=self.log)
+                                          on_refuse=self._on_refuse, nick_name=self._nick_name, log=self.log,
+                                          protect_wire=self._protect_wire)
         if address.scheme == "file":
             self._files.append(Path(address.path))
-        self.log.info(f"serving {address.init_method} (group {address.group_name!r}, world_size {address.world_size})")
+        self.log.info(f"serving {address.init_method} (group {address.group_name!r}, world_size {address.world_size}, "
+                      f"wire {self.lobbies[address.key].wire})")
 
     def watch(self, path: str, on_change: Callable[..., None]) -> None:
         """Serve every address in the file ``path`` and call ``on_change(added, removed, changed)``

@@ -28,7 +28,8 @@ class Members:
         self.addresses = Addresses(token, server.timeouts.connect, server.nick_name, server.log,
                                    on_admit=self._admit, on_refuse=self._refuse,
                                    on_opened=lambda address, store: server.post(
-                                       AddressChange(opened=[(address, store)]), force=True))
+                                       AddressChange(opened=[(address, store)]), force=True),
+                                   protect_wire=server.protect_wire)
 
     def serve(self, address: Address) -> None:
         """Host or open the store of ``address`` and start admitting frontends there."""
@@ -102,5 +103,8 @@ class Members:
             if drained:
                 self.server.log.warning(f"rank {worker.peer.rank} did not leave within {drain}; closing its pipe")
                 worker.pipe.close()
+        if drained:
+            for worker in self.workers.values():
+                worker.join(self.server.timeouts.tick * 20)
         self.workers.clear()
         self.addresses.close()

@@ -55,14 +55,18 @@ class Server:
         asynchronous: the asynchronous settings, or None for synchronous mode.
         needs: ``needs()`` returns ``(uploads, step name)`` for the uploads the attached steps need
             to aggregate the current version, or None; used by the status line.
+        protect_wire: whether the pipes' messages are sealed; None: unless an address stays on
+            this machine (:mod:`openfl_api.transport.wire`).
     """
 
     def __init__(
         self, fire: Callable[..., None], timeouts: Timeouts, token: bytes, nick_name: str, log: Any,
         asynchronous: Optional[Asynchronous] = None, needs: Callable[[], Optional[Tuple[int, str]]] = lambda: None,
+        protect_wire: Optional[bool] = None,
     ) -> None:
         self._fire_steps = fire
         self.asynchronous = asynchronous
+        self.protect_wire = protect_wire
         self.timeouts = timeouts
         self.nick_name = nick_name
         self.log = log

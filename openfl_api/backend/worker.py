@@ -23,7 +23,7 @@ from typing import Any, List, Optional, Tuple
 import torch
 
 from openfl_api.address import Address
-from openfl_api.errors import ProtocolError, TransportError
+from openfl_api.errors import ProtocolError, TransportError, WireError
 from openfl_api.payload import MAX_HEADER_BYTES, FiniteScan, encode_header
 from openfl_api.transport.base import REPLIES, REQUESTS, Kind, Limits, Message, Pipe, Silence, check_frame, frame_of
 from openfl_api.transport.rendezvous import Lobby, Peer
@@ -115,6 +115,12 @@ class Worker:
 
     def start(self) -> None:
         self._thread.start()
+
+    def join(self, timeout: timedelta) -> None:
+        """Wait up to ``timeout`` for the pipe's thread to end (after the pipe was closed): a
+        thread still inside a gloo wait when the process exits aborts it."""
+        if self._thread.ident is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout.total_seconds())
 
     def reply(self, message: Message) -> None:
         """The answer to the request this worker's frontend waits on.
@@ -280,6 +286,9 @@ class Worker:
                 if not keep:
                     reason = "address changed" if self.ending[1] == "changed" else "address removed"
                     break
+        except WireError as exc:
+            reason = f"refused on the wire: {exc}"
+            server.ledger.refuse_on_wire(exc.reason)
         except ProtocolError as exc:
             reason = f"invalid message: {exc}"
             server.ledger.discard(self.label, reason)

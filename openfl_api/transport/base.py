@@ -22,14 +22,14 @@ import enum
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Callable, List, Optional, Tuple, Union
+from typing import Callable, Iterator, List, Optional, Tuple, Union
 
 import torch
 
 from openfl_api.errors import ProtocolError, TransportError
 
 __all__ = [
-    "Kind", "Message", "Pieces", "Limits", "Pipe", "Silence", "MAGIC", "MAX_PIECES", "REQUESTS", "REPLIES",
+    "Kind", "Message", "Pieces", "Stream", "Limits", "Pipe", "Silence", "MAGIC", "MAX_PIECES", "REQUESTS", "REPLIES",
     "check_frame", "check_pieces", "frame_of", "payload_size",
 ]
 
@@ -89,6 +89,24 @@ class Pieces:
         return buffer
 
 
+@dataclass(frozen=True)
+class Stream:
+    """A payload of ``nbytes`` bytes whose pieces are made one at a time, each while the ones before
+    it travel (the protected wire encrypts a chunk while the previous one is sent).
+
+    ``rows`` gives each piece's ``(offset, bytes)`` in advance, for the piece table; ``make()``
+    yields the pieces in order, 1-D uint8 tensors of those sizes.
+    """
+
+    nbytes: int
+    rows: Tuple[Tuple[int, int], ...]
+    make: Callable[[], Iterator[torch.Tensor]]
+
+    def table(self) -> torch.Tensor:
+        """The piece table as sent: ``int64[len(rows), 2]`` of ``(offset, bytes)``."""
+        return torch.tensor([list(row) for row in self.rows], dtype=torch.int64).view(len(self.rows), 2)
+
+
 @dataclass
 class Message:
     """One message: a kind, JSON header bytes and an optional payload.
@@ -101,15 +119,15 @@ class Message:
 
     kind: Kind
     header: bytes = b""
-    payload: Union[torch.Tensor, Pieces, None] = None
+    payload: Union[torch.Tensor, Pieces, Stream, None] = None
     owned: bool = False
 
 
-def payload_size(payload: Union[torch.Tensor, Pieces, None]) -> int:
+def payload_size(payload: Union[torch.Tensor, Pieces, Stream, None]) -> int:
     """Bytes of a message's payload, whichever form it has."""
     if payload is None:
         return 0
-    if isinstance(payload, Pieces):
+    if isinstance(payload, (Pieces, Stream)):
         return payload.nbytes
     return payload.numel()
 

@@ -19,7 +19,7 @@ from torch.distributed import PrefixStore, ProcessGroupGloo, Store
 from openfl_api.errors import TransportError
 from openfl_api.transport.interfaces import IFNAME_VAR, binding
 from openfl_api.transport.base import (
-    FRAME, MAGIC, Limits, Message, Pieces, Pipe, Silence, check_frame, check_pieces, payload_size,
+    FRAME, MAGIC, Kind, Limits, Message, Pieces, Pipe, Silence, Stream, check_frame, check_pieces, payload_size,
 )
 from openfl_api.waiting import seconds
 
@@ -141,29 +141,37 @@ class GlooPipe(Pipe):
             raise ValueError("post() takes messages without payload")
         with self._send_lock:
             self._prune()
-            tensor = torch.frombuffer(bytearray(self._control(message, ())), dtype=torch.uint8)
+            tensor = torch.frombuffer(bytearray(self._control(message, 0)), dtype=torch.uint8)
             self._posted.append((self._post(True, tensor, "sending a ping"), tensor, time.monotonic()))
 
     def _prune(self) -> None:
         self._posted = [item for item in self._posted if not item[0].is_completed()]
 
     def undelivered(self, older_than: timedelta) -> Optional[str]:
+        # A gloo send is marked complete only by a wait, and a wait that times out fails it: so a
+        # ping is waited (briefly) only once it is older than ``older_than`` and must be through.
         with self._send_lock:
             now = time.monotonic()
-            for work, _, posted in self._posted:
-                if work.is_completed():
-                    if not work.is_success():
+            young = []
+            for item in self._posted:
+                work, _, posted = item
+                if now - posted <= older_than.total_seconds():
+                    young.append(item)
+                    continue
+                try:
+                    work.wait(timedelta(milliseconds=1))
+                except RuntimeError as exc:
+                    if "Timed out" not in _reason(exc):
                         return "pipe failed while sending a ping: the connection to the frontend broke"
-                elif now - posted > older_than.total_seconds():
                     return (f"pipe failed: the frontend took no ping for {seconds(now - posted)} (the link is cut, "
                             "or the frontend hangs)")
-            self._prune()
+            self._posted = young
         return None
 
-    def _control(self, message: Message, pieces: tuple, table: Optional[torch.Tensor] = None) -> bytes:
+    def _control(self, message: Message, count: int, table: Optional[torch.Tensor] = None) -> bytes:
         """The frame, the piece table and the header of a message, as sent in its control block."""
         frame = torch.tensor([MAGIC, int(message.kind), len(message.header), payload_size(message.payload),
-                              len(pieces)], dtype=torch.int64)
+                              count], dtype=torch.int64)
         control = frame.numpy().tobytes()
         if table is not None:
             control += table.numpy().tobytes()
@@ -173,15 +181,21 @@ class GlooPipe(Pipe):
         payload = message.payload
         if isinstance(payload, torch.Tensor):
             payload = Pieces(payload.numel(), ((0, payload),) if payload.numel() else ())
-        pieces = payload.pieces if payload is not None else ()
-        control = self._control(Message(message.kind, message.header, payload), pieces,
-                                payload.table() if pieces else None)
+        if isinstance(payload, Stream):
+            count, table, pieces = len(payload.rows), payload.table(), payload.make()
+        elif payload is not None and payload.pieces:
+            count, table, pieces = len(payload.pieces), payload.table(), (piece for _, piece in payload.pieces)
+        else:
+            count, table, pieces = 0, None, iter(())
+        control = self._control(Message(message.kind, message.header, payload), count, table)
         # Every tensor posted stays referenced here until the waits below are over.
         tensors = [torch.frombuffer(bytearray(control[:INLINE]), dtype=torch.uint8)]
         if len(control) > INLINE:
             tensors.append(torch.frombuffer(bytearray(control[INLINE:]), dtype=torch.uint8))
-        tensors.extend(piece for _, piece in pieces)
         works = [self._post(True, tensor, "sending a message") for tensor in tensors]
+        for piece in pieces:  # a Stream makes each piece while the ones posted before it travel
+            tensors.append(piece)
+            works.append(self._post(True, piece, "sending a message"))
         if self.link is not None and self.link < timeout:
             # The peer takes a message's start at once when it is there: waiting longer is a cut link.
             # (Each work is waited once: a second wait of a gloo send waits for another send.)
@@ -201,6 +215,17 @@ class GlooPipe(Pipe):
         alloc: Callable[[int], torch.Tensor],
         progress: Optional[Callable[[int], None]] = None,
     ) -> Message:
+        kind, header, rows, payload_len = self.recv_control(limits, idle, transfer)
+        payload = None
+        if payload_len:
+            payload = alloc(payload_len)
+            self.recv_payload(rows, payload, transfer, progress)
+        return Message(kind, header, payload)
+
+    def recv_control(self, limits: Limits, idle: timedelta,
+                     transfer: timedelta) -> Tuple[Kind, bytes, List[Tuple[int, int]], int]:
+        """The first half of :meth:`recv`: a message's kind, header, piece rows ``(offset, bytes)``
+        and payload size, checked against ``limits``; its payload follows (:meth:`recv_payload`)."""
         self._wait_first(self._post(False, self._first, "waiting for a message"), idle)
         kind, header_len, payload_len, count = check_frame(self._first[:_FRAME_BYTES].view(torch.int64), limits)
         control_len = _FRAME_BYTES + 16 * count + header_len
@@ -210,19 +235,22 @@ class GlooPipe(Pipe):
             self._wait([self._post(False, rest, "receiving a header")], transfer, "receiving a header")
             control += rest.numpy().tobytes()
         header = control[_FRAME_BYTES + 16 * count :]
-        payload = None
+        rows: List[Tuple[int, int]] = []
         if payload_len:
             table = torch.frombuffer(bytearray(control[_FRAME_BYTES : _FRAME_BYTES + 16 * count]), dtype=torch.int64)
             rows = check_pieces(table.view(count, 2), payload_len)
-            payload = alloc(payload_len)
-            works = [self._post(False, payload[offset : offset + size], "receiving a payload") for offset, size in rows]
-            deadline = time.monotonic() + transfer.total_seconds()
-            for work, (offset, size) in zip(works, rows):
-                # Pieces complete in order; check each while the next ones are still arriving.
-                self._wait([work], timedelta(seconds=max(0.001, deadline - time.monotonic())), "receiving a payload")
-                if progress is not None:
-                    progress(offset + size)
-        return Message(kind, header, payload)
+        return kind, header, rows, payload_len
+
+    def recv_payload(self, rows: List[Tuple[int, int]], payload: torch.Tensor, transfer: timedelta,
+                     progress: Optional[Callable[[int], None]] = None) -> None:
+        """The second half of :meth:`recv`: the pieces ``rows`` into ``payload``; ``progress(end)``
+        after each piece, while the next ones are still arriving."""
+        works = [self._post(False, payload[offset : offset + size], "receiving a payload") for offset, size in rows]
+        deadline = time.monotonic() + transfer.total_seconds()
+        for work, (offset, size) in zip(works, rows):
+            self._wait([work], timedelta(seconds=max(0.001, deadline - time.monotonic())), "receiving a payload")
+            if progress is not None:
+                progress(offset + size)
 
     def close(self) -> None:
         try:

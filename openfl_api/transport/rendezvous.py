@@ -3,13 +3,16 @@
 The store is the control plane only (keys under ``openfl_api/<group_name>/``):
 
 1. The backend writes a fresh ``session`` id. A frontend reads it, takes a join number ``n`` with
-   ``add(<session>/joins, 1)`` and writes ``<session>/join/<n>/hello`` (rank, nick name, nonce).
-2. The backend answers ``.../challenge`` with a random challenge and its own proof of the token
-   (an HMAC of the frontend's nonce). The frontend answers ``.../response`` with an HMAC of the
-   challenge, its rank and its nonce, keyed by the shared token.
+   ``add(<session>/joins, 1)`` and writes ``<session>/join/<n>/hello`` (rank, nick name, nonce, the
+   public half of a fresh X25519 key).
+2. The backend answers ``.../challenge`` with a random challenge, the wire's mode (protected or
+   plain, :mod:`openfl_api.transport.wire`), its own public key and its proof of the token (an HMAC
+   of the frontend's nonce, the mode and both keys). The frontend answers ``.../response`` with an
+   HMAC of the challenge, its rank, its nonce, the mode and both keys, keyed by the shared token.
 3. The backend checks the HMAC, the rank range, that the rank is not already connected and that
    it has the file descriptors a pipe needs, and writes ``.../verdict``. If admitted, both sides
-   build the pipe under ``<session>/pipe/<n>``.
+   build the pipe under ``<session>/pipe/<n>``; on a protected wire each side derives the pipe's
+   keys from the two key halves and the token.
 
 A session id per backend start means a stale file store from an earlier run is never mistaken for
 the live one: a frontend that joined a dead session re-reads ``session`` and joins again.
@@ -48,11 +51,13 @@ from openfl_api.transport.base import Pipe
 from openfl_api.transport.gloo import open_gloo_pipe
 from openfl_api.transport.memory import open_memory_pipe
 from openfl_api.transport.store import fresh_client, wait_for_key
+from openfl_api.transport.wire import PLAIN, PROTECTED, KeyExchange, SealedPipe, WireKeys, is_public_key, \
+    protected_by_default
 from openfl_api.waiting import interruptible, logged
 
 __all__ = ["Peer", "Lobby", "join", "token_from", "PROTOCOL"]
 
-PROTOCOL = 1
+PROTOCOL = 2
 MAX_VALUE = 4096
 _POLL = timedelta(seconds=0.1)
 _RETRY = timedelta(seconds=3)
@@ -108,10 +113,12 @@ def _descriptors() -> Optional[Tuple[int, int]]:
         return None
 
 
-def _open_pipe(address: Address, store: Store, prefix: str, rank: int, timeout: timedelta) -> Pipe:
+def _open_pipe(address: Address, store: Store, prefix: str, rank: int, timeout: timedelta,
+               keys: Optional[WireKeys] = None) -> Pipe:
     if address.scheme == "memory":
         return open_memory_pipe(f"{address.init_method}/{address.group_name}/{prefix}", rank)
-    return open_gloo_pipe(store, prefix, rank, timeout, address.host)
+    pipe = open_gloo_pipe(store, prefix, rank, timeout, address.host)
+    return SealedPipe(pipe, keys) if keys is not None else pipe
 
 
 def _read_json(store: Store, key: str) -> Dict[str, Any]:
@@ -138,6 +145,8 @@ class Lobby:
         on_admit: ``on_admit(pipe, peer)``, called from a handshake thread.
         on_refuse: ``on_refuse(rank_or_None, reason)``, called from a handshake thread.
         nick_name: the backend's name, told to frontends.
+        protect_wire: whether the pipes' messages are sealed (:mod:`openfl_api.transport.wire`);
+            None: unless the address stays on this machine.
     """
 
     def __init__(
@@ -150,8 +159,11 @@ class Lobby:
         on_refuse: Callable[[Optional[int], str], None],
         nick_name: str,
         log: Any = None,
+        protect_wire: Optional[bool] = None,
     ) -> None:
         self.address = address
+        protected = protected_by_default(address) if protect_wire is None else protect_wire
+        self.wire = PROTECTED if protected and address.scheme != "memory" else PLAIN
         self.store = store
         self._token = token
         self._timeout = timeout
@@ -251,15 +263,18 @@ class Lobby:
         code = "refused"
         try:
             hello = _read_json(self.store, f"{base}/hello")
-            rank, nick_name, nonce = _check_hello(hello, self.address)
+            rank, nick_name, nonce, their_key = _check_hello(hello, self.address)
             challenge = secrets.token_hex(16)
-            proof = _mac(self._token, "backend", self.session, index, nonce)
-            self.store.set(f"{base}/challenge", json.dumps({"challenge": challenge, "proof": proof}))
+            exchange = KeyExchange()
+            proof = _mac(self._token, "backend", self.session, index, nonce, self.wire, exchange.public, their_key)
+            self.store.set(f"{base}/challenge", json.dumps({"challenge": challenge, "proof": proof, "wire": self.wire,
+                                                            "key": exchange.public}))
             challenged = True
             if not wait_for_key(self.store, f"{base}/response", self._timeout):
                 raise AdmissionError(f"rank {rank} did not answer the challenge within {self._timeout}")
             answer = _read_json(self.store, f"{base}/response").get("mac")
-            expected = _mac(self._token, "frontend", self.session, index, rank, nonce, challenge)
+            expected = _mac(self._token, "frontend", self.session, index, rank, nonce, challenge, self.wire,
+                            exchange.public, their_key)
             if not isinstance(answer, str) or not hmac.compare_digest(answer, expected):
                 raise AdmissionError(
                     f"rank {rank} ({nick_name}) answered with a wrong token; give every rank the same "
@@ -284,7 +299,9 @@ class Lobby:
         prefix = f"{self.session}/pipe/{index}"
         try:
             self.store.set(f"{base}/verdict", json.dumps({"ok": True, "pipe": prefix, "backend": self._nick_name}))
-            pipe = _open_pipe(self.address, self.store, prefix, 0, self._timeout)
+            keys = (exchange.keys(their_key, self._token, f"{self.session}|{index}|{nonce}|{challenge}", frontend=False)
+                    if self.wire == PROTECTED else None)
+            pipe = _open_pipe(self.address, self.store, prefix, 0, self._timeout, keys)
         except (TransportError, RuntimeError) as exc:
             # RuntimeError: torch raises it for a gloo device it cannot create (out of descriptors).
             self.release(rank)
@@ -306,7 +323,7 @@ class Lobby:
         self._on_refuse(rank, reason)
 
 
-def _check_hello(hello: Dict[str, Any], address: Address) -> Tuple[int, str, str]:
+def _check_hello(hello: Dict[str, Any], address: Address) -> Tuple[int, str, str, str]:
     if hello.get("protocol") != PROTOCOL:
         raise AdmissionError(f"peer speaks protocol {hello.get('protocol')!r}; this backend speaks {PROTOCOL}")
     rank, nick_name, nonce = hello.get("rank"), hello.get("nick_name"), hello.get("nonce")
@@ -319,7 +336,10 @@ def _check_hello(hello: Dict[str, Any], address: Address) -> Tuple[int, str, str
         raise AdmissionError(f"nick name must be 1-64 printable characters, got {str(nick_name)[:70]!r}")
     if not isinstance(nonce, str) or len(nonce) != 32:
         raise AdmissionError("hello carries no valid nonce")
-    return rank, nick_name, nonce
+    key = hello.get("key")
+    if not is_public_key(key):
+        raise AdmissionError("hello carries no valid key (64 hex digits)")
+    return rank, nick_name, nonce, key
 
 
 def join(
@@ -330,8 +350,12 @@ def join(
     timeout: timedelta,
     log: Any = None,
     status: timedelta = timedelta(seconds=10),
+    protect_wire: Optional[bool] = None,
 ) -> Tuple[Pipe, str, Callable[[], Optional[bool]]]:
     """Join the backend at ``address`` as frontend ``address.rank``; blocks until admitted.
+
+    The backend decides whether the wire is protected; with ``protect_wire=True`` a plain wire is
+    refused (AdmissionError).
 
     Every wait logs what it waits for every ``status`` interval; building the pipe does not hold
     up Ctrl-C.
@@ -371,7 +395,9 @@ def join(
             index = store.add(f"{session}/joins", 1)
             base = f"{session}/join/{index}"
             nonce = secrets.token_hex(16)
-            hello = {"protocol": PROTOCOL, "rank": address.rank, "nick_name": nick_name, "nonce": nonce}
+            exchange = KeyExchange()
+            hello = {"protocol": PROTOCOL, "rank": address.rank, "nick_name": nick_name, "nonce": nonce,
+                     "key": exchange.public}
             store.set(f"{base}/hello", json.dumps(hello))
             answered = False
             with logged(log, status, f"the backend at {where} to answer join {index}"):
@@ -388,7 +414,17 @@ def join(
             challenge = _read_json(store, f"{base}/challenge")
             if "refused" in challenge:
                 _raise_refused({"reason": challenge["refused"]})
-            mac = _mac(token, "frontend", session, index, address.rank, nonce, challenge.get("challenge"))
+            wire, their_key = challenge.get("wire"), challenge.get("key")
+            if wire not in (PROTECTED, PLAIN) or not is_public_key(their_key):
+                raise AdmissionError(f"the backend answered with an unknown wire {str(wire)[:40]!r} or key; "
+                                     "run the same openfl_api version on every rank")
+            if wire == PLAIN and protect_wire and address.scheme != "memory":
+                raise AdmissionError(
+                    f"the backend at {address.init_method} offers a plain wire, but this frontend requires a "
+                    "protected one (API(protect_wire=True)); give the backend protect_wire=True (or leave it "
+                    "None on an address that is not loopback), or let this frontend take a plain wire")
+            mac = _mac(token, "frontend", session, index, address.rank, nonce, challenge.get("challenge"), wire,
+                       their_key, exchange.public)
             store.set(f"{base}/response", json.dumps({"mac": mac}))
             with logged(log, status, f"the backend at {where} to admit join {index}"):
                 decided = wait_for_key(store, f"{base}/verdict", remaining())
@@ -403,13 +439,16 @@ def join(
                     continue
                 _raise_refused(verdict)
             proof = challenge.get("proof")
-            if not isinstance(proof, str) or not hmac.compare_digest(proof, _mac(token, "backend", session, index, nonce)):
+            expected = _mac(token, "backend", session, index, nonce, wire, their_key, exchange.public)
+            if not isinstance(proof, str) or not hmac.compare_digest(proof, expected):
                 raise AdmissionError("the backend could not prove it holds the token; refusing to send it anything")
             prefix = verdict.get("pipe")
             if prefix != f"{session}/pipe/{index}":
                 raise AdmissionError(f"the backend named an unexpected pipe {str(prefix)[:80]!r}")
             with logged(log, status, f"the pipe to the backend at {where} to be built"):
-                pipe = interruptible(lambda: _open_pipe(address, store, prefix, 1, remaining()))
+                keys = (exchange.keys(their_key, token, f"{session}|{index}|{nonce}|{challenge.get('challenge')}",
+                                      frontend=True) if wire == PROTECTED else None)
+                pipe = interruptible(lambda: _open_pipe(address, store, prefix, 1, remaining(), keys))
 
             def ended() -> Optional[bool]:
                 try:
@@ -428,4 +467,6 @@ def join(
 
 def _raise_refused(verdict: Dict[str, Any]) -> None:
     reason = str(verdict.get("reason", "no reason given"))[:500]
-    raise AdmissionError(f"the backend refused this frontend: {reason}")
+    error = AdmissionError(f"the backend refused this frontend: {reason}")
+    error.code = verdict.get("code")  # "duplicate": the rank is still connected
+    raise error

@@ -125,3 +125,48 @@ def test_a_cut_link_is_named_at_both_ends_within_5_s_and_the_host_rejoins_withou
     assert final["accepted"] == final["version"]
     told = sum(json.loads(Path(f"{result}.{rank}").read_text())["accepted"] for rank in (1, 2))
     assert final["version"] - 1 <= told <= final["version"]  # at most the ACK that the cut swallowed
+
+
+def test_a_federation_with_50_ms_of_delay_and_1_percent_loss_on_one_host_finishes(processes, tmp_path):
+    with netns.hosts(3, behind=[2]) as hosts:
+        hosts.link(2, delay=0.05, loss=0.01)
+        nodes = [launcher(processes, hosts, i, tmp_path, 3, "1") for i in range(3)]
+        for i, node in enumerate(nodes):
+            assert node.wait(timeout=DEADLINE) == 0, (tmp_path / f"launcher{i}.log").read_text()[-3000:]
+    assert "version 3: aggregated 2 uploads" in rank_log(tmp_path, 0, 0).read_text()
+    assert "finished at version 3" in rank_log(tmp_path, 2, 2).read_text()
+
+
+def test_an_address_file_entry_changed_while_running_keeps_the_federation_going(processes, tmp_path):
+    import openfl_api as ofl
+
+    address_file = tmp_path / "federation.json"
+    with netns.hosts(3) as hosts:
+        entry = ofl.Address(init_method=f"tcp://{hosts.addresses[0]}:{PORT}", world_size=3, rank=0)
+        ofl.dump_address_file(address_file, [entry])
+        stop, mark = tmp_path / "stop", tmp_path / "mark"
+        args = ("--count", "2", "--max_version", "1000", "--pace", "0.3", "--stop_file", str(stop))
+        nodes = [launcher(processes, hosts, 0, tmp_path, 3, "1", *args, "--address_file", str(address_file),
+                          script=SCRIPT)]
+        nodes += [launcher(processes, hosts, i, tmp_path, 3, "1", *args, script=SCRIPT) for i in (1, 2)]
+        backend = rank_log(tmp_path, 0, 0)
+        wait_for_line(backend, "version 2: aggregated", nodes)
+        ofl.dump_address_file(address_file, [entry.replace(world_size=4)])
+        wait_for_line(backend, "changed .* world_size 3 -> 4", nodes)
+        late = processes.start(hosts.command(2, sys.executable, str(SCRIPT), "--rank", "3", "--world_size", "4",
+                                             "--init_method", entry.init_method, "--mark", str(mark), *args),
+                               log=tmp_path / "late.log", OPENFL_API_TOKEN=TOKEN)
+        joined = wait_for_line(backend, r"rank 3 \(rank3\) joined", nodes)
+        deadline = time.monotonic() + DEADLINE
+        while not mark.exists():  # the late frontend had an upload accepted
+            assert time.monotonic() < deadline and late.poll() is None, (tmp_path / "late.log").read_text()[-3000:]
+            time.sleep(0.05)
+        stop.touch()
+        for i, node in enumerate(nodes):
+            assert node.wait(timeout=DEADLINE) == 0, (tmp_path / f"launcher{i}.log").read_text()[-3000:]
+        assert late.wait(timeout=DEADLINE) == 0, (tmp_path / "late.log").read_text()[-3000:]
+    assert joined
+    for rank in (1, 2):
+        frontend = rank_log(tmp_path, rank, rank).read_text()
+        assert "says: this address's entry changed in the address file; join again; joining again" in frontend
+        assert frontend.count(f"as rank {rank}") == 2, frontend[-3000:]

@@ -1,7 +1,10 @@
 """A configurable federation script for the multi-process tests; run on every rank by the launcher.
 
 Frontends train a 2-parameter model, or (--rogue) send tampered uploads first, or (--die_rank)
-SIGKILL themselves mid-run, or (--pace) take that many seconds per round. The backend stops at
+SIGKILL themselves mid-run, or (--pace) take that many seconds per round; --mark is a file a
+frontend creates once an upload of its was accepted. With --protect_wire every pipe is sealed, and
+(--wire_attack) rank 2 sends a tampered upload, one sealed with another key, or a replay of its
+first upload, each straight on its pipe. The backend stops at
 --max_version, or once the file --stop_file exists, and can write its final model and ledger to
 --result.
 """
@@ -28,11 +31,15 @@ parser.add_argument("--result", default=None)
 parser.add_argument("--wait_for", default=None)
 parser.add_argument("--pace", type=float, default=0.0)
 parser.add_argument("--stop_file", default=None)
+parser.add_argument("--mark", default=None)
+parser.add_argument("--protect_wire", action="store_true")
+parser.add_argument("--wire_attack", choices=["tamper", "wrong_key", "replay"], default=None)
 args = parser.parse_args()
 ofl.logger.log_level("DEBUG" if args.rogue else "INFO")
 
 api = ofl.API(frontend=args.rank > 0, timeout=timedelta(seconds=60), connect_timeout=timedelta(seconds=60),
-              transfer_timeout=timedelta(seconds=30), drain=timedelta(seconds=5))
+              transfer_timeout=timedelta(seconds=30), drain=timedelta(seconds=5),
+              protect_wire=True if args.protect_wire else None)
 api.set_aggregate_triggers(ofl.AggregateCount(count=args.count))
 api.register_step(ofl.StopAtVersion(max_version=args.max_version))
 
@@ -130,8 +137,84 @@ def send_tampered(api):
     return outcome
 
 
+def wire_attack(api, kind, recorded=None):
+    """Send one bad message straight on the protected pipe; return whether the backend closed it."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    from openfl_api.payload import MAX_HEADER_BYTES, encode
+    from openfl_api.transport.base import REPLIES, Kind, Limits, Message, Stream
+
+    client = api._client
+    pipe, inner = client._pipe, client._pipe._inner
+    state = api._shared_state()
+    forged = {name: torch.full_like(value, 1000.0) for name, value in state.upload_tensors().items()}
+    header, buffer = encode(forged, state.upload_schema, kind="update", version=client.version, sender="rogue",
+                            meta={"num_samples": 1000, "metrics": {}})
+    timeout = timedelta(seconds=10)
+    with client._beat.request():
+        if kind == "replay":
+            try:
+                inner.send(recorded, timeout)
+            except ofl.TransportError:
+                return True  # refused before it was all sent
+        else:
+            if kind == "wrong_key":
+                pipe._seal_with = AESGCM(os.urandom(32))
+            else:
+                send = inner.send
+
+                def tampered(message, timeout):
+                    sealed = [piece.clone() for piece in message.payload.make()]
+                    sealed[0][5] ^= 1  # one byte of the sealed payload changes on the way
+                    rows = message.payload.rows
+                    send(Message(message.kind, message.header, Stream(message.payload.nbytes, rows,
+                                                                      lambda: iter(sealed))), timeout)
+
+                inner.send = tampered
+            try:
+                pipe.send(Message(Kind.UPLOAD, header, buffer), timeout)
+            except ofl.TransportError:
+                return True  # refused before it was all sent
+            finally:
+                inner.__dict__.pop("send", None)
+        try:
+            while pipe.recv(Limits(REPLIES | {Kind.PING, Kind.HEARTBEAT}, MAX_HEADER_BYTES, 0), timeout, timeout,
+                            lambda n: torch.empty(n, dtype=torch.uint8)).kind in (Kind.PING, Kind.HEARTBEAT):
+                pass
+            return False
+        except ofl.TransportError:
+            return True
+
+
+def record_uploads(api):
+    """Keep the sealed form of each upload rank 2 sends, for --wire_attack replay."""
+    from openfl_api.transport.base import Kind, Message, Stream
+
+    inner, kept = api._client._pipe._inner, []
+    send = inner.send
+
+    def recording(message, timeout):
+        if message.kind is Kind.UPLOAD:
+            sealed = list(message.payload.make())
+            message = Message(message.kind, message.header,
+                              Stream(message.payload.nbytes, message.payload.rows, lambda: iter(sealed)))
+            kept.append(message)
+        send(message, timeout)
+
+    inner.send = recording
+    return kept
+
+
 with api:
     api.run()
+    attacked = None
+    if args.wire_attack in ("tamper", "wrong_key") and args.rank == 2:
+        assert api.download()
+        before = {k: v.detach().clone() for k, v in net.state_dict().items()}
+        attacked = wire_attack(api, args.wire_attack)
+        assert api.download()  # joins again, with fresh keys
+        assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    recorded = record_uploads(api) if args.wire_attack == "replay" and args.rank == 2 else None
     rounds = 0
     report = {}
     if args.rogue and args.rank > 0:
@@ -150,6 +233,10 @@ with api:
         if not api.upload(num_samples=16):
             break
         rounds += 1
+        if recorded and attacked is None:
+            attacked = wire_attack(api, "replay", recorded[0])
+        if args.mark and api._client.ledger.count("uploads"):
+            Path(args.mark).touch()  # this frontend has had an upload accepted
         time.sleep(args.pace)  # the time a round of training would take
         if args.rank == args.die_rank and rounds == 1:
             if args.wait_for:
@@ -162,8 +249,9 @@ if args.result:
     if args.rank == 0:
         result = {"version": api.version, "weight": net.weight.detach().tolist(),
                   "bias": net.bias.detach().tolist(), "totals": api._server.ledger.totals(),
-                  "accepted": api._server.ledger.count("uploads"),
+                  "accepted": api._server.ledger.count("uploads"), "wire": dict(api._server.ledger.wire),
                   "reasons": dict(api._server.ledger.discard_reasons)}
     else:
-        result = {"rounds": rounds, "accepted": api._client.ledger.count("uploads"), "tampered": report}
+        result = {"rounds": rounds, "accepted": api._client.ledger.count("uploads"), "tampered": report,
+                  "closed by the backend": attacked}
     Path(f"{args.result}.{args.rank}").write_text(json.dumps(result))
