@@ -16,9 +16,10 @@ newer one a lost message, and a message that fails authentication (a changed byt
 is refused. Each is a :class:`~openfl_api.errors.WireError` and the pipe is closed: the stream
 can no longer be trusted. A frontend then joins again, with fresh keys.
 
-A receiver writes a payload's chunks into the buffer it was given as each one authenticates; when
-a later chunk fails, that buffer holds the chunks before it and the message is refused, as when a
-pipe breaks in the middle of a payload.
+A receiver decrypts each chunk straight into the buffer it was given; when a chunk fails, that
+buffer may hold its unauthenticated bytes and the message is refused, as when a pipe breaks in the
+middle of a payload: nothing reads a refused message's buffer. Where ``cryptography`` has ``encrypt_into`` and
+``decrypt_into``, a chunk is sealed and opened without a copy.
 
 By default the wire is protected unless the pipes stay on this machine (a ``memory://`` address,
 or a ``tcp://`` address on loopback): ``API(protect_wire=True)`` or ``False`` decides instead. The
@@ -189,6 +190,7 @@ class SealedPipe(Pipe):
         self._next_send = 0
         self._next_recv = 0
         self._sealed = torch.empty(0, dtype=torch.uint8)
+        self._into = hasattr(self._seal_with, "encrypt_into")
 
     @property
     def link(self) -> Optional[timedelta]:  # type: ignore[override]
@@ -218,13 +220,18 @@ class SealedPipe(Pipe):
         if not nbytes:
             return Message(message.kind, header)
         rows = sealed_rows(nbytes)
-        window, seal = _Window(message.payload), self._seal_with
+        window, seal, into = _Window(message.payload), self._seal_with, self._into
 
         def make() -> Iterator[torch.Tensor]:
-            for chunk in range(len(rows)):
+            for chunk, (_, size) in enumerate(rows):
                 start = chunk * CHUNK
-                sealed = seal.encrypt(_nonce(seq, chunk), window(start, min(nbytes, start + CHUNK)), None)
-                yield torch.frombuffer(bytearray(sealed), dtype=torch.uint8)
+                plain = window(start, min(nbytes, start + CHUNK))
+                if into:
+                    sealed = torch.empty(size, dtype=torch.uint8)
+                    seal.encrypt_into(_nonce(seq, chunk), plain, None, memoryview(sealed.numpy()))
+                    yield sealed
+                else:
+                    yield torch.frombuffer(bytearray(seal.encrypt(_nonce(seq, chunk), plain, None)), dtype=torch.uint8)
 
         return Message(message.kind, header, Stream(rows[-1][0] + rows[-1][1], rows, make))
 
@@ -274,16 +281,20 @@ class SealedPipe(Pipe):
             while opened[0] < len(rows) and sum(rows[opened[0]]) <= end:
                 chunk = opened[0]
                 offset, size = rows[chunk]
+                start, end = chunk * CHUNK, chunk * CHUNK + size - TAG
                 try:
-                    plain = self._open_with.decrypt(_nonce(seq, chunk), sealed_view[offset : offset + size], None)
+                    if self._into:
+                        self._open_with.decrypt_into(_nonce(seq, chunk), sealed_view[offset : offset + size], None,
+                                                     plain_view[start:end])
+                    else:
+                        plain_view[start:end] = self._open_with.decrypt(
+                            _nonce(seq, chunk), sealed_view[offset : offset + size], None)
                 except InvalidTag:
                     raise WireError(f"chunk {chunk} of message {seq} ({kind.name}) failed authentication: a "
                                     "changed byte", "failed authentication") from None
-                start = chunk * CHUNK
-                plain_view[start : start + len(plain)] = plain
                 opened[0] += 1
                 if progress is not None:
-                    progress(start + len(plain))
+                    progress(end)
 
         self._inner.recv_payload(rows, self._sealed, transfer, open_chunks)
         return Message(kind, plain_header, payload)
