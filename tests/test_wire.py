@@ -5,6 +5,7 @@ each refused with their reason."""
 from __future__ import annotations
 
 import threading
+from datetime import timedelta
 from typing import List, Optional, Tuple
 
 import pytest
@@ -157,3 +158,20 @@ def test_a_peer_with_another_key_is_refused(pipes) -> None:  # noqa: F811
     backend, frontend = SealedPipe(pipes[0], backend_keys), SealedPipe(pipes[1], stranger_keys)
     with pytest.raises(WireError, match="failed authentication: a changed byte, or a peer with another key"):
         exchange(frontend, backend, Message(Kind.DOWNLOAD, b"{}"))
+
+
+def test_a_frontend_that_requires_a_protected_wire_refuses_a_backend_on_loopback_that_offers_a_plain_one() -> None:
+    import openfl_api as ofl
+    from test_transport import free_port
+
+    init_method = f"tcp://127.0.0.1:{free_port()}"
+    backend = ofl.API(frontend=False, token="t", connect_timeout=timedelta(seconds=10))
+    backend.build_connection(address=ofl.Address(init_method=init_method, world_size=2, rank=0))
+    try:
+        assert backend._server.addresses.lobbies[next(iter(backend._server.addresses.lobbies))].wire == "plain"
+        frontend = ofl.API(frontend=True, token="t", protect_wire=True, connect_timeout=timedelta(seconds=10))
+        with pytest.raises(ofl.AdmissionError, match="offers a plain wire, but this frontend requires a protected one"):
+            frontend.build_connection(address=ofl.Address(init_method=init_method, world_size=2, rank=1))
+    finally:
+        backend.stop("test over")
+        backend.finish()
