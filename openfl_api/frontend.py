@@ -79,6 +79,9 @@ class Client:
         self._io: Optional[Helper] = None  # runs the pipe's blocking waits when on the main thread
         self._backend_said = ""  # the status in the backend's last ping
         self._uploaded_from: Optional[int] = None  # the version the last upload was trained from
+        self.downloaded: Optional[int] = None  # the version of the model downloaded last
+        self.config: Dict[str, Any] = {}  # the round config served with the model downloaded last
+        self.final: Optional[str] = None  # set when that model is the final one (served for evaluation only)
         self._schema: Optional[List[List[Any]]] = None  # the model's layout, sent when registering
 
     def connect(self, address: Address, token: bytes, nick_name: str, timeout: Optional[timedelta] = None) -> None:
@@ -213,6 +216,8 @@ class Client:
 
     def download(self, state: SharedState, rank: int, nick_name: str) -> bool:
         """Load a global model whose version is >= the local one; False once it has ended."""
+        if self.final is not None and not self.ended:
+            self._end(self.final)  # the final model was served: there is no later one
         if self.ended:
             return False
         transfer = Transfer(rank=rank, nick_name=nick_name, version=self.version)
@@ -237,16 +242,19 @@ class Client:
             payload = decode(header, buffer, state.download_schema, kind="model", scan=self.scan,
                              reused=not self._pipe.queues_sends)
             selected = self._check_selected(header.get("clients"))
+            config = _check_config(header.get("config"))
         except PayloadError as exc:
             raise PayloadError(f"the backend sent an invalid model; nothing was loaded: {exc}") from exc
         self.selected = transfer.clients = selected
+        self.config = transfer.config = config
+        self.final = config.get("final")
         state.apply(payload.tensors)
         if payload.version == self._uploaded_from and self.hosted is None:
             self.log.warning(
                 f"downloaded version {payload.version} again, which this frontend has already uploaded an update "
                 "for: call api.update_version() after api.upload(), so that download() waits for the next version"
             )
-        self.version = transfer.version = payload.version
+        self.version = self.downloaded = transfer.version = payload.version
         self.ledger.add(self.backend_name, "downloads")
         self.log.debug(f"downloaded version {payload.version}")
         self._fire(Event.AFTER_DOWNLOAD, transfer)
@@ -278,6 +286,8 @@ class Client:
         client: Optional[str] = None,
     ) -> bool:
         """Send the local state tagged with the local version; False once the federation ended."""
+        if self.final is not None and not self.ended:
+            self._end(self.final)  # the model trained from was the final one: no update is taken
         if self.ended:
             return False
         if self.hosted is not None:
@@ -337,6 +347,61 @@ class Client:
         self._fire(Event.AFTER_UPLOAD, transfer)
         return True
 
+    def report(self, state: SharedState, rank: int, nick_name: str, num_samples: int, metrics: Mapping[str, float],
+               client: Optional[str] = None) -> bool:
+        """Send this frontend's evaluation of the model downloaded last; False once the federation ended.
+
+        After the final model (served for evaluation only) each hosted client may still report
+        it; the frontend's calls then end.
+        """
+        if self.ended and self.final is None:
+            return False
+        if self.downloaded is None:
+            raise ConfigurationError("api.evaluate() evaluates the downloaded global model: call it after "
+                                     "api.download() has returned True")
+        client = self._reporting_client(client)
+        version = self.downloaded
+        transfer = Transfer(rank=rank, nick_name=nick_name, version=version, num_samples=num_samples,
+                            metrics=dict(metrics), client=client or "", config=dict(self.config))
+        fields: Dict[str, Any] = {"version": version, "num_samples": num_samples, "metrics": dict(metrics)}
+        if client:
+            fields["client"] = client
+
+        def request() -> Message:
+            sent = dict(fields)
+            if not self._registered:
+                sent.update(self._registration(state))
+            return Message(Kind.REPORT, encode_header(sent))
+
+        reply = self._exchange(request, Limits(frozenset({Kind.ACK, Kind.END}), MAX_HEADER_BYTES, 0),
+                               what=f"the answer to the evaluation of version {version}")
+        if reply is None:
+            return False
+        self._registered = True
+        ack = _header_or_empty(reply.header)
+        transfer.accepted = bool(ack.get("accepted"))
+        transfer.reason = str(ack.get("reason", ""))[:500]
+        if not transfer.accepted:
+            self.log.warning(f"the backend rejected this evaluation report: {transfer.reason}")
+        if self.final is not None and not self.ended:
+            self._end(self.final)
+        self._fire(Event.AFTER_EVALUATE, transfer)
+        return True
+
+    def _reporting_client(self, client: Optional[str]) -> Optional[str]:
+        if self.hosted is None:
+            if client is not None:
+                raise ConfigurationError("evaluate(client=...) needs API(clients=[...]) on this frontend")
+            return None
+        if client is None:
+            if len(self.hosted) != 1:
+                raise ConfigurationError("this frontend hosts several clients: say whose evaluation this is, "
+                                         "evaluate(..., client=...)")
+            return self.hosted[0]
+        if client not in self.hosted:
+            raise ConfigurationError(f"evaluate(client={client!r}): this frontend hosts no such client")
+        return client
+
     def finish(self, interrupted: bool = False) -> None:
         """Say goodbye to the backend and release the pipe; ``interrupted``: at once, no goodbye
         (a wait of the pipe may still be blocked on the helper thread)."""
@@ -357,6 +422,17 @@ def _header_or_empty(raw: bytes) -> Dict[str, Any]:
         return parse_header(raw)
     except PayloadError:
         return {}
+
+
+def _check_config(config: Any) -> Dict[str, Any]:
+    """The round config of a served model: absent, or a JSON object whose ``final`` is a str."""
+    if config is None:
+        return {}
+    if not isinstance(config, dict):
+        raise PayloadError(f"header field 'config' must be a JSON object, got {type(config).__name__}")
+    if "final" in config and not isinstance(config["final"], str):
+        raise PayloadError(f"config 'final' must be the reason the federation stops (a str), got {config['final']!r}"[:200])
+    return dict(config)
 
 
 def check_upload_meta(num_samples: Any, metrics: Any) -> Dict[str, Any]:

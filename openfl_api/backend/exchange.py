@@ -8,6 +8,7 @@ until the version they need exists); uploads are validated, judged by the versio
 
 from __future__ import annotations
 
+import time
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -15,7 +16,7 @@ import torch
 from openfl_api.backend.accumulate import Accumulation
 from openfl_api.backend.model import GlobalModel
 from openfl_api.backend.worker import Worker, end_message
-from openfl_api.errors import PayloadError
+from openfl_api.errors import ConfigurationError, PayloadError
 from openfl_api.payload import decode, describe_differences, dtype_name, encode_header, insert_field, parse_header, validate_meta
 from openfl_api.step import Event, Transfer
 from openfl_api.transport.base import Kind, Message
@@ -203,6 +204,9 @@ class Exchange:
         transfer.version = version
         if worker.hosts_many or transfer.clients != list(worker.clients):
             header = insert_field(header, "clients", list(transfer.clients))
+        if transfer.config:
+            header = _with_config(header, transfer.config)
+        transfer.nbytes = len(header) + pieces.nbytes
         worker.reply(Message(Kind.MODEL, header, pieces))
         self.server.ledger.add(worker.label, "downloads")
         self.log.debug(f"served version {version} to {worker.label}")
@@ -249,7 +253,7 @@ class Exchange:
         transfer = Transfer(
             rank=worker.peer.rank, nick_name=worker.peer.nick_name, version=payload.version,
             num_samples=meta["num_samples"], metrics=meta["metrics"], staleness=versions.version - payload.version,
-            client=client,
+            client=client, nbytes=len(message.header) + (0 if message.payload is None else message.payload.numel()),
         )
         server.fire(Event.BEFORE_UPLOAD, transfer)
         judged = transfer.accepted is None
@@ -301,6 +305,37 @@ class Exchange:
                 "version again and again"
             )
 
+    # ----------------------------------------------------------------- evaluation reports
+    def report(self, worker: Worker, message: Message) -> None:
+        """Take a frontend's evaluation of a global model: validate it, answer, fire ``after_evaluate``."""
+        current = self.versions.version
+        try:
+            if message.payload is not None:
+                raise PayloadError("an evaluation report carries no payload")
+            header = parse_header(message.header)
+            version = header.get("version")
+            if not isinstance(version, int) or isinstance(version, bool) or not 0 <= version <= current:
+                raise PayloadError(f"an evaluation report must name a version in [0, {current}], got {version!r}"[:200])
+            meta = validate_meta(header)
+            refused = self.register(worker, header)
+            client = header.get("client", worker.clients[0] if worker.clients and not worker.hosts_many else None)
+            if refused is None and (not isinstance(client, str) or client not in (worker.clients or ())):
+                raise PayloadError(f"'client' must name a client this frontend hosts, got {str(client)[:70]!r}")
+        except PayloadError as exc:
+            self.log.warning(f"rejected the evaluation report of {worker.label}: {exc}")
+            worker.reply(Message(Kind.ACK, encode_header({"accepted": False, "reason": f"invalid report: {exc}",
+                                                          "version": current})))
+            return
+        if refused is not None:
+            self.refuse(worker, *refused)
+            return
+        transfer = Transfer(rank=worker.peer.rank, nick_name=worker.peer.nick_name, version=version,
+                            num_samples=meta["num_samples"], metrics=meta["metrics"], accepted=True,
+                            staleness=current - version, client=client, nbytes=len(message.header))
+        worker.reply(Message(Kind.ACK, encode_header({"accepted": True, "reason": "", "version": current})))
+        self.log.debug(f"{worker.label} reported its evaluation of version {version}")
+        self.server.fire(Event.AFTER_EVALUATE, transfer)
+
     # ----------------------------------------------------------------- versions
     def expect(self, clients: List[str]) -> None:
         """Declare the clients taking part in the current version."""
@@ -309,6 +344,7 @@ class Exchange:
 
     def aggregate(self) -> bool:
         """Fold the accepted uploads into a new global version now; False if there were none."""
+        started = time.perf_counter()
         versions = self.versions
         self.accumulation.settle()
         if versions.accepted == 0:
@@ -318,8 +354,18 @@ class Exchange:
         alpha = versions.mixing()
         self.model.step(new, alpha)
         count = versions.advance()
+        self.server.clock.aggregated(started, time.perf_counter())
         self.epoch += 1
         note = "" if alpha is None else f" (asynchronous, mixed with alpha {alpha:.4f})"
         self.log.info(f"version {versions.version}: aggregated {count} uploads{note}")
         self.server.fire(Event.AFTER_AGGREGATE)
         return True
+
+
+def _with_config(header: bytes, config: Dict[str, Any]) -> bytes:
+    """``header`` with the round config a step set in ``before_download`` (a JSON object)."""
+    try:
+        return insert_field(header, "config", config)
+    except (TypeError, ValueError) as exc:
+        raise ConfigurationError(f"transfer.config must be a JSON object of str keys and JSON values (finite "
+                                 f"numbers, str, bool, lists, objects); a step set {str(config)[:120]}: {exc}") from exc
