@@ -404,11 +404,14 @@ class API:
         owner = self._require_client("evaluate()")
         if owner.ended and owner.final is None:
             return False
+        if owner.downloaded is None:
+            raise ConfigurationError("api.evaluate() evaluates the downloaded global model: call it after "
+                                     "api.download() has returned True")
         config = owner.config
         due = (owner.final is not None or bool(config.get("evaluate"))
-               or (every is not None and owner.downloaded is not None and owner.downloaded % every == 0))
+               or (every is not None and owner.downloaded % every == 0))
         if not due:
-            if every is None and "evaluate" not in config and owner.downloaded is not None and not self._warned_evaluate:
+            if every is None and "evaluate" not in config and not self._warned_evaluate:
                 self._warned_evaluate = True
                 self.log.warning("api.evaluate(...) evaluates nothing: the backend asks for no federated evaluation "
                                  "(attach ofl.FederatedEvaluation(every=k) to the backend) and no every=k was given")

@@ -80,7 +80,8 @@ class MetricRules:
         default: the statistics of a metric not named below; names of :data:`STATISTICS`,
             functions ``f(values, weights) -> float`` (named by their ``__name__``), or
             ``(name, function)`` pairs.
-        **per_metric: the statistics of one metric, in the same forms.
+        **per_metric: the statistics of one metric, in the same forms (a list or tuple of them, or
+            one name or function).
 
     Raises:
         ConfigurationError: an unknown statistic name, a function without a usable name, an
@@ -102,7 +103,7 @@ class MetricRules:
 
 def _check_statistics(metric: str, spec: Any) -> List[Tuple[str, Callable[[List[float], List[int]], float]]]:
     where = "MetricRules(default=...)" if metric == "default" else f"MetricRules({metric}=...)"
-    if isinstance(spec, str) or callable(spec) or _is_pair(spec):
+    if isinstance(spec, str) or callable(spec):
         spec = [spec]
     if not isinstance(spec, (list, tuple)) or not spec:
         raise ConfigurationError(f"{where} must list at least one statistic, e.g. ('mean', 'min', 'max'); got {spec!r}")
@@ -157,6 +158,8 @@ def summarize(results: Sequence[Result], rules: Optional[MetricRules] = None) ->
         for name, function in rules.statistics(metric):
             try:
                 value = function(list(values), list(weights))
+            except OverflowError:
+                value = math.inf  # a sum beyond float range: not finite, kept as None
             except Exception as exc:
                 raise ConfigurationError(f"the statistic {name!r} of metric {metric!r} raised "
                                          f"{type(exc).__name__}: {exc}") from exc
