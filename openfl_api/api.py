@@ -505,7 +505,14 @@ class API:
         Called from a step while the serve loop handles an event, the file is written once every
         step has seen that event, so the saved state of the steps is consistent."""
         server = self._require_server("save_checkpoint()")
-        server.checkpoint(str(path), lambda: checkpoint.step_states(list(self._steps)))
+        server.checkpoint(str(path), self._step_states)
+
+    def _step_states(self) -> Dict[str, Any]:
+        """The steps' state for a checkpoint; the record's under a key of its own, whatever the steps."""
+        states = checkpoint.step_states([s for s in self._steps if s is not self._recorder])
+        if self._recorder is not None:
+            states["record"] = self._recorder.state_dict()
+        return states
 
     def _prepare_backend(self, server: Server) -> None:
         server.prepare(self._shared_state(), self._server_optimizer)
@@ -527,7 +534,9 @@ class API:
             return None
         source, data = found
         steps = server.load_checkpoint(data, source)
-        checkpoint.load_step_states(list(self._steps), steps, source, self.log)
+        checkpoint.load_step_states([s for s in self._steps if s is not self._recorder], steps, source, self.log)
+        if self._recorder is not None and "record" in steps:
+            self._recorder.load_state_dict(steps["record"])
         return source
 
     # ----------------------------------------------------------------- the end

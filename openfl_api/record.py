@@ -246,6 +246,9 @@ class Recorder(Step):
                 self._fd = None
             for sink in self._sinks:
                 sink.close()
+        if self.options.path is not None:
+            self._log.info(f"the record of this run is in {self.options.path}; draw it with "
+                           f"python -m openfl_api.plot {self.options.path}")
 
     # ----------------------------------------------------------------- checkpoints
     def state_dict(self) -> Dict[str, Any]:
