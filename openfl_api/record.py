@@ -367,6 +367,8 @@ class Recorder(Step):
                 "elapsed": self._elapsed + time.monotonic() - self._started, **fields}
 
     def _write(self, fields: Dict[str, Any]) -> None:
+        if self._fd is None and not self._sinks and fields["event"] not in _KEPT:
+            return  # in memory only, and the history keeps versions and evaluations alone
         entry = self._entry(fields)
         if self._fd is not None:
             data = (json.dumps(entry, separators=(",", ":"), allow_nan=False) + "\n").encode("utf-8")
@@ -380,6 +382,9 @@ class Recorder(Step):
 
     def __repr__(self) -> str:
         return f"Recorder(path={None if self.options.path is None else str(self.options.path)!r})"
+
+
+_KEPT = ("version", "evaluation")
 
 
 def _sinks(options: Record, max_version: Optional[int], version: int, resumed: bool, log: Any) -> List[Any]:

@@ -232,3 +232,36 @@ def test_a_frontend_that_evaluates_the_final_model_without_api_evaluate_still_en
     assert [r["reason"] for r in fed.results.values()] == ["version 3 reached max_version=3"] * 2
     assert not by_event(read_record(path), "evaluation")
     assert Path(path).read_text().count('"event":"version"') == 3
+
+
+def test_the_launcher_and_simulate_hand_the_record_to_the_backend(tmp_path):
+    from openfl_api.launch.config import parse_args
+    from openfl_api.simulate import simulate
+
+    script = tmp_path / "script.py"
+    script.write_text("")
+    config = parse_args(["--nproc_per_node", "2", "--record", str(tmp_path / "run.jsonl"), "--tensorboard",
+                         str(tmp_path / "tb"), str(script)])
+    assert (config.record, config.tensorboard) == (tmp_path / "run.jsonl", tmp_path / "tb")
+    with pytest.raises(SystemExit):
+        parse_args(["--nproc_per_node", "2", "--record", str(tmp_path / "nowhere" / "run.jsonl"), str(script)])
+
+    def rank():
+        api = ofl.API(frontend=False)
+        return api._record.path, api._record.tensorboard
+
+    assert simulate(rank, nproc_per_node=2, record=tmp_path / "run.jsonl")[0] == (str(tmp_path / "run.jsonl"), None)
+    with pytest.raises(ConfigurationError, match="simulate\\(record=...\\) must be a non-empty path or None"):
+        simulate(rank, nproc_per_node=2, record="")
+
+
+def test_an_asynchronous_federation_evaluates_and_records_too(tmp_path):
+    path = tmp_path / "run.jsonl"
+    fed = federation(record=str(path), versions=4, asynchronous=ofl.Asynchronous(alpha=0.5, min_frontends=2),
+                     steps=[ofl.FederatedEvaluation(every=2)])
+    entries = read_record(path)
+    assert entries[0]["synchronous"] is False
+    assert [e["version"] for e in by_event(entries, "version")] == [1, 2, 3, 4]
+    evaluated = [e["version"] for e in by_event(entries, "evaluation")]
+    assert evaluated[-1] == 4 and evaluated == sorted(set(evaluated))
+    assert {r["reason"] for r in fed.results.values()} == {"version 4 reached max_version=4"}
