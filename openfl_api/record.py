@@ -128,6 +128,9 @@ class Record:
         variables = environ()
         path = record.path if record.path is not None else (variables.get(RECORD_VAR) or None)
         board = record.tensorboard if record.tensorboard is not None else (variables.get(TENSORBOARD_VAR) or None)
+        if path is not None and not Path(path).parent.is_dir():
+            raise ConfigurationError(f"the record's folder {Path(path).parent} does not exist; create it or record "
+                                     "to a path in an existing folder")
         return Record(path=path, tensorboard=board, progress=record.progress, metrics=record.metrics)
 
 

@@ -205,7 +205,7 @@ def test_record_options_are_checked_when_built(kwargs, match):
 
 def test_a_record_in_a_folder_that_does_not_exist_is_refused_with_the_fix(tmp_path):
     with pytest.raises(ConfigurationError, match="the record's folder .*nowhere does not exist; create it"):
-        federation(record=str(tmp_path / "nowhere" / "run.jsonl"), versions=1)
+        ofl.API(frontend=False, record=str(tmp_path / "nowhere" / "run.jsonl"))
 
 
 @pytest.mark.parametrize("args,match", [
