@@ -44,6 +44,7 @@ resume are not written twice. A run that is not resumed starts the file afresh.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -131,7 +132,16 @@ class Record:
         if path is not None and not Path(path).parent.is_dir():
             raise ConfigurationError(f"the record's folder {Path(path).parent} does not exist; create it or record "
                                      "to a path in an existing folder")
+        if board is not None:
+            _require("tensorboard", "tensorboard", "recording to TensorBoard")
+        if record.progress is True:
+            _require("tqdm", "progress", "Record(progress=True)")
         return Record(path=path, tensorboard=board, progress=record.progress, metrics=record.metrics)
+
+
+def _require(package: str, extra: str, what: str) -> None:
+    if importlib.util.find_spec(package) is None:
+        raise ConfigurationError(f"{what} needs the {package} package: pip install 'openfl_api[{extra}]'")
 
 
 class Recorder(Step):

@@ -265,3 +265,17 @@ def test_an_asynchronous_federation_evaluates_and_records_too(tmp_path):
     evaluated = [e["version"] for e in by_event(entries, "evaluation")]
     assert evaluated[-1] == 4 and evaluated == sorted(set(evaluated))
     assert {r["reason"] for r in fed.results.values()} == {"version 4 reached max_version=4"}
+
+
+def test_a_sink_whose_package_is_missing_is_refused_when_the_api_is_built(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("tensorboard", "tqdm")
+                        else real(name, *a))
+    with pytest.raises(ConfigurationError, match="recording to TensorBoard needs the tensorboard package: "
+                                                 "pip install 'openfl_api\\[tensorboard\\]'"):
+        ofl.API(frontend=False, record=Record(tensorboard="tb"))
+    with pytest.raises(ConfigurationError, match="Record\\(progress=True\\) needs the tqdm package: "
+                                                 "pip install 'openfl_api\\[progress\\]'"):
+        ofl.API(frontend=False, record=Record(progress=True))
