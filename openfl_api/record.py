@@ -295,17 +295,19 @@ class Recorder(Step):
 
     def after_upload(self, api: Any, transfer: Transfer) -> None:
         self._bytes_in += transfer.nbytes
-        entry = {"event": "upload", "version": api.version, "trained_from": transfer.version,
-                 "client": transfer.client, "rank": transfer.rank, "accepted": bool(transfer.accepted)}
         if transfer.accepted:
             self._results.append(Result(transfer.client, transfer.num_samples, dict(transfer.metrics)))
             self._staleness.append(transfer.staleness)
         else:
             self._discarded += 1
-            entry["reason"] = transfer.reason
-        entry.update(staleness=transfer.staleness, num_samples=transfer.num_samples, weight=transfer.weight,
-                     metrics=dict(transfer.metrics), bytes=transfer.nbytes)
-        self._write(entry)
+        if self._fd is not None or self._sinks:
+            entry = {"event": "upload", "version": api.version, "trained_from": transfer.version,
+                     "client": transfer.client, "rank": transfer.rank, "accepted": bool(transfer.accepted)}
+            if not transfer.accepted:
+                entry["reason"] = transfer.reason
+            entry.update(staleness=transfer.staleness, num_samples=transfer.num_samples, weight=transfer.weight,
+                         metrics=dict(transfer.metrics), bytes=transfer.nbytes)
+            self._write(entry)
         if self._asked:
             if transfer.version > self._trained_from.get(transfer.client, -1):
                 self._trained_from[transfer.client] = transfer.version
