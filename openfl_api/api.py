@@ -99,6 +99,8 @@ class API:
     ) -> None:
         _check_arguments(frontend, token, nick_name, asynchronous, reconnect, resume)
         self._record = Record.resolve(record)
+        if frontend is False and self._record is not None:
+            self._record.check()
         self._recorder: Optional[Recorder] = None
         self._stopping: Optional[str] = None  # a stop asked while steps defer it
         self._released: Set[int] = set()  # ids of the deferring steps that released it
@@ -281,6 +283,8 @@ class API:
             return
         connect.check_backend_addresses(addresses)
         connect.warn_if_no_token(self._token, self.log)
+        if self._record is not None:
+            self._record.check()
         self._server = Server(self._fire, self.timeouts, self._token, self.nick_name, self.log,
                               asynchronous=self._asynchronous, needs=self._steps.uploads_needed)
         for served in addresses:

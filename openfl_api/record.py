@@ -129,14 +129,21 @@ class Record:
         variables = environ()
         path = record.path if record.path is not None else (variables.get(RECORD_VAR) or None)
         board = record.tensorboard if record.tensorboard is not None else (variables.get(TENSORBOARD_VAR) or None)
-        if path is not None and not Path(path).parent.is_dir():
-            raise ConfigurationError(f"the record's folder {Path(path).parent} does not exist; create it or record "
-                                     "to a path in an existing folder")
-        if board is not None:
-            _require("tensorboard", "tensorboard", "recording to TensorBoard")
-        if record.progress is True:
-            _require("tqdm", "progress", "Record(progress=True)")
         return Record(path=path, tensorboard=board, progress=record.progress, metrics=record.metrics)
+
+    def check(self) -> None:
+        """Check, on the backend before it serves, that the record can be written where asked.
+
+        Raises:
+            ConfigurationError: the record's folder does not exist, or a sink's package is missing.
+        """
+        if self.path is not None and not Path(self.path).parent.is_dir():
+            raise ConfigurationError(f"the record's folder {Path(self.path).parent} does not exist; create it or "
+                                     "record to a path in an existing folder")
+        if self.tensorboard is not None:
+            _require("tensorboard", "tensorboard", "recording to TensorBoard")
+        if self.progress is True:
+            _require("tqdm", "progress", "Record(progress=True)")
 
 
 def _require(package: str, extra: str, what: str) -> None:

@@ -279,3 +279,11 @@ def test_a_sink_whose_package_is_missing_is_refused_when_the_api_is_built(monkey
     with pytest.raises(ConfigurationError, match="Record\\(progress=True\\) needs the tqdm package: "
                                                  "pip install 'openfl_api\\[progress\\]'"):
         ofl.API(frontend=False, record=Record(progress=True))
+
+
+def test_only_the_backend_checks_where_the_record_goes(tmp_path):
+    nowhere = str(tmp_path / "nowhere" / "run.jsonl")
+    ofl.API(frontend=True, record=nowhere)  # a frontend on another machine records nothing
+    undecided = ofl.API(record=nowhere)
+    with pytest.raises(ConfigurationError, match="the record's folder .*nowhere does not exist"):
+        undecided.build_connection(address=ofl.Address(init_method="memory://nowhere-check", world_size=2, rank=0))
