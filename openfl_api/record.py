@@ -48,6 +48,7 @@ import importlib.util
 import json
 import math
 import os
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -178,6 +179,7 @@ class Recorder(Step):
         self._log = log
         self._fd: Optional[int] = None
         self._offset = 0
+        self._lock = threading.Lock()
         self._elapsed = 0.0  # served before this process (a resumed run)
         self._started = time.monotonic()
         self._saved: Optional[Dict[str, Any]] = None  # the state found in the checkpoint resumed from
@@ -392,15 +394,16 @@ class Recorder(Step):
         if self._fd is None and not self._sinks and fields["event"] not in _KEPT:
             return  # in memory only, and the history keeps versions and evaluations alone
         entry = self._entry(fields)
-        if self._fd is not None:
-            data = (json.dumps(entry, separators=(",", ":"), allow_nan=False) + "\n").encode("utf-8")
-            view = memoryview(data)
-            while view:
-                view = view[os.write(self._fd, view):]
-            self._offset += len(data)
-        self.history.add(entry)
-        for sink in self._sinks:
-            sink.write(entry)
+        with self._lock:  # api.log_metrics may be called from outside the serve loop's turns
+            if self._fd is not None:
+                data = (json.dumps(entry, separators=(",", ":"), allow_nan=False) + "\n").encode("utf-8")
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(self._fd, view):]
+                self._offset += len(data)
+            self.history.add(entry)
+            for sink in self._sinks:
+                sink.write(entry)
 
     def __repr__(self) -> str:
         return f"Recorder(path={None if self.options.path is None else str(self.options.path)!r})"
