@@ -46,6 +46,7 @@ import select
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
@@ -218,8 +219,6 @@ def child(options: argparse.Namespace) -> None:
     if options.child == "plain":
         run_plain(*arguments)
     elif options.child in ("record", "unrecorded"):
-        import tempfile
-
         with tempfile.TemporaryDirectory(prefix="bench-record-") as folder:
             run_api(*arguments, record=f"{folder}/run.jsonl" if options.child == "record" else False)
     else:
@@ -241,7 +240,9 @@ class Child:
         if not text:
             self.process.kill()
             error = self.process.communicate(timeout=30)[1]
-            sys.exit(f"child {self.mode} failed or timed out:\n{error[-3000:]}")
+            with tempfile.NamedTemporaryFile("w", prefix=f"bench-{self.mode}-", suffix=".err", delete=False) as kept:
+                kept.write(error)
+            sys.exit(f"child {self.mode} failed or timed out (its whole stderr: {kept.name}):\n{error[-3000:]}")
         return text.strip()
 
     def say(self, word: str) -> None:

@@ -35,6 +35,7 @@ from openfl_api.address import Address
 from openfl_api.asynchronous import Asynchronous
 from openfl_api.backend import Server
 from openfl_api.errors import ConfigurationError, RoleError
+from openfl_api.evaluation import check_every, run_evaluation
 from openfl_api.frontend import Client, check_upload_meta
 from openfl_api.logger import bind
 from openfl_api.metrics import History
@@ -399,12 +400,10 @@ class API:
         """
         if not self._frontend:
             return False
-        from openfl_api.evaluation import _check_every, run_evaluation
-
         if not callable(fn):
             raise ConfigurationError("api.evaluate(fn) needs a function returning (num_samples, {name: number})")
         if every is not None:
-            _check_every(every, "api.evaluate")
+            check_every(every, "api.evaluate")
         owner = self._require_client("evaluate()")
         if owner.ended and owner.final is None:
             return False

@@ -46,10 +46,11 @@ from openfl_api.frontend import check_upload_meta
 from openfl_api.step.base import BACKEND, Step, Transfer
 from openfl_api.waiting import seconds
 
-__all__ = ["FederatedEvaluation", "CentralizedEvaluation", "run_evaluation"]
+__all__ = ["FederatedEvaluation", "CentralizedEvaluation", "run_evaluation", "check_every"]
 
 
-def _check_every(every: Any, where: str) -> None:
+def check_every(every: Any, where: str) -> None:
+    """Raise ConfigurationError unless ``every`` is an integer >= 1 (``where`` names the caller)."""
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
         raise ConfigurationError(f"{where}(every=...) must be an integer >= 1 (evaluate every k-th version), "
                                  f"got {every!r}")
@@ -99,7 +100,7 @@ class FederatedEvaluation(Step):
     roles = frozenset({BACKEND})
 
     def __init__(self, every: int = 1, final: bool = True, final_timeout: timedelta = timedelta(minutes=5)) -> None:
-        _check_every(every, "FederatedEvaluation")
+        check_every(every, "FederatedEvaluation")
         if not isinstance(final, bool):
             raise ConfigurationError(f"FederatedEvaluation(final=...) must be True or False, got {final!r}")
         if not isinstance(final_timeout, timedelta) or final_timeout <= timedelta(0):
@@ -188,7 +189,7 @@ class CentralizedEvaluation(Step):
         if not callable(evaluate):
             raise ConfigurationError("CentralizedEvaluation(evaluate=...) must be a function returning "
                                      "{name: number} or (num_samples, {name: number})")
-        _check_every(every, "CentralizedEvaluation")
+        check_every(every, "CentralizedEvaluation")
         if not isinstance(final, bool):
             raise ConfigurationError(f"CentralizedEvaluation(final=...) must be True or False, got {final!r}")
         if not isinstance(kind, str) or not kind.isidentifier() or kind in ("train", "federated"):
