@@ -50,8 +50,9 @@ _LAZY = {
     "FederatedEvaluation": "openfl_api.evaluation",
     "CentralizedEvaluation": "openfl_api.evaluation",
     "MetricRules": "openfl_api.metrics",
+    "StopAtEpsilon": "openfl_api.transforms.dp",
 }
-_SUBMODULES = ("aggregate", "data", "logger", "parser", "virtual_clients", "utils")
+_SUBMODULES = ("aggregate", "data", "logger", "parser", "virtual_clients", "utils", "transforms")
 
 __all__ = [
     *_LAZY,

@@ -49,6 +49,8 @@ class Exchange:
         self._offered = -1
         self._duplicates: Dict[str, int] = {}  # client id -> duplicate discards in a row
         self.started = server.asynchronous is None  # asynchronous mode: the start policy was met
+        #: The upload chain's backend side (:class:`~openfl_api.transforms.chain.BackendSide`), or None.
+        self.transforms: Any = None
 
     # ----------------------------------------------------------------- who takes part
     def register(self, worker: Worker, header: Dict[str, Any]) -> Optional[Tuple[str, str]]:
@@ -60,6 +62,13 @@ class Exchange:
         if worker.clients is not None:
             return None
         mismatch = self._model_mismatch(worker, header.get("schema"))
+        if mismatch is not None:
+            return mismatch, "mismatch"
+        # Upload transforms: the chain the frontend declares must be the backend's.
+        if self.transforms is not None:
+            mismatch = self.transforms.mismatch(header.get("transforms"))
+        elif header.get("transforms") is not None:
+            mismatch = "it declares upload transforms and the backend none; declare the same on every rank"
         if mismatch is not None:
             return mismatch, "mismatch"
         named = header.get("clients")
@@ -206,6 +215,8 @@ class Exchange:
             header = insert_field(header, "clients", list(transfer.clients))
         if transfer.config:
             header = _with_config(header, transfer.config)
+        if self.transforms is not None:  # the upload chain's round config (clip bound, secure aggregation's run)
+            header = insert_field(header, "transforms", self.transforms.fields())
         transfer.nbytes = len(header) + pieces.nbytes
         worker.reply(Message(Kind.MODEL, header, pieces))
         self.server.ledger.add(worker.label, "downloads")
@@ -232,6 +243,9 @@ class Exchange:
     def _take_upload(self, worker: Worker, message: Message) -> bool:
         """Returns True if the accumulation was handed on (it frees the receive buffer itself)."""
         server, versions, schema = self.server, self.versions, self.model.state.upload_schema
+        wire = self.transforms
+        if wire is not None:  # upload transforms: the payload holds what the chain puts on the wire
+            schema = wire.wire_schema
         try:
             header = parse_header(message.header, schema=schema)
             payload = decode(header, message.payload if message.payload is not None else torch.empty(0, dtype=torch.uint8),
@@ -241,6 +255,8 @@ class Exchange:
             client = payload.meta.get("client", worker.clients[0] if worker.clients and not worker.hosts_many else None)
             if refused is None and (not isinstance(client, str) or client not in (worker.clients or ())):
                 raise PayloadError(f"meta 'client' must name a client this frontend hosts, got {str(client)[:70]!r}")
+            if refused is None and wire is not None:
+                wire.admit(payload.meta, client)
         except PayloadError as exc:
             server.ledger.discard(worker.label, f"invalid payload: {exc}")
             self.log.warning(f"rejected the upload of {worker.label}: {exc}")
@@ -276,9 +292,14 @@ class Exchange:
         worker.reply(Message(Kind.ACK, encode_header(
             {"accepted": bool(transfer.accepted), "reason": transfer.reason, "version": versions.version})))
         handed = bool(judged and transfer.accepted)
+        tensors, peak = payload.tensors, payload.peak
+        if handed and wire is not None:  # undo the chain: tensors for the aggregator, or None (secure aggregation)
+            tensors = wire.incoming(tensors, payload.meta, client, transfer.num_samples,
+                                    (len(message.header), schema.nbytes))
+            peak = payload.peak if tensors is not None and schema is self.model.state.upload_schema else None
+            handed = tensors is not None
         if handed:
-            self.accumulation.add(worker, payload.tensors, transfer.num_samples, transfer.weight, schema.nbytes,
-                                  payload.peak)
+            self.accumulation.add(worker, tensors, transfer.num_samples, transfer.weight, schema.nbytes, peak)
         server.fire(Event.AFTER_UPLOAD, transfer)
         return handed
 
@@ -347,10 +368,18 @@ class Exchange:
         started = time.perf_counter()
         versions = self.versions
         self.accumulation.settle()
+        wire = self.transforms
+        if wire is not None and not wire.ready():
+            self.log.debug(f"version {versions.version} waits for secure aggregation's round before it is aggregated")
+            return False
         if versions.accepted == 0:
             self.log.info(f"nothing to aggregate at version {versions.version}: no upload was accepted")
             return False
+        if wire is not None:
+            wire.before_aggregate(self.model.aggregator)
         new = self.model.aggregator.aggregate(self.model.current())
+        if wire is not None:
+            new = wire.after_aggregate(new, versions.accepted)
         alpha = versions.mixing()
         self.model.step(new, alpha)
         count = versions.advance()
