@@ -28,6 +28,7 @@ from openfl_api.payload import (
     MAX_HEADER_BYTES, FiniteScan, Schema, decode, dtype_name, encode, encode_header, encode_pieces, parse_header,
     validate_meta,
 )
+from openfl_api.reporting import Reporting
 from openfl_api.state import SharedState
 from openfl_api.step import Event, Transfer
 from openfl_api.timeouts import Timeouts
@@ -41,7 +42,7 @@ __all__ = ["Client", "check_upload_meta"]
 MAX_REJOINS = 3  # joins again per request before a broken pipe is reported
 
 
-class Client:
+class Client(Reporting):
     """The frontend of one API: one pipe to the backend and a local version.
 
     Args:
@@ -372,61 +373,6 @@ class Client:
             self.log.warning(f"the backend discarded this upload: {transfer.reason}")
         self._fire(Event.AFTER_UPLOAD, transfer)
         return True
-
-    def report(self, state: SharedState, rank: int, nick_name: str, num_samples: int, metrics: Mapping[str, float],
-               client: Optional[str] = None) -> bool:
-        """Send this frontend's evaluation of the model downloaded last; False once the federation ended.
-
-        After the final model (served for evaluation only) each hosted client may still report
-        it; the frontend's calls then end.
-        """
-        if self.ended and self.final is None:
-            return False
-        if self.downloaded is None:
-            raise ConfigurationError("api.evaluate() evaluates the downloaded global model: call it after "
-                                     "api.download() has returned True")
-        client = self._reporting_client(client)
-        version = self.downloaded
-        transfer = Transfer(rank=rank, nick_name=nick_name, version=version, num_samples=num_samples,
-                            metrics=dict(metrics), client=client or "", config=dict(self.config))
-        fields: Dict[str, Any] = {"version": version, "num_samples": num_samples, "metrics": dict(metrics)}
-        if client:
-            fields["client"] = client
-
-        def request() -> Message:
-            sent = dict(fields)
-            if not self._registered:
-                sent.update(self._registration(state))
-            return Message(Kind.REPORT, encode_header(sent))
-
-        reply = self._exchange(request, Limits(frozenset({Kind.ACK, Kind.END}), MAX_HEADER_BYTES, 0),
-                               what=f"the answer to the evaluation of version {version}")
-        if reply is None:
-            return False
-        self._registered = True
-        ack = _header_or_empty(reply.header)
-        transfer.accepted = bool(ack.get("accepted"))
-        transfer.reason = str(ack.get("reason", ""))[:500]
-        if not transfer.accepted:
-            self.log.warning(f"the backend rejected this evaluation report: {transfer.reason}")
-        if self.final is not None and not self.ended:
-            self._end(self.final)
-        self._fire(Event.AFTER_EVALUATE, transfer)
-        return True
-
-    def _reporting_client(self, client: Optional[str]) -> Optional[str]:
-        if self.hosted is None:
-            if client is not None:
-                raise ConfigurationError("evaluate(client=...) needs API(clients=[...]) on this frontend")
-            return None
-        if client is None:
-            if len(self.hosted) != 1:
-                raise ConfigurationError("this frontend hosts several clients: say whose evaluation this is, "
-                                         "evaluate(..., client=...)")
-            return self.hosted[0]
-        if client not in self.hosted:
-            raise ConfigurationError(f"evaluate(client={client!r}): this frontend hosts no such client")
-        return client
 
     def finish(self, interrupted: bool = False) -> None:
         """Say goodbye to the backend and release the pipe; ``interrupted``: at once, no goodbye

@@ -326,37 +326,6 @@ class Exchange:
                 "version again and again"
             )
 
-    # ----------------------------------------------------------------- evaluation reports
-    def report(self, worker: Worker, message: Message) -> None:
-        """Take a frontend's evaluation of a global model: validate it, answer, fire ``after_evaluate``."""
-        current = self.versions.version
-        try:
-            if message.payload is not None:
-                raise PayloadError("an evaluation report carries no payload")
-            header = parse_header(message.header)
-            version = header.get("version")
-            if not isinstance(version, int) or isinstance(version, bool) or not 0 <= version <= current:
-                raise PayloadError(f"an evaluation report must name a version in [0, {current}], got {version!r}"[:200])
-            meta = validate_meta(header)
-            refused = self.register(worker, header)
-            client = header.get("client", worker.clients[0] if worker.clients and not worker.hosts_many else None)
-            if refused is None and (not isinstance(client, str) or client not in (worker.clients or ())):
-                raise PayloadError(f"'client' must name a client this frontend hosts, got {str(client)[:70]!r}")
-        except PayloadError as exc:
-            self.log.warning(f"rejected the evaluation report of {worker.label}: {exc}")
-            worker.reply(Message(Kind.ACK, encode_header({"accepted": False, "reason": f"invalid report: {exc}",
-                                                          "version": current})))
-            return
-        if refused is not None:
-            self.refuse(worker, *refused)
-            return
-        transfer = Transfer(rank=worker.peer.rank, nick_name=worker.peer.nick_name, version=version,
-                            num_samples=meta["num_samples"], metrics=meta["metrics"], accepted=True,
-                            staleness=current - version, client=client, nbytes=len(message.header))
-        worker.reply(Message(Kind.ACK, encode_header({"accepted": True, "reason": "", "version": current})))
-        self.log.debug(f"{worker.label} reported its evaluation of version {version}")
-        self.server.fire(Event.AFTER_EVALUATE, transfer)
-
     # ----------------------------------------------------------------- versions
     def expect(self, clients: List[str]) -> None:
         """Declare the clients taking part in the current version."""

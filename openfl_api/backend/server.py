@@ -26,6 +26,7 @@ from openfl_api.backend.addresses import Addresses
 from openfl_api.backend.members import Members
 from openfl_api.backend.exchange import Exchange
 from openfl_api.backend.model import GlobalModel
+from openfl_api.backend.reports import take_report
 from openfl_api.backend.status import Reporter
 from openfl_api.backend.worker import AddressChange, Joined, Left, Request, Worker, end_message
 from openfl_api.errors import ConfigurationError
@@ -301,7 +302,7 @@ class Server:
             if event.message.kind is Kind.DOWNLOAD:
                 exchange.download(event.worker, event.message)
             elif event.message.kind is Kind.REPORT:
-                exchange.report(event.worker, event.message)
+                take_report(exchange, event.worker, event.message)
             else:
                 exchange.upload(event.worker, event.message)
         elif isinstance(event, Joined):
