@@ -83,6 +83,7 @@ class Client(Reporting):
         self.downloaded: Optional[int] = None  # the version of the model downloaded last
         self.config: Dict[str, Any] = {}  # the round config served with the model downloaded last
         self.final: Optional[str] = None  # set when that model is the final one (served for evaluation only)
+        self._sent_reports: Dict[str, Any] = {}  # the reports of that model, sent again to a backend joined again
         self._schema: Optional[List[List[Any]]] = None  # the model's layout, sent when registering
         #: The upload chain's frontend side (:class:`~openfl_api.transforms.chain.FrontendSide`), or None.
         self.transforms: Any = None
@@ -163,6 +164,7 @@ class Client(Reporting):
                     return None
                 if self.reconnect > timedelta(0) and rejoins < MAX_REJOINS and self._rejoin(exc):
                     rejoins += 1  # a request the backend keeps dropping is not repeated forever
+                    self._report_again(request)  # a restarted backend may have lost them
                     continue
                 if ended is None:
                     self._end(f"lost the backend at {self.address.init_method} and could not reach it again "

@@ -39,7 +39,9 @@ the ``mean`` weighted by samples, the ``min`` and the ``max``.
 so a crash loses at most the line being written. A backend resumed from a checkpoint
 (``API(resume=...)``) cuts the record back to where it was when that checkpoint was written (the
 record's length is kept in the checkpoint) and appends from there: the versions redone after the
-resume are not written twice. A run that is not resumed starts the file afresh.
+resume are not written twice; frontends that join it again send the evaluation reports of the
+model they downloaded last once more (:mod:`openfl_api.reporting`), since those received after the
+checkpoint were lost. A run that is not resumed starts the file afresh.
 """
 
 from __future__ import annotations
@@ -214,6 +216,7 @@ class Recorder(Step):
             self._results = [Result(str(c), int(n), dict(m)) for c, n, m in saved.get("results", [])]
             self._staleness = [int(x) for x in saved.get("staleness", [])]
             self._discarded, self._bytes_in, self._bytes_out = (int(x) for x in saved.get("counts", (0, 0, 0)))
+            self._finished_evaluations = int(saved.get("finished_evaluations", -1))
         self._started = time.monotonic()
         self._sinks = _sinks(self.options, self._max_version, version, saved is not None, self._log)
         self._open = True
@@ -274,7 +277,8 @@ class Recorder(Step):
 
     # ----------------------------------------------------------------- checkpoints
     def state_dict(self) -> Dict[str, Any]:
-        """Where the record stands (its length, the served time, the version in progress), for a resume."""
+        """Where the record stands (its length, the served time, the version in progress, the last
+        version whose evaluation was aggregated), for a resume."""
         return {
             "path": None if self.options.path is None else str(Path(self.options.path)),
             "offset": self._offset,
@@ -282,6 +286,7 @@ class Recorder(Step):
             "results": [[r.client, r.num_samples, dict(r.metrics)] for r in self._results],
             "staleness": list(self._staleness),
             "counts": [self._discarded, self._bytes_in, self._bytes_out],
+            "finished_evaluations": self._finished_evaluations,
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:

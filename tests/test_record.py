@@ -287,3 +287,29 @@ def test_only_the_backend_checks_where_the_record_goes(tmp_path):
     undecided = ofl.API(record=nowhere)
     with pytest.raises(ConfigurationError, match="the record's folder .*nowhere does not exist"):
         undecided.build_connection(address=ofl.Address(init_method="memory://nowhere-check", world_size=2, rank=0))
+
+
+def test_a_resumed_record_takes_a_report_of_a_version_evaluated_before_its_checkpoint_as_late(tmp_path):
+    """What a frontend joining a resumed backend again sends (its last report once more) is not counted twice."""
+    from types import SimpleNamespace
+
+    from openfl_api import checkpoint as checkpoints
+    from openfl_api.logger import bind
+    from openfl_api.record import Recorder
+    from openfl_api.step import Transfer
+    from openfl_api.timing import RoundClock
+
+    path, prefix = tmp_path / "run.jsonl", str(tmp_path / "ckpt")
+    federation(record=str(path), versions=2, checkpoint=prefix, steps=[ofl.FederatedEvaluation(every=1, final=False)])
+    source, data = checkpoints.newest(prefix, bind("backend"))
+    assert source.endswith("ckpt.2")
+    recorder = Recorder(Record(path=path), RoundClock(), 2, synchronous=True, log=bind("backend"))
+    recorder.load_state_dict(data["steps"]["record"])
+    recorder.start(2, source)
+    api = SimpleNamespace(version=2, clients=["openfl_api/rank1", "openfl_api/rank2"])
+    recorder.after_evaluate(api, Transfer(rank=1, nick_name="rank1", version=1, num_samples=10,
+                                          metrics={"loss": 1.0}, client="openfl_api/rank1", accepted=True))
+    recorder.close(2, "test")
+    entries = read_record(path)
+    assert [(e["kind"], e["version"]) for e in by_event(entries, "evaluation")] == [("federated", v) for v in (0, 1)]
+    assert entries[-2]["event"] == "report" and entries[-2]["version"] == 1

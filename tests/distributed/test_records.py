@@ -1,6 +1,7 @@
 """Records of real runs: a launched run and a simulated run of one seed hold the same metrics per
-version; a backend SIGKILLed and resumed leaves one valid record without duplicate versions; the
-README's demo draws its progress line on the launcher's terminal and its record plots.
+version; a backend SIGKILLed and resumed leaves one valid record without duplicate versions or
+evaluations, holding the metrics of an uninterrupted run; the README's demo draws its progress
+line on the launcher's terminal and its record plots.
 
 Every process runs in its own session and is killed with its group in a ``finally``; every wait
 has a deadline.
@@ -107,8 +108,10 @@ def test_a_backend_killed_and_resumed_leaves_one_valid_record_without_duplicate_
     assert [e["version"] for e in record if e["event"] == "version"] == [1, 2, 3, 4, 5]
     assert record[events.index("resume")]["version"] == 3
     assert (killed / "run.jsonl").read_text().startswith(cut[:cut.index('"event":"version","time"')])
-    assert {k: v for k, v in metrics_per_version(killed / "run.jsonl").items() if k[0] == "train"} == {
-        k: v for k, v in metrics_per_version(reference / "run.jsonl").items() if k[0] == "train"}
+    evaluated = [(e["kind"], e["version"]) for e in record if e["event"] == "evaluation"]
+    assert sorted(evaluated) == sorted(set(evaluated)) == [("federated", v) for v in range(6)]
+    # The reports of version 3 that the killed backend acknowledged are sent again to the resumed one.
+    assert metrics_per_version(killed / "run.jsonl") == metrics_per_version(reference / "run.jsonl")
 
 
 def read_terminal(master: int, process: subprocess.Popen, deadline: float) -> str:
