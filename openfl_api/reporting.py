@@ -119,8 +119,8 @@ class Reporting:
                 accepted = bool(parse_header(reply.header).get("accepted"))
             except PayloadError:
                 accepted = False
-            self.log.info(f"sent the evaluation{whose} of version {version} again to the backend joined again"
-                          f"{'' if accepted else ', which refused it (it resumed from an older version)'}")
+            self.log.info(f"sent the evaluation{whose} of version {version} once more after joining the backend "
+                          f"again{'' if accepted else ', which refused it (it resumed from an older version)'}")
 
     def _reporting_client(self, client: Optional[str]) -> Optional[str]:
         if self.hosted is None:
