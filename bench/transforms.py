@@ -44,7 +44,9 @@ from openfl_api.logger import bind  # noqa: E402
 from openfl_api.payload import decode, encode  # noqa: E402
 from openfl_api.state import SharedState  # noqa: E402
 from openfl_api.transforms import crypto  # noqa: E402
-from openfl_api.transforms.chain import BackendSide, Chain, FrontendSide  # noqa: E402
+from openfl_api.transforms.backend_side import BackendSide  # noqa: E402
+from openfl_api.transforms.chain import Chain  # noqa: E402
+from openfl_api.transforms.frontend_side import FrontendSide  # noqa: E402
 from openfl_api.transforms.secagg import quantize  # noqa: E402
 
 LOG = bind("bench")

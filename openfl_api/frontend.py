@@ -80,7 +80,7 @@ class Client:
         self._backend_said = ""  # the status in the backend's last ping
         self._uploaded_from: Optional[int] = None  # the version the last upload was trained from
         self._schema: Optional[List[List[Any]]] = None  # the model's layout, sent when registering
-        #: The upload chain's frontend side (:class:`~openfl_api.transforms.chain.FrontendSide`), or None.
+        #: The upload chain's frontend side (:class:`~openfl_api.transforms.frontend_side.FrontendSide`), or None.
         self.transforms: Any = None
 
     def connect(self, address: Address, token: bytes, nick_name: str, timeout: Optional[timedelta] = None) -> None:

@@ -14,12 +14,20 @@ from typing import Dict, List, Mapping, Optional
 
 import torch
 
+from openfl_api.errors import ConfigurationError
 from openfl_api.payload import Schema, TensorSpec
 
-__all__ = ["Layout", "WIRE"]
+__all__ = ["Layout", "WIRE", "check_reserved"]
 
 #: Prefix of the payload entries that transforms add (``wire/values``, ``wire/masked``, ...).
 WIRE = "wire/"
+
+
+def check_reserved(schema: Schema) -> None:
+    """Raise ConfigurationError if an entry of ``schema`` is named like a transform's payload entry."""
+    for spec in schema.specs:
+        if spec.name.startswith(WIRE):
+            raise ConfigurationError(f"state_dict key {spec.name!r} clashes with the prefix {WIRE} of upload transforms")
 
 
 class Layout:
