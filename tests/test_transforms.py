@@ -116,6 +116,17 @@ def fedavg(n: int, rounds: int, weights: Optional[List[float]] = None) -> Dict[s
     return state
 
 
+@pytest.fixture
+def log_lines() -> Any:
+    """The INFO and WARNING lines logged while a test runs."""
+    from loguru import logger
+
+    lines: List[str] = []
+    sink = logger.add(lambda message: lines.append(str(message)), level="INFO", format="{message}")
+    yield lines
+    logger.remove(sink)
+
+
 # ---------------------------------------------------------------------------------------------- the chain's rules
 @pytest.mark.parametrize("links,match", [
     ([T.GaussianNoise(1.0), T.Clip(1.0)], r"Clip must come before GaussianNoise in the upload chain: clip before noise"),
@@ -210,6 +221,27 @@ def test_a_frontend_with_a_chain_the_backend_lacks_is_refused() -> None:
     assert "declares upload transforms and the backend none" in join(None, [T.Cast()])
 
 
+def test_an_upload_whose_header_names_another_chain_is_refused(log_lines: List[str]) -> None:
+    def hook(rank: int, api: ofl.API) -> None:
+        if rank == 1:
+            api._frontend_transforms(api._client)
+            side = api._client.transforms
+            original = side.outgoing
+
+            def outgoing(*args: Any, **kwargs: Any):
+                tensors, wire, meta = original(*args, **kwargs)
+                return tensors, wire, {**meta, "transforms": "0" * 16}
+
+            side.outgoing = outgoing
+
+    result = federate(lambda: [T.Cast(torch.float16)], n=3, rounds=1, count=2, hook=hook)
+    assert result["errors"] == [] and result["failure"] is None
+    digest = T.Chain([T.Cast(torch.float16)]).digest
+    refused = [line for line in log_lines if "rejected the upload" in line]
+    assert refused and all(f"its header names upload chain '{'0' * 16}', the backend's is '{digest}'" in line
+                           for line in refused), refused
+
+
 # ---------------------------------------------------------------------------------------------- DP
 def test_noise_zero_without_clipping_is_fedavg_bit_for_bit() -> None:
     plain = federate(lambda: None, rounds=3)
@@ -240,9 +272,11 @@ def test_the_epsilon_reported_is_the_accountants_own_answer() -> None:
     result = federate(links, n=3, rounds=3, aggregator=aggregate.NaiveAggregator)
     assert result["errors"] == []
     noise = result["api"].upload_transforms.noise
+    report = result["api"]._server.exchange.transforms.report
     reference = RDPAccountant()
-    for _ in range(3):
+    for version in (1, 2, 3):  # each version's epsilon, as logged after it
         reference.step(noise_multiplier=1.1, sample_rate=0.3)
+        assert report[version]["epsilon"] == reference.get_epsilon(delta=1e-5), version
     assert noise.steps == 3
     assert noise.epsilon() == reference.get_epsilon(delta=1e-5)
 
@@ -320,6 +354,17 @@ def test_compressors_send_fewer_bytes_for_real(links: list, low: float, high: fl
     schema = mlp_schema()
     wire = T.Chain(links).wire_schema(schema)
     assert low <= schema.nbytes / wire.nbytes <= high
+
+
+def test_each_version_logs_the_bytes_its_uploads_put_on_the_wire(log_lines: List[str]) -> None:
+    result = federate(lambda: [T.Cast(torch.float16)], n=3, rounds=2)
+    assert result["errors"] == []
+    side = result["api"]._server.exchange.transforms
+    each = side.wire_schema.nbytes
+    assert each < side.plain_bytes
+    assert [side.report[version]["upload_bytes"] for version in (1, 2)] == [each, each]
+    for version in (1, 2):
+        assert any(line.startswith(f"version {version}: 3 uploads of {each:,} payload bytes each") for line in log_lines)
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
