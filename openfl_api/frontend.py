@@ -25,8 +25,8 @@ from openfl_api.address import Address
 from openfl_api.errors import AdmissionError, ConfigurationError, PayloadError, TransportError
 from openfl_api.ledger import Ledger
 from openfl_api.payload import (
-    MAX_HEADER_BYTES, FiniteScan, Schema, decode, dtype_name, encode, encode_header, encode_pieces, parse_header,
-    validate_meta,
+    MAX_HEADER_BYTES, FiniteScan, Schema, decode, dtype_name, encode, encode_header, encode_pieces, on_cuda,
+    parse_header, validate_meta,
 )
 from openfl_api.state import SharedState
 from openfl_api.step import Event, Transfer
@@ -326,8 +326,9 @@ class Client:
             header, pieces = encode(tensors, schema, kind="update", version=self.version,
                                     sender=nick_name, meta=meta)
         else:
-            if self._tx is None or self._tx.numel() < schema.nbytes:
-                self._tx = torch.zeros(schema.nbytes, dtype=torch.uint8)
+            pinned = on_cuda(tensors.values())  # CUDA tensors reach the host through page-locked memory
+            if self._tx is None or self._tx.numel() < schema.nbytes or self._tx.is_pinned() != pinned:
+                self._tx = torch.zeros(schema.nbytes, dtype=torch.uint8, pin_memory=pinned)
             # Large tensors go to the pipe straight from the model; upload() returns only once they are sent.
             header, pieces = encode_pieces(tensors, schema, kind="update", version=self.version,
                                            sender=nick_name, meta=meta, out=self._tx)
