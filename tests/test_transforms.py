@@ -17,7 +17,7 @@ import openfl_api as ofl
 from openfl_api import aggregate
 from openfl_api import transforms as T
 from openfl_api.errors import ConfigurationError, PayloadError
-from openfl_api.payload import Schema
+from openfl_api.payload import Schema, decode, encode
 from openfl_api.transforms.compress import _pack, _unpack
 from openfl_api.transforms.layout import Layout
 
@@ -46,8 +46,9 @@ def federate(chain: Callable[[], Optional[list]], n: int = 3, rounds: int = 2, a
              asynchronous: Optional[ofl.Asynchronous] = None, count: Optional[int] = None,
              frontend_chain: Optional[Callable[[], Optional[list]]] = None, seed: Optional[int] = None,
              steps: Optional[Callable[[ofl.API], None]] = None, hook: Optional[Callable[[int, ofl.API], None]] = None,
-             backend_kwargs: Optional[dict] = None) -> dict:
-    """A backend and ``n`` frontend threads; each frontend adds ``step_for(rank, version)`` per version."""
+             backend_kwargs: Optional[dict] = None, device: str = "cpu") -> dict:
+    """A backend and ``n`` frontend threads; each frontend adds ``step_for(rank, version)`` per version
+    to its model, which lives on ``device``."""
     name = f"tf-{uuid.uuid4().hex[:8]}"
     backend = fast_api(False, asynchronous=asynchronous, **(backend_kwargs or {}))
     backend.set_aggregate_triggers(ofl.AggregateCount(count=count or n))
@@ -71,7 +72,7 @@ def federate(chain: Callable[[], Optional[list]], n: int = 3, rounds: int = 2, a
             if links is not None:
                 api.set_upload_transforms(*links, seed=seed)
             api.build_connection(address=memory_address(name, rank, world_size=n + 1))
-            local = model()
+            local = model().to(device)
             api.set_aggregator_and_optimizer(aggregator(local.parameters()))
             api.set_state_dict(local.state_dict(keep_vars=True))
             if hook is not None:
@@ -80,7 +81,7 @@ def federate(chain: Callable[[], Optional[list]], n: int = 3, rounds: int = 2, a
                 while api.download():
                     with torch.no_grad():
                         for key, delta in step_for(rank, api.version).items():
-                            getattr(local, key).add_(delta)
+                            getattr(local, key).add_(delta.to(device))
                     if not api.upload(num_samples=10 * rank):
                         break
                     uploads[rank] = uploads.get(rank, 0) + 1
@@ -487,3 +488,33 @@ def test_secure_aggregation_needs_a_mean_aggregator_and_one_client_per_frontend(
         from openfl_api.frontend import Client
 
         api._frontend_transforms(Client(lambda *a: None, api.timeouts, api.log, clients=["a", "b"]))
+
+
+# ---------------------------------------------------------------------------------------------- CUDA
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@CUDA
+def test_cuda_entries_reach_the_host_through_page_locked_buffers() -> None:
+    tensors = {"w": torch.randn(2, 3, device="cuda"), "steps": torch.ones((), dtype=torch.int64, device="cuda")}
+    schema = Schema.from_tensors(tensors)
+    flat = Layout(schema).flatten(tensors)
+    assert flat.is_pinned() and torch.equal(flat, tensors["w"].cpu().reshape(-1))
+    header, buffer = encode(tensors, schema, kind="update", version=0, sender="f")
+    assert buffer.is_pinned()
+    decoded = decode(header, buffer, schema, kind="update").tensors
+    assert all(torch.equal(decoded[k], v.cpu()) for k, v in tensors.items())
+
+
+@CUDA
+@pytest.mark.parametrize("links", [
+    lambda: None, lambda: [T.GaussianNoise(0.0)], lambda: [T.Clip(0.05)], lambda: [T.Cast(torch.float16)],
+    lambda: [T.QSGD(bits=8, bucket=16)], lambda: [T.TopK(0.5)],
+    lambda: [T.SecAgg(clip_range=0.5, deadline=timedelta(seconds=10))],
+], ids=["plain", "noise 0", "clip", "fp16", "qsgd", "top-k", "secagg"])
+def test_frontend_models_on_cuda_give_the_federation_of_models_on_the_cpu_bit_for_bit(links: Callable[[], Any],
+                                                                                     device: str = "cuda") -> None:
+    on_cpu = federate(links, rounds=2, seed=0)
+    on_device = federate(links, rounds=2, seed=0, device=device)
+    assert on_device["errors"] == [] and on_device["failure"] is None
+    assert all(torch.equal(on_cpu["state"][k], on_device["state"][k]) for k in on_cpu["state"])

@@ -179,7 +179,8 @@ class BackendSide:
         tensors = self.layout.unflatten(vector)
         current = self.server.model.current()
         for spec in self.layout.others:
-            tensors[spec.name] = current[spec.name] if spec.name in current else torch.zeros(spec.shape, dtype=spec.dtype)
+            kept = current.get(spec.name)
+            tensors[spec.name] = kept.cpu() if kept is not None else torch.zeros(spec.shape, dtype=spec.dtype)
         aggregator.add(tensors, 1, 1.0)
 
     def after_aggregate(self, new: Dict[str, torch.Tensor], count: int) -> Dict[str, torch.Tensor]:
