@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, NoReturn, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -101,7 +101,7 @@ class Coordinator:
     def _next(self, stage: str) -> None:
         self.stage, self.stage_start = stage, time.monotonic()
 
-    def fail(self, reason: str) -> None:
+    def fail(self, reason: str) -> NoReturn:
         """End the round: nothing of it is aggregated; frontends waiting on it are told."""
         self.stage = FAILED
         self.board.put(f"{self.round_id}/failed", {"reason": reason})
@@ -271,6 +271,14 @@ class Coordinator:
             valid[x_of[holder]] = share
         return valid
 
+    def _rebuild(self, shares: Dict[int, bytes], what: str) -> bytes:
+        """The secret that ``t`` of ``shares`` give; the round fails if they give no 32-byte secret
+        (its dealer dealt shares of no secret of its own, with digests to match)."""
+        try:
+            return crypto.combine(dict(list(shares.items())[:self.t]))
+        except ValueError:
+            self.fail(f"the shares of {what} combine to no 32-byte secret: its dealer dealt inconsistent shares")
+
     def _unmask(self) -> None:
         survivors = set(self.deposited)
         for value in self._slots("unmask"):
@@ -288,7 +296,7 @@ class Coordinator:
             shares = self._valid_shares(dealer, "b")
             if len(shares) < self.t:
                 self.fail(f"{len(shares)} valid shares of {dealer}'s self-mask seed came back, {self.t} are needed")
-            seed = crypto.combine(dict(list(shares.items())[:self.t]))
+            seed = self._rebuild(shares, f"{dealer}'s self-mask seed")
             if hashlib.sha256(seed).hexdigest() != self.shares[dealer].get("commit"):
                 self.fail(f"the shares of {dealer}'s self-mask seed rebuild a seed that does not match its commitment")
             words -= self_mask(seed, run, round_id, x_of[dealer], self.size)
@@ -296,7 +304,7 @@ class Coordinator:
             shares = self._valid_shares(dealer, "s")
             if len(shares) < self.t:
                 self.fail(f"{len(shares)} valid shares of dropped {dealer}'s mask key came back, {self.t} are needed")
-            key = crypto.KeyPair(crypto.combine(dict(list(shares.items())[:self.t])))
+            key = crypto.KeyPair(self._rebuild(shares, f"dropped {dealer}'s mask key"))
             if b64(key.public) != self.members[dealer][3]:
                 self.fail(f"the shares of dropped {dealer}'s mask key rebuild a key that is not the one it advertised")
             for other in self.graph[dealer]:
