@@ -223,17 +223,25 @@ def test_a_frontend_with_a_chain_the_backend_lacks_is_refused() -> None:
 
 
 def test_an_upload_whose_header_names_another_chain_is_refused(log_lines: List[str]) -> None:
+    answered = threading.Event()  # the others join once rank 1's upload was answered: it counts before version 1
+
     def hook(rank: int, api: ofl.API) -> None:
-        if rank == 1:
-            api._frontend_transforms(api._client)
-            side = api._client.transforms
-            original = side.outgoing
+        if rank != 1:
+            assert answered.wait(WAIT), "rank 1's upload was not answered"
+            return
+        api._frontend_transforms(api._client)
+        side = api._client.transforms
+        original_outgoing, original_answered = side.outgoing, side.answered
 
-            def outgoing(*args: Any, **kwargs: Any):
-                tensors, wire, meta = original(*args, **kwargs)
-                return tensors, wire, {**meta, "transforms": "0" * 16}
+        def outgoing(*args: Any, **kwargs: Any):
+            tensors, wire, meta = original_outgoing(*args, **kwargs)
+            return tensors, wire, {**meta, "transforms": "0" * 16}
 
-            side.outgoing = outgoing
+        def on_answer(accepted: bool) -> None:
+            original_answered(accepted)
+            answered.set()
+
+        side.outgoing, side.answered = outgoing, on_answer
 
     result = federate(lambda: [T.Cast(torch.float16)], n=3, rounds=1, count=2, hook=hook)
     assert result["errors"] == [] and result["failure"] is None
