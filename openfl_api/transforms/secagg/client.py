@@ -12,8 +12,9 @@ import numpy as np
 
 from openfl_api.transforms import crypto
 from openfl_api.transforms.secagg.board import ENDED_EVERY, Board, b64, unb64
-from openfl_api.transforms.secagg.masking import add_pair_mask_, neighbours_of, self_mask, share_context, share_info
+from openfl_api.transforms.secagg.masking import add_pair_mask_, neighbours_of, self_mask
 from openfl_api.transforms.secagg.settings import FederationEnded, SecAgg, SecAggFailure
+from openfl_api.transforms.secagg.shares import deal, open_share
 
 __all__ = ["SecAggClient"]
 
@@ -120,18 +121,8 @@ class SecAggClient:
         holders = [client, *mine]
         t = int(u1["t"])
         seed_b = os.urandom(32)
-        s_shares = crypto.split(keys[1].private, [x_of[h] for h in holders], t)
-        b_shares = crypto.split(seed_b, [x_of[h] for h in holders], t)
-        sealed, digests = {}, {}
-        for holder in holders:
-            x = x_of[holder]
-            key = crypto.derive(keys[0].agree(unb64(members[holder][2])), share_info(run, round_id, x_of[client], x))
-            aad = f"{run}|{round_id}|{x_of[client]}|{x}".encode()
-            sealed[holder] = b64(crypto.seal(key, s_shares[x] + b_shares[x], aad))
-            digests[holder] = {
-                "s": crypto.share_digest(share_context(run, round_id, x_of[client], x, "s"), s_shares[x]),
-                "b": crypto.share_digest(share_context(run, round_id, x_of[client], x, "b"), b_shares[x]),
-            }
+        sealed, digests = deal(keys[0], keys[1], seed_b, x_of[client],
+                               {h: (x_of[h], members[h][2]) for h in holders}, t, run, round_id)
         board.append(f"{round_id}/shares", {"client": client, "sealed": sealed, "digests": digests,
                                             "commit": hashlib.sha256(seed_b).hexdigest()})
         self._wait(round_id, "U2", "the share holders of the round (U2)")
@@ -145,14 +136,11 @@ class SecAggClient:
         for dealer, text in inbox.items():
             if dealer not in members:
                 continue
-            x = x_of[dealer]
-            key = crypto.derive(keys[0].agree(unb64(members[dealer][2])), share_info(run, round_id, x, x_of[client]))
-            try:
-                plain = crypto.open_sealed(key, unb64(text), f"{run}|{round_id}|{x}|{x_of[client]}".encode())
-            except Exception:  # cryptography's InvalidTag, or garbage that is no ciphertext
+            opened = open_share(keys[0], members[dealer][2], text, x_of[dealer], x_of[client], run, round_id)
+            if opened is None:
                 bad.append(dealer)
                 continue
-            held[dealer] = (plain[:crypto.SHARE_BYTES], plain[crypto.SHARE_BYTES:])
+            held[dealer] = opened
         if bad:
             self.log.warning(f"secure aggregation round {round_id}: shares from {sorted(bad)} failed authentication "
                              "(altered, or sealed with a wrong key); the backend is told")

@@ -13,10 +13,9 @@ import torch
 from openfl_api.errors import PayloadError
 from openfl_api.transforms import crypto
 from openfl_api.transforms.secagg.board import Board, b64, unb64
-from openfl_api.transforms.secagg.masking import (
-    RING, add_pair_mask_, dequantize_sum, neighbours_of, self_mask, share_context,
-)
+from openfl_api.transforms.secagg.masking import RING, add_pair_mask_, dequantize_sum, neighbours_of, self_mask
 from openfl_api.transforms.secagg.settings import SecAgg, SecAggFailure
+from openfl_api.transforms.secagg.shares import checked, combine
 
 __all__ = ["Coordinator"]
 
@@ -250,34 +249,21 @@ class Coordinator:
         """The shares of ``dealer``'s secret ``which`` ("s" or "b") that survivors sent and that
         match the digests the dealer published; a share that does not is refused and counted."""
         x_of = {m: v[1] for m, v in self.members.items()}
-        digests = self.shares[dealer].get("digests", {})
-        valid: Dict[int, bytes] = {}
-        for holder, value in self.unmasks.items():
-            text = value.get(which, {}).get(dealer)
-            if text is None:
-                continue
-            try:
-                share = bytes.fromhex(text)
-            except (TypeError, ValueError):
-                share = b""
-            context = share_context(self.run, self.round_id, x_of[dealer], x_of[holder], which)
-            expected = digests.get(holder, {}).get(which)
-            if len(share) != crypto.SHARE_BYTES or expected is None or crypto.share_digest(context, share) != expected:
-                reason = (f"secure aggregation round {self.round_id}: {holder} sent a share of {dealer}'s "
-                          f"{'key' if which == 's' else 'seed'} that does not match the dealer's digest (tampered); refused")
-                self.log.warning(reason)
-                self.refused.append((holder, reason))
-                continue
-            valid[x_of[holder]] = share
+        valid, bad = checked(self.unmasks, dealer, which, x_of, self.shares[dealer].get("digests", {}), self.run,
+                             self.round_id)
+        for holder in bad:
+            reason = (f"secure aggregation round {self.round_id}: {holder} sent a share of {dealer}'s "
+                      f"{'key' if which == 's' else 'seed'} that does not match the dealer's digest (tampered); refused")
+            self.log.warning(reason)
+            self.refused.append((holder, reason))
         return valid
 
     def _rebuild(self, shares: Dict[int, bytes], what: str) -> bytes:
-        """The secret that ``t`` of ``shares`` give; the round fails if they give no 32-byte secret
-        (its dealer dealt shares of no secret of its own, with digests to match)."""
-        try:
-            return crypto.combine(dict(list(shares.items())[:self.t]))
-        except ValueError:
+        """The secret that ``t`` of ``shares`` give; the round fails if they give no 32-byte secret."""
+        secret = combine(shares, self.t)
+        if secret is None:
             self.fail(f"the shares of {what} combine to no 32-byte secret: its dealer dealt inconsistent shares")
+        return secret
 
     def _unmask(self) -> None:
         survivors = set(self.deposited)
