@@ -20,7 +20,8 @@ buffer; staleness weights the buffer through the mixing weight).
 
 The package's modules: :mod:`~openfl_api.transforms.secagg.settings` (the :class:`SecAgg`
 transform and the errors), :mod:`~openfl_api.transforms.secagg.masking` (quantization, the
-neighbour graph, the masks), :mod:`~openfl_api.transforms.secagg.board` (signed values on the
+neighbour graph, the masks), :mod:`~openfl_api.transforms.secagg.shares` (the Shamir shares:
+dealt, sealed, checked, combined), :mod:`~openfl_api.transforms.secagg.board` (signed values on the
 stores), :mod:`~openfl_api.transforms.secagg.client` (a frontend's rounds) and
 :mod:`~openfl_api.transforms.secagg.coordinator` (the backend's).
 """
