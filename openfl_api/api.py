@@ -144,7 +144,7 @@ class API(Controls):
         self._ran = False
         self._finished = False
         self._transforms: Any = None  # the upload chain (openfl_api.transforms.Chain), or None
-        self._chain_step: Any = None  # the chain's backend step (openfl_api.transforms.chain.ChainStep), or None
+        self._chain_step: Any = None  # the chain's backend step (openfl_api.transforms.backend_side.ChainStep), or None
         self.log = bind("frontend" if frontend else "backend" if frontend is False else "-")
 
     # ----------------------------------------------------------------- identity
@@ -285,7 +285,8 @@ class API(Controls):
             ConfigurationError: a transform is unknown, out of order, or combined with one it cannot go with.
             RoleError: called twice, or after the federation started.
         """
-        from openfl_api.transforms.chain import Chain, ChainStep
+        from openfl_api.transforms.backend_side import ChainStep
+        from openfl_api.transforms.chain import Chain
 
         if self._transforms is not None:
             raise RoleError("set_upload_transforms(...) was called already on this API; a chain is declared once")
@@ -308,7 +309,7 @@ class API(Controls):
             return
         state = self._shared_state()
         if client.transforms is None or client.transforms.state is not state:
-            from openfl_api.transforms.chain import FrontendSide
+            from openfl_api.transforms.frontend_side import FrontendSide
 
             client.transforms = FrontendSide(self._transforms, state, self.log, self._hosted, self.timeouts, self._token)
 
@@ -470,7 +471,7 @@ class API(Controls):
     def _prepare_backend(self, server: Server) -> None:
         server.prepare(self._shared_state(), self._server_optimizer)
         if self._transforms is not None:
-            from openfl_api.transforms.chain import attach_backend
+            from openfl_api.transforms.backend_side import attach_backend
 
             attach_backend(self._transforms, self, server, self._token, self._chain_step, self._steps.uploads_needed)
         if self._record is not None:

@@ -25,8 +25,8 @@ from openfl_api.address import Address
 from openfl_api.errors import AdmissionError, ConfigurationError, PayloadError, TransportError
 from openfl_api.ledger import Ledger
 from openfl_api.payload import (
-    MAX_HEADER_BYTES, FiniteScan, Schema, decode, dtype_name, encode, encode_header, encode_pieces, parse_header,
-    validate_meta,
+    MAX_HEADER_BYTES, FiniteScan, Schema, decode, dtype_name, encode, encode_header, encode_pieces, on_cuda,
+    parse_header, validate_meta,
 )
 from openfl_api.reporting import Reporting
 from openfl_api.state import SharedState
@@ -85,7 +85,7 @@ class Client(Reporting):
         self.final: Optional[str] = None  # set when that model is the final one (served for evaluation only)
         self._sent_reports: Dict[str, Any] = {}  # the reports of that model, sent again to a backend joined again
         self._schema: Optional[List[List[Any]]] = None  # the model's layout, sent when registering
-        #: The upload chain's frontend side (:class:`~openfl_api.transforms.chain.FrontendSide`), or None.
+        #: The upload chain's frontend side (:class:`~openfl_api.transforms.frontend_side.FrontendSide`), or None.
         self.transforms: Any = None
 
     def connect(self, address: Address, token: bytes, nick_name: str, timeout: Optional[timedelta] = None) -> None:
@@ -339,8 +339,9 @@ class Client(Reporting):
             header, pieces = encode(tensors, schema, kind="update", version=self.version,
                                     sender=nick_name, meta=meta)
         else:
-            if self._tx is None or self._tx.numel() < schema.nbytes:
-                self._tx = torch.zeros(schema.nbytes, dtype=torch.uint8)
+            pinned = on_cuda(tensors.values())  # CUDA tensors reach the host through page-locked memory
+            if self._tx is None or self._tx.numel() < schema.nbytes or self._tx.is_pinned() != pinned:
+                self._tx = torch.zeros(schema.nbytes, dtype=torch.uint8, pin_memory=pinned)
             # Large tensors go to the pipe straight from the model; upload() returns only once they are sent.
             header, pieces = encode_pieces(tensors, schema, kind="update", version=self.version,
                                            sender=nick_name, meta=meta, out=self._tx)

@@ -49,7 +49,7 @@ class Exchange:
         self._offered = -1
         self._duplicates: Dict[str, int] = {}  # client id -> duplicate discards in a row
         self.started = server.asynchronous is None  # asynchronous mode: the start policy was met
-        #: The upload chain's backend side (:class:`~openfl_api.transforms.chain.BackendSide`), or None.
+        #: The upload chain's backend side (:class:`~openfl_api.transforms.backend_side.BackendSide`), or None.
         self.transforms: Any = None
 
     # ----------------------------------------------------------------- who takes part
