@@ -101,6 +101,7 @@ class Worker:
         self.free = threading.Event()
         self.free.set()
         self.scan: Optional[FiniteScan] = None  # the finite check of the upload being received
+        self.receive_started: Optional[float] = None  # perf_counter() at the first payload byte of the upload at hand
         self._answered = False  # the request at hand was answered from within its turn
         self.joined = threading.Event()  # set once the loop has handled this worker's Joined
         self._gone_lock = threading.Lock()
@@ -185,7 +186,9 @@ class Worker:
         while not self.joined.wait(tick):  # the loop sees the join before the first request
             if server.ended or self.closing:
                 break
-        if message.payload is not None:
+        if message.payload is None:
+            self.receive_started = None
+        else:
             self.free.clear()
         if self.closing or not server.handle_now(Request(self, message)):
             self.free.set()
@@ -212,6 +215,7 @@ class Worker:
             self._buffer = torch.zeros(size, dtype=torch.uint8)  # zero padding keeps the finite check on its fast path
         buffer = self._buffer[:size]
         self.scan = FiniteScan(self.server.model.state.upload_schema, buffer)
+        self.receive_started = time.perf_counter()
         return buffer
 
     def _progress(self, end: int) -> None:

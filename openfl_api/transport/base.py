@@ -6,10 +6,10 @@ a piece table ``int64[pieces, 2]`` of ``(offset, bytes)`` and the pieces, so the
 size before it receives anything and can refuse an oversized message without reading it. A sender
 gives the payload as :class:`Pieces` (spans of the flat buffer that live in separate tensors, such
 as a model's parameters) so it never copies them into one buffer; the receiver always gets the
-flat buffer. Frontends send requests (``DOWNLOAD``, ``UPLOAD``, ``BYE``); the
-backend answers each with one reply (``MODEL``, ``ACK``, ``END``). Between requests a frontend
-sends ``HEARTBEAT``, which the backend echoes; while it handles a request the backend sends
-``PING`` (:mod:`openfl_api.transport.heartbeat`).
+flat buffer. Frontends send requests (``DOWNLOAD``, ``UPLOAD``, ``REPORT``, ``BYE``); the
+backend answers each but ``BYE`` with one reply (``MODEL``, ``ACK``, ``END``). Between requests a
+frontend sends ``HEARTBEAT``, which the backend echoes; while it handles a request the backend
+sends ``PING`` (:mod:`openfl_api.transport.heartbeat`).
 
 A pipe that times out or breaks is dead: :class:`~openfl_api.errors.TransportError` is raised and
 the pipe must be closed. :class:`Silence` is the TransportError of a receive that timed out before
@@ -48,10 +48,11 @@ class Kind(enum.IntEnum):
     ACK = 5  #: backend says whether an upload was accepted
     END = 6  #: backend says the federation has ended
     PING = 7  #: backend checks that a frontend whose request it holds is still there; no reply
-    HEARTBEAT = 8  #: frontend, between requests: the link is alive; the backend echoes it at once
+    REPORT = 8  #: frontend reports its evaluation of a global model (header only); answered with ACK
+    HEARTBEAT = 9  #: frontend, between requests: the link is alive; the backend echoes it at once
 
 
-REQUESTS = frozenset({Kind.DOWNLOAD, Kind.UPLOAD, Kind.BYE, Kind.HEARTBEAT})
+REQUESTS = frozenset({Kind.DOWNLOAD, Kind.UPLOAD, Kind.BYE, Kind.REPORT, Kind.HEARTBEAT})
 REPLIES = frozenset({Kind.MODEL, Kind.ACK, Kind.END})
 
 
