@@ -144,7 +144,7 @@ class ExactSum:
         self._work = torch.empty(size, dtype=torch.float64)
         self._magic = self._work.numpy().view(np.int64)
         self._views = {i: self._work[self._offsets[i]:self._offsets[i] + self._sizes[i]]
-                       .view(*self.shapes[i], *((2,) if self.complex[i] else ())) for i in self._float}
+                       .view((*self.shapes[i], *((2,) if self.complex[i] else ()))) for i in self._float}
         self._levels = _Levels(size)
         self._singles = {i: _Levels(self._sizes[i]) for i in self._other}
 
