@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 from torch.utils.hooks import RemovableHandle
@@ -34,6 +34,7 @@ from openfl_api.errors import ConfigurationError, RoleError
 from openfl_api.frontend import Client, check_upload_meta
 from openfl_api.logger import bind
 from openfl_api.parser import environ
+from openfl_api.payload.config import check_config
 from openfl_api.state import SharedState
 from openfl_api.step import BACKEND, FRONTEND, Event, Step, Steps
 from openfl_api.timeouts import Timeouts
@@ -181,6 +182,32 @@ class API:
     def asynchronous(self) -> Optional[Asynchronous]:
         """The asynchronous settings, or None in synchronous mode."""
         return self._asynchronous
+
+    @property
+    def round_config(self) -> Dict[str, Any]:
+        """The round configuration: a small JSON object served beside the model.
+
+        Backend: the configuration every download carries from now on (``{}`` at first); backend
+        steps set it, e.g. ``api.round_config = {"lr": 0.1 * 0.5 ** (api.version // 10)}``, and
+        checkpoints keep it. Frontend: the configuration of the last download (``{}`` before the
+        first). Either way a fresh copy.
+        """
+        if self._server is not None:
+            return check_config(self._server.exchange.config)
+        if self._client is not None:
+            return check_config(self._client.config)
+        return {}
+
+    @round_config.setter
+    def round_config(self, config: Mapping[str, Any]) -> None:
+        """Backend: serve ``config`` with every download from now on.
+
+        Raises:
+            RoleError: this API is not a connected backend.
+            ConfigurationError: ``config`` is not a dict of str to JSON values of at most 64 KiB.
+        """
+        server = self._require_server("setting round_config")
+        server.exchange.config = check_config(config)
 
     @property
     def stop_reason(self) -> Optional[str]:
@@ -464,6 +491,10 @@ def _check_aggregator(aggregator: Any, optimizer: Any, server_optimizer: Any) ->
     for label, value in (("optimizer", optimizer), ("server_optimizer", server_optimizer)):
         if value is not None and not isinstance(value, torch.optim.Optimizer):
             raise ConfigurationError(f"{label} must be a torch.optim.Optimizer, got {type(value).__name__}")
+    if server_optimizer is not None and getattr(aggregator, "steps_server", False):
+        raise ConfigurationError(
+            f"{type(aggregator).__name__} applies the updates with a server step of its own; give it its server "
+            "optimizer, e.g. server=aggregate.FedAdam(lr=0.01), instead of server_optimizer=")
 
 
 def _check_clients(clients: Optional[Sequence[Union[int, str]]]) -> Optional[List[str]]:

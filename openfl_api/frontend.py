@@ -28,6 +28,7 @@ from openfl_api.payload import (
     MAX_HEADER_BYTES, FiniteScan, Schema, decode, dtype_name, encode, encode_header, encode_pieces, parse_header,
     validate_meta,
 )
+from openfl_api.payload.config import check_config
 from openfl_api.state import SharedState
 from openfl_api.step import Event, Transfer
 from openfl_api.timeouts import Timeouts
@@ -80,6 +81,7 @@ class Client:
         self._backend_said = ""  # the status in the backend's last ping
         self._uploaded_from: Optional[int] = None  # the version the last upload was trained from
         self._schema: Optional[List[List[Any]]] = None  # the model's layout, sent when registering
+        self.config: Dict[str, Any] = {}  # the round configuration of the last download
 
     def connect(self, address: Address, token: bytes, nick_name: str, timeout: Optional[timedelta] = None) -> None:
         """Join the backend at ``address``; blocks until admitted."""
@@ -237,9 +239,11 @@ class Client:
             payload = decode(header, buffer, state.download_schema, kind="model", scan=self.scan,
                              reused=not self._pipe.queues_sends)
             selected = self._check_selected(header.get("clients"))
+            config = check_config(header.get("config", {}), error=PayloadError, where="the header field 'config'")
         except PayloadError as exc:
             raise PayloadError(f"the backend sent an invalid model; nothing was loaded: {exc}") from exc
         self.selected = transfer.clients = selected
+        self.config = config
         state.apply(payload.tensors)
         if payload.version == self._uploaded_from and self.hosted is None:
             self.log.warning(

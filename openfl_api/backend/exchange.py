@@ -48,6 +48,8 @@ class Exchange:
         self._offered = -1
         self._duplicates: Dict[str, int] = {}  # client id -> duplicate discards in a row
         self.started = server.asynchronous is None  # asynchronous mode: the start policy was met
+        #: The round configuration served in every download's header (``api.round_config``).
+        self.config: Dict[str, Any] = {}
 
     # ----------------------------------------------------------------- who takes part
     def register(self, worker: Worker, header: Dict[str, Any]) -> Optional[Tuple[str, str]]:
@@ -203,6 +205,8 @@ class Exchange:
         transfer.version = version
         if worker.hosts_many or transfer.clients != list(worker.clients):
             header = insert_field(header, "clients", list(transfer.clients))
+        if self.config:
+            header = insert_field(header, "config", self.config)
         worker.reply(Message(Kind.MODEL, header, pieces))
         self.server.ledger.add(worker.label, "downloads")
         self.log.debug(f"served version {version} to {worker.label}")
@@ -274,9 +278,18 @@ class Exchange:
         handed = bool(judged and transfer.accepted)
         if handed:
             self.accumulation.add(worker, payload.tensors, transfer.num_samples, transfer.weight, schema.nbytes,
-                                  payload.peak)
+                                  payload.peak, context=self._context(transfer))
         server.fire(Event.AFTER_UPLOAD, transfer)
         return handed
+
+    def _context(self, transfer: Transfer) -> Dict[str, Any]:
+        """What an aggregator's ``add(..., context=...)`` learns of an accepted upload besides its
+        tensors: the client, the version it was trained from, its staleness, and whether the
+        backend runs asynchronously (with its ``max_staleness``)."""
+        asynchronous = self.server.asynchronous
+        return {"client": transfer.client, "version": transfer.version, "staleness": transfer.staleness,
+                "asynchronous": asynchronous is not None,
+                "max_staleness": 0 if asynchronous is None else asynchronous.max_staleness}
 
     def _judge(self, transfer: Transfer) -> None:
         verdict = self.versions.judge(transfer.version, transfer.client)
@@ -315,7 +328,8 @@ class Exchange:
             self.log.info(f"nothing to aggregate at version {versions.version}: no upload was accepted")
             return False
         new = self.model.aggregator.aggregate(self.model.current())
-        alpha = versions.mixing()
+        # An aggregator that applies each update with a server step of its own is not mixed too.
+        alpha = None if getattr(self.model.aggregator, "steps_server", False) else versions.mixing()
         self.model.step(new, alpha)
         count = versions.advance()
         self.epoch += 1
