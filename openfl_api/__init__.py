@@ -47,7 +47,7 @@ _LAZY = {
     "VirtualClients": "openfl_api.virtual_clients",
     "ClientStates": "openfl_api.virtual_clients",
 }
-_SUBMODULES = ("aggregate", "data", "logger", "parser", "virtual_clients", "utils")
+_SUBMODULES = ("aggregate", "data", "logger", "parser", "virtual_clients", "utils", "strategies")
 
 __all__ = [
     *_LAZY,

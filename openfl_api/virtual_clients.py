@@ -186,6 +186,7 @@ class ClientStates:
 
 
 _MISSING = object()
+_ATTACK_SALT = 0x5EED_A77AC  # separates an attack's random stream from the client's training stream
 
 
 def _clone(value: Any) -> Any:
@@ -211,6 +212,10 @@ class VirtualClients:
             with ``states``, restored from the client's last round and saved after it.
         states: a :class:`ClientStates` keeping each client's optimizer state between rounds.
         seed: the seed the clients' generators derive from (:func:`client_seed`).
+        attack: for simulations: an :class:`~openfl_api.strategies.Attack` (``SignFlip``,
+            ``ScaledUpdate``, ``GaussianUpdate``) that replaces the trained model of the clients it
+            names before their upload; random attacks draw from a generator seeded by
+            ``(seed, version, client id)`` too.
     """
 
     def __init__(
@@ -222,6 +227,7 @@ class VirtualClients:
         optimizer: Optional[torch.optim.Optimizer] = None,
         states: Optional[ClientStates] = None,
         seed: int = 0,
+        attack: Any = None,
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise ConfigurationError(f"VirtualClients(model=...) must be a torch.nn.Module, got {type(model).__name__}")
@@ -236,6 +242,10 @@ class VirtualClients:
             raise ConfigurationError(f"VirtualClients(states=...) must be a ClientStates, got {type(states).__name__}")
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ConfigurationError(f"VirtualClients(seed=...) must be an int >= 0, got {seed!r}")
+        if attack is not None and not (callable(getattr(attack, "targets", None)) and callable(getattr(attack, "apply_", None))):
+            raise ConfigurationError(f"VirtualClients(attack=...) must be an openfl_api.strategies attack such as "
+                                     f"SignFlip(clients=[0, 1]), got {type(attack).__name__}")
+        self.attack = attack
         self.api, self.model, self.train = api, model, train
         self.optimizer, self.states, self.seed = optimizer, states, seed
         self._tensors = list(model.state_dict(keep_vars=True).values())
@@ -264,6 +274,10 @@ class VirtualClients:
             if index:
                 self._restore_global()
             num_samples, metrics = self.train_client(client, api.version)
+            if self.attack is not None and self.attack.targets(client):
+                # A generator of its own, so the attack draws the same whatever the training drew.
+                generator = torch.Generator().manual_seed(client_seed(self.seed, api.version, client) ^ _ATTACK_SALT)
+                self.attack.apply_(self._tensors, self._global, generator)
             if not api.upload(num_samples=num_samples, metrics=metrics, client=client):
                 return False
             self.trained += 1
