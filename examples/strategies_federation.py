@@ -37,7 +37,7 @@ clients ``0..M-1`` malicious (``VirtualClients(attack=...)``).
 
 Data: ``--data synthetic`` is FedProx's Synthetic(``--alpha``, ``--beta``) with a 90/10 split per
 client; ``--data digits`` is scikit-learn's digits split by Dirichlet(``--dirichlet``) over the
-clients (needs scikit-learn). The model is multinomial logistic regression. The backend logs the
+clients, or evenly at random with ``--dirichlet 0`` (needs scikit-learn). The model is multinomial logistic regression. The backend logs the
 global model's test accuracy and training loss after each version; ``--history PATH`` writes them
 as JSON, ``--save PATH`` the final state_dict; ``--checkpoint PREFIX`` / ``--resume PREFIX``
 checkpoint and resume the backend.
@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--beta", type=float, default=1.0, help="Synthetic(alpha, beta)")
     parser.add_argument("--samples", type=int, default=0, help="synthetic: samples per client; 0: log-normal sizes")
     parser.add_argument("--features", type=int, default=60, help="synthetic: input dimension")
-    parser.add_argument("--dirichlet", type=float, default=0.1, help="digits: Dirichlet concentration")
+    parser.add_argument("--dirichlet", type=float, default=0.1, help="digits: Dirichlet concentration; 0: IID")
     parser.add_argument("--clients", type=int, default=30)
     parser.add_argument("--per_round", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=20)
@@ -88,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--server_momentum", type=float, default=0.9, help="FedAvgM's momentum")
     parser.add_argument("--tau", type=float, default=1e-3, help="FedAdagrad/FedAdam/FedYogi's adaptivity")
     parser.add_argument("--f", type=int, default=2, help="robust rules: malicious uploads to tolerate")
+    parser.add_argument("--bulyan_f", type=int, default=None, help="Bulyan's f (default: --f); it needs n >= 4f + 3")
     parser.add_argument("--trim", type=float, default=0.2, help="TrimmedMean's beta")
     parser.add_argument("--max_norm", type=float, default=1.0, help="clip: the largest update norm")
     parser.add_argument("--attack", choices=("none", "signflip", "scaled", "gaussian"), default="none")
@@ -118,8 +119,12 @@ class Data:
             self.features = args.features
         else:
             digits = data.load_digits(seed=args.seed)
-            train = data.dirichlet(digits.y_train, args.clients, alpha=args.dirichlet, seed=args.seed, min_size=2)
-            test = data.dirichlet(digits.y_test, args.clients, alpha=args.dirichlet, seed=args.seed + 1, min_size=1)
+            if args.dirichlet > 0:
+                train = data.dirichlet(digits.y_train, args.clients, alpha=args.dirichlet, seed=args.seed, min_size=2)
+                test = data.dirichlet(digits.y_test, args.clients, alpha=args.dirichlet, seed=args.seed + 1, min_size=1)
+            else:
+                train = data.iid(len(digits.y_train), args.clients, seed=args.seed)
+                test = data.iid(len(digits.y_test), args.clients, seed=args.seed + 1)
             for part, target, (x, y) in ((train, self.train, (digits.x_train, digits.y_train)),
                                          (test, self.test, (digits.x_test, digits.y_test))):
                 for indices in part:
@@ -259,7 +264,7 @@ def build_aggregator(args: argparse.Namespace, net: torch.nn.Module) -> Any:
     if name == "multikrum":
         return aggregate.MultiKrum(params, f=args.f)
     if name == "bulyan":
-        return aggregate.Bulyan(params, f=args.f)
+        return aggregate.Bulyan(params, f=args.f if args.bulyan_f is None else args.bulyan_f)
     return aggregate.Mean(params, max_norm=args.max_norm)
 
 

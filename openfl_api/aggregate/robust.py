@@ -254,12 +254,12 @@ class RobustAggregator(UpdateAggregator):
         return torch.cat([rows[n].reshape(rows[n].shape[0], -1) for n in self.param_names], dim=1)
 
     # ----------------------------------------------------------------- checkpoints
-    def state_dict(self) -> Dict[str, Any]:
-        """The kept uploads of this version, plus what :meth:`UpdateAggregator.state_dict` saves."""
-        state = super().state_dict()
-        state["sum"] = None
-        state["kept"] = [dict(self._kept[key]) for key in sorted(self._kept)]
-        return state
+    def _base_state(self) -> Dict[str, Any]:
+        live = self._count > 0
+        return {"count": self._count, "weights": list(self._weights),
+                "shapes": {name: list(shape) for name, shape in self._shapes.items()} if live else {},
+                "dtypes": dict(self._dtypes) if live else {}, "sum": None,
+                "kept": [dict(self._kept[key]) for key in sorted(self._kept)]}
 
     def _load_base(self, state: Mapping[str, Any]) -> None:
         kept = state.get("kept")

@@ -229,8 +229,9 @@ class UpdateAggregator(Aggregator):
 
     # ----------------------------------------------------------------- aggregation
     def aggregate(self, current: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """Returns the new global value of every entry (parameters after the server step), then
-        starts the next version; asynchronously, keeps ``current``'s parameters for late uploads.
+        """Returns the new global value of every entry (parameters after the server step; the upload
+        extras are used, not returned), then starts the next version; asynchronously, keeps
+        ``current``'s parameters for late uploads.
 
         Raises:
             ConfigurationError: as :meth:`Aggregator.aggregate`, or a subclass's check of the
@@ -242,6 +243,8 @@ class UpdateAggregator(Aggregator):
             result = self._aggregate(current)
         finally:
             self._results = None
+        _, upload = self.extra_layout()
+        result = {name: value for name, value in result.items() if name not in upload}
         if self._asynchronous and global_version is not None:
             self._history[global_version] = {n: current[n].detach().clone() for n in self.param_names}
             oldest = global_version + 1 - int(self._max_staleness or 0)
@@ -312,7 +315,7 @@ class UpdateAggregator(Aggregator):
     def state_dict(self) -> Dict[str, Any]:
         """The accumulation (:meth:`Aggregator.state_dict`) plus the weights per version, the kept
         global parameters, the server optimizer's state and :meth:`server_state`."""
-        state = super().state_dict()
+        state = self._base_state()
         state["updates"] = {
             "plain": list(self._plain),
             "by_version": {str(v): list(w) for v, w in self._by_version.items()},
@@ -349,6 +352,9 @@ class UpdateAggregator(Aggregator):
         if self.server is not None:
             self.server.load_state_dict(updates["server"])
         self.load_server_state(updates["own"])
+
+    def _base_state(self) -> Dict[str, Any]:
+        return super().state_dict()
 
     def _load_base(self, state: Mapping[str, Any]) -> None:
         super().load_state_dict(state)
