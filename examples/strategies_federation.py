@@ -37,7 +37,8 @@ clients ``0..M-1`` malicious (``VirtualClients(attack=...)``).
 
 Data: ``--data synthetic`` is FedProx's Synthetic(``--alpha``, ``--beta``) with a 90/10 split per
 client; ``--data digits`` is scikit-learn's digits split by Dirichlet(``--dirichlet``) over the
-clients, or evenly at random with ``--dirichlet 0`` (needs scikit-learn). The model is multinomial logistic regression. The backend logs the
+clients, or evenly at random with ``--dirichlet 0``, each client's share split 80/20 into training
+and test samples (needs scikit-learn). The model is multinomial logistic regression. The backend logs the
 global model's test accuracy and training loss after each version; ``--history PATH`` writes them
 as JSON, ``--save PATH`` the final state_dict; ``--checkpoint PREFIX`` / ``--resume PREFIX``
 checkpoint and resume the backend.
@@ -119,17 +120,18 @@ class Data:
             self.features = args.features
         else:
             digits = data.load_digits(seed=args.seed)
+            x = torch.cat([digits.x_train, digits.x_test])
+            y = torch.cat([digits.y_train, digits.y_test])
             if args.dirichlet > 0:
-                train = data.dirichlet(digits.y_train, args.clients, alpha=args.dirichlet, seed=args.seed, min_size=2)
-                test = data.dirichlet(digits.y_test, args.clients, alpha=args.dirichlet, seed=args.seed + 1, min_size=1)
+                parts = data.dirichlet(y, args.clients, alpha=args.dirichlet, seed=args.seed, min_size=5)
             else:
-                train = data.iid(len(digits.y_train), args.clients, seed=args.seed)
-                test = data.iid(len(digits.y_test), args.clients, seed=args.seed + 1)
-            for part, target, (x, y) in ((train, self.train, (digits.x_train, digits.y_train)),
-                                         (test, self.test, (digits.x_test, digits.y_test))):
-                for indices in part:
-                    index = torch.from_numpy(indices)
-                    target.append((x[index], y[index]))
+                parts = data.iid(len(y), args.clients, seed=args.seed)
+            rng = np.random.default_rng([args.seed, 1])
+            for indices in parts:  # each client's own samples, 80 % to train and 20 % to test
+                index = torch.from_numpy(rng.permutation(indices))
+                cut = max(1, int(0.8 * len(index)))
+                self.train.append((x[index[:cut]], y[index[:cut]]))
+                self.test.append((x[index[cut:]], y[index[cut:]]))
             self.features = 64
         self.x_test = torch.cat([x for x, _ in self.test])
         self.y_test = torch.cat([y for _, y in self.test])
