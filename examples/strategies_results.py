@@ -1,6 +1,6 @@
 """The experiments behind docs/strategies.rst: every algorithm on data generated in the library.
 
-    python examples/strategies_results.py [--jobs 2] [--out docs/_static/strategies] [--runs strategies_runs]
+    python examples/strategies_results.py [--jobs 2] [--out docs/figures/strategies] [--runs strategies_runs]
 
 Each run is one federation of examples/strategies_federation.py under ``openfl_api.simulate`` (a
 backend thread and one frontend thread hosting every client), two seeds each. Finished runs are
@@ -8,7 +8,7 @@ kept as JSON in ``--runs`` and not run again. The script then writes, into ``--o
 and one figure per experiment, which the docs include as they are:
 
 - ``fedprox``: FedProx's Synthetic(1, 1), 30 clients, 10 per version, 20 local epochs (batch 10,
-  lr 0.01); 0, 50 or 90 % of the drawn clients straggle (``randint(1, 20)`` epochs). FedAvg drops
+  lr 0.01, 60 versions); 0, 50 or 90 % of the drawn clients straggle (``randint(1, 20)`` epochs). FedAvg drops
   the stragglers; FedProx keeps their partial work, with mu = 0 and mu = 1.
 - ``digits``: scikit-learn's digits, Dirichlet(0.1) over 20 clients, all of them every version,
   each running 1 to 5 local epochs drawn anew each version (batch 10, lr 0.05): FedAvg against
@@ -42,7 +42,7 @@ import strategies_federation as federation  # noqa: E402
 SEEDS = (0, 1)
 
 FEDPROX = ["--data", "synthetic", "--alpha", "1", "--beta", "1", "--clients", "30", "--per_round", "10",
-           "--epochs", "20", "--batch", "10", "--lr", "0.01", "--rounds", "100", "--work", "stragglers"]
+           "--epochs", "20", "--batch", "10", "--lr", "0.01", "--rounds", "60", "--work", "stragglers"]
 DIGITS = ["--data", "digits", "--dirichlet", "0.1", "--clients", "20", "--per_round", "20", "--epochs", "5",
           "--work", "variable", "--batch", "10", "--lr", "0.05", "--rounds", "50"]
 ROBUST = ["--data", "digits", "--clients", "10", "--per_round", "10", "--epochs", "1", "--batch", "10",
@@ -69,13 +69,6 @@ ROBUST_RULES = [("FedAvg", "fedavg"), ("Median", "median"), ("TrimmedMean (0.2)"
 def experiments() -> List[Tuple[str, str, List[str]]]:
     """``(experiment, run name, arguments)`` of every run, seeds excluded."""
     runs = []
-    for stragglers in ("0", "0.5", "0.9"):
-        work = ["--stragglers", stragglers]
-        runs.append(("fedprox", f"fedavg-drop-{stragglers}", [*FEDPROX, *work, "--algorithm", "fedavg",
-                                                               "--drop_stragglers"]))
-        for mu in ("0", "1"):
-            runs.append(("fedprox", f"fedprox-mu{mu}-{stragglers}", [*FEDPROX, *work, "--algorithm", "fedprox",
-                                                                     "--mu", mu]))
     for label, argv in DIGITS_ALGORITHMS:
         runs.append(("digits", label, [*DIGITS, *argv]))
     for partition in ("0", "0.1"):
@@ -87,6 +80,13 @@ def experiments() -> List[Tuple[str, str, List[str]]]:
                               "--malicious", "2", "--attack_scale", scale]))
     for q in ("0", "1", "5"):
         runs.append(("qffl", f"q{q}", [*QFFL, "--q", q]))
+    for stragglers in ("0", "0.5", "0.9"):
+        work = ["--stragglers", stragglers]
+        runs.append(("fedprox", f"fedavg-drop-{stragglers}", [*FEDPROX, *work, "--algorithm", "fedavg",
+                                                               "--drop_stragglers"]))
+        for mu in ("0", "1"):
+            runs.append(("fedprox", f"fedprox-mu{mu}-{stragglers}", [*FEDPROX, *work, "--algorithm", "fedprox",
+                                                                     "--mu", mu]))
     return runs
 
 
@@ -230,13 +230,54 @@ def tables_and_figures(runs: Path, out: Path) -> None:
                      percent(statistics.fmean(worst))])
     write_csv(out / "qffl.csv", ["q", "mean client accuracy %", "std of client accuracy (points)",
                                  "worst 10 % of clients %"], rows)
+    write_csv(out / "orderings.csv", ["experiment", "published ordering", "measured here (mean of the seeds)",
+                                      "holds here"], orderings(runs))
+
+
+def orderings(runs: Path) -> List[List[str]]:
+    """Each published ordering, what the runs measured, and whether it holds here."""
+    rows = []
+
+    def row(experiment: str, claim: str, measured: str, holds: bool) -> None:
+        rows.append([experiment, claim, measured, "yes" if holds else "no"])
+
+    for stragglers in ("0.5", "0.9"):
+        avg = final(load(runs, "fedprox", f"fedavg-drop-{stragglers}"), "loss")
+        for mu in ("0", "1"):
+            prox = final(load(runs, "fedprox", f"fedprox-mu{mu}-{stragglers}"), "loss")
+            row("fedprox", f"{int(float(stragglers) * 100)} % stragglers: FedProx (mu = {mu}) trains to a training "
+                "loss no higher than FedAvg dropping the stragglers", f"{prox:.3f} against {avg:.3f}", prox <= avg)
+    fedavg = final(load(runs, "digits", "FedAvg"), "accuracy")
+    for label in ("SCAFFOLD", "FedNova"):
+        other = final(load(runs, "digits", label), "accuracy")
+        row("digits", f"variable local epochs: {label} reaches a test accuracy at least FedAvg's",
+            f"{percent(other)} % against {percent(fedavg)} %", other >= fedavg)
+    for partition in ("0", "0.1"):
+        where = "IID" if partition == "0" else "Dirichlet(0.1)"
+        clean = final(load(runs, "robust", f"clean-{partition}"), "accuracy")
+        for scale in ("1", "4"):
+            attack = f"sign flip x{scale}"
+            attacked = final(load(runs, "robust", f"fedavg-signflip{scale}-{partition}"), "accuracy")
+            row("robust", f"{where}, {attack}: FedAvg falls more than 3 points below clean FedAvg",
+                f"{percent(attacked)} % against {percent(clean)} %", attacked < clean - 0.03)
+            for label, name in (("Median", "median"), ("TrimmedMean", "trimmedmean"), ("Krum", "krum")):
+                value = final(load(runs, "robust", f"{name}-signflip{scale}-{partition}"), "accuracy")
+                row("robust", f"{where}, {attack}: {label} stays within 3 points of clean FedAvg",
+                    f"{percent(value)} % against {percent(clean)} %", value >= clean - 0.03)
+    spreads = {}
+    for q in ("0", "5"):
+        histories = load(runs, "qffl", f"q{q}")
+        spreads[q] = statistics.fmean(statistics.pstdev(h[-1]["clients"]) for h in histories)
+    row("qffl", "a larger q spreads the clients' accuracy less (q = 5 against q = 0)",
+        f"std {percent(spreads['5'])} against {percent(spreads['0'])} points", spreads["5"] < spreads["0"])
+    return rows
 
 
 def main(argv: Sequence[str] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=1, help="federations run at once, one process each")
     parser.add_argument("--runs", default="strategies_runs", help="folder of the finished runs")
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs" / "_static" / "strategies"))
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs" / "figures" / "strategies"))
     parser.add_argument("--only", default="", help="comma-separated experiments to run (default: all)")
     args = parser.parse_args(argv)
     wanted = set(filter(None, args.only.split(",")))
