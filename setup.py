@@ -17,9 +17,12 @@ setup(
     python_requires=">=3.9",
     install_requires=requirements,
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout>=2", "hypothesis>=6", "matplotlib>=3.5", "scikit-learn>=1.0"],
+        "test": ["pytest>=7", "pytest-timeout>=2", "hypothesis>=6", "matplotlib>=3.5", "scikit-learn>=1.0",
+                 "opacus>=1.5", "cryptography>=41"],
         "docs": ["sphinx>=7"],
         "plot": ["matplotlib>=3.5"],
         "digits": ["scikit-learn>=1.0"],
+        # DP accounting and local DP-SGD (opacus), secure aggregation (cryptography): openfl_api.transforms
+        "privacy": ["opacus>=1.5", "cryptography>=41"],
     },
 )

@@ -46,8 +46,10 @@ _LAZY = {
     "Asynchronous": "openfl_api.asynchronous",
     "VirtualClients": "openfl_api.virtual_clients",
     "ClientStates": "openfl_api.virtual_clients",
+    "StopAtEpsilon": "openfl_api.transforms.dp",
 }
-_SUBMODULES = ("aggregate", "data", "logger", "parser", "virtual_clients", "utils", "strategies")
+_SUBMODULES = ("aggregate", "data", "logger", "parser", "virtual_clients", "utils", "transforms",
+               "strategies")
 
 __all__ = [
     *_LAZY,

@@ -19,9 +19,10 @@ The same script runs on every rank::
 
 from __future__ import annotations
 
+import functools
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, List, Mapping, Optional, Sequence, Union
 
 import torch
 from torch.utils.hooks import RemovableHandle
@@ -30,20 +31,35 @@ from openfl_api import checkpoint, connect, waiting
 from openfl_api.address import Address
 from openfl_api.asynchronous import Asynchronous
 from openfl_api.backend import Server
+from openfl_api.controls import Controls
 from openfl_api.errors import ConfigurationError, RoleError
 from openfl_api.frontend import Client, check_upload_meta
 from openfl_api.logger import bind
 from openfl_api.parser import environ
-from openfl_api.payload.config import check_config
 from openfl_api.state import SharedState
 from openfl_api.step import BACKEND, FRONTEND, Event, Step, Steps
 from openfl_api.timeouts import Timeouts
-from openfl_api.transport.rendezvous import Peer, token_from
+from openfl_api.transport.rendezvous import token_from
 
 __all__ = ["API"]
 
 
-class API:
+def _exits_fast_when_interrupted(method: Any) -> Any:
+    """A blocking API method that Ctrl-C interrupts makes the process end at once by SIGINT once
+    the interrupt has been printed (see :func:`openfl_api.waiting.exit_fast_after_interrupt`)."""
+
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(*args, **kwargs)
+        except KeyboardInterrupt:
+            waiting.exit_fast_after_interrupt()
+            raise
+
+    return wrapper
+
+
+class API(Controls):
     """The federation seen from one process: backend (aggregator) or frontend (client).
 
     Args:
@@ -108,6 +124,8 @@ class API:
         self._state: Optional[SharedState] = None
         self._ran = False
         self._finished = False
+        self._transforms: Any = None  # the upload chain (openfl_api.transforms.Chain), or None
+        self._chain_step: Any = None  # the chain's backend step (openfl_api.transforms.chain.ChainStep), or None
         self.log = bind("frontend" if frontend else "backend" if frontend is False else "-")
 
     # ----------------------------------------------------------------- identity
@@ -134,95 +152,6 @@ class API:
             return "unconnected"
         return "backend" if self._rank == 0 else f"rank{self._rank}"
 
-    @property
-    def version(self) -> int:
-        """Backend: the global version. Frontend: the local version."""
-        if self._server is not None:
-            return self._server.version
-        if self._client is not None:
-            return self._client.version
-        return 0
-
-    @property
-    def accepted(self) -> int:
-        """Backend: uploads accepted for the current version (since the last aggregation)."""
-        return self._require_server("accepted").accepted
-
-    @property
-    def loop_count(self) -> int:
-        """Backend: serve-loop iterations so far."""
-        return self._require_server("loop_count").loop_count
-
-    @property
-    def frontends(self) -> List[Peer]:
-        """Backend: the frontends connected now."""
-        return self._require_server("frontends").frontends
-
-    @property
-    def clients(self) -> List[str]:
-        """Backend: the ids of the connected clients. Frontend: the hosted clients taking part in
-        the version downloaded last (all hosted ones unless the backend samples)."""
-        if self._server is not None:
-            return self._server.clients
-        if self._client is not None:
-            return list(self._client.selected)
-        return list(self._hosted or [])
-
-    @property
-    def expected(self) -> Optional[List[str]]:
-        """Backend: the clients the current version expects uploads from (see :meth:`expect`), or None."""
-        return self._require_server("expected").expected
-
-    def expect(self, clients: Sequence[str]) -> None:
-        """Backend: declare the clients taking part in the current version (steps such as
-        ``ClientSampling`` call it); the status line and fractional quorums count them."""
-        self._require_server("expect()").expect(list(clients))
-
-    @property
-    def asynchronous(self) -> Optional[Asynchronous]:
-        """The asynchronous settings, or None in synchronous mode."""
-        return self._asynchronous
-
-    @property
-    def round_config(self) -> Dict[str, Any]:
-        """The round configuration: a small JSON object served beside the model.
-
-        Backend: the configuration every download carries from now on (``{}`` at first); backend
-        steps set it, e.g. ``api.round_config = {"lr": 0.1 * 0.5 ** (api.version // 10)}``, and
-        checkpoints keep it. Frontend: the configuration of the last download (``{}`` before the
-        first). Either way a fresh copy.
-        """
-        if self._server is not None:
-            return check_config(self._server.exchange.config)
-        if self._client is not None:
-            return check_config(self._client.config)
-        return {}
-
-    @round_config.setter
-    def round_config(self, config: Mapping[str, Any]) -> None:
-        """Backend: serve ``config`` with every download from now on.
-
-        Raises:
-            RoleError: this API is not a connected backend.
-            ConfigurationError: ``config`` is not a dict of str to JSON values of at most 64 KiB.
-        """
-        server = self._require_server("setting round_config")
-        server.exchange.config = check_config(config)
-
-    @property
-    def stop_reason(self) -> Optional[str]:
-        """Why the federation stopped, or None while it runs."""
-        if self._server is not None:
-            return self._server.stop_reason
-        if self._client is not None and self._client.ended:
-            return self._client.end_reason
-        return None
-
-    def _require_server(self, what: str) -> Server:
-        if self._server is None:
-            raise RoleError(f"{what} belongs to the backend, and this API is not a connected backend")
-        return self._server
-
     # ----------------------------------------------------------------- steps
     def register_step(self, step: Step) -> RemovableHandle:
         """Attach ``step``; it fires after the steps attached before it.
@@ -246,6 +175,7 @@ class API:
         self._steps.fire(FRONTEND if self._frontend else BACKEND, event, *args)
 
     # ----------------------------------------------------------------- set-up
+    @_exits_fast_when_interrupted
     def build_connection(
         self,
         address: Union[Address, Sequence[Address], None] = None,
@@ -261,7 +191,7 @@ class API:
         if self._server is not None or self._client is not None:
             raise RoleError("build_connection(...) was called already on this API")
         addresses = connect.given_addresses(address, address_file)
-        rank = addresses[0].rank if addresses else connect.env_rank()
+        rank = addresses[0].rank if addresses else connect.file_rank(address_file)
         if self._frontend is None:
             self._frontend = rank > 0
         self._rank = rank if self._frontend else 0
@@ -316,7 +246,53 @@ class API:
             self._state = SharedState(self._state_dict, self._aggregator, self._optimizer)
         return self._state
 
+    # ----------------------------------------------------------------- upload transforms
+    def set_upload_transforms(self, *transforms: Any, seed: Optional[int] = None) -> Any:
+        """Declare the upload chain: transforms applied to each update on the frontend before
+        upload and undone on the backend before aggregation (clipping, compression, secure
+        aggregation, noise; see ``docs/privacy.rst``). Call it with the same transforms on every rank,
+        before ``run()``/``download()``; a frontend with another chain is refused when it joins.
+
+        Args:
+            transforms: ``openfl_api.transforms`` objects in the order clip, compress, mask, noise.
+            seed: seeds the frontends' stochastic rounding per version and client; None: fresh.
+
+        Returns:
+            The :class:`~openfl_api.transforms.Chain`.
+
+        Raises:
+            ConfigurationError: a transform is unknown, out of order, or combined with one it cannot go with.
+            RoleError: called twice, or after the federation started.
+        """
+        from openfl_api.transforms.chain import Chain, ChainStep
+
+        if self._transforms is not None:
+            raise RoleError("set_upload_transforms(...) was called already on this API; a chain is declared once")
+        if self._ran or (self._client is not None and self._client.transforms is not None):
+            raise RoleError("set_upload_transforms(...) must come before run(), start(), download() and upload()")
+        chain = Chain(transforms, seed=seed)
+        self._transforms = chain
+        self._chain_step = ChainStep()
+        self.register_step(self._chain_step)
+        return chain
+
+    @property
+    def upload_transforms(self) -> Any:
+        """The upload chain declared with :meth:`set_upload_transforms`, or None."""
+        return self._transforms
+
+    def _frontend_transforms(self, client: Client) -> None:
+        """Give the frontend its side of the upload chain, built for the current shared state."""
+        if self._transforms is None:
+            return
+        state = self._shared_state()
+        if client.transforms is None or client.transforms.state is not state:
+            from openfl_api.transforms.chain import FrontendSide
+
+            client.transforms = FrontendSide(self._transforms, state, self.log, self._hosted, self.timeouts, self._token)
+
     # ----------------------------------------------------------------- running
+    @_exits_fast_when_interrupted
     def run(self) -> None:
         """Backend: serve until a stop step fires (blocking). Frontend: return at once."""
         if self._frontend:
@@ -328,6 +304,7 @@ class API:
         self._prepare_backend(server)
         server.run()
 
+    @_exits_fast_when_interrupted
     def start(self) -> None:
         """Backend: run the serve loop in a background thread; :meth:`finish` waits for it."""
         if self._frontend:
@@ -339,6 +316,7 @@ class API:
         self._prepare_backend(server)
         server.start()
 
+    @_exits_fast_when_interrupted
     def download(self) -> bool:
         """Frontend: load a global model of version >= the local one in place. False once ended.
 
@@ -347,8 +325,10 @@ class API:
         if not self._frontend:
             return False
         client = self._require_client("download()")
+        self._frontend_transforms(client)
         return client.download(self._shared_state(), self.rank, self.nick_name)
 
+    @_exits_fast_when_interrupted
     def upload(
         self, num_samples: int = 1, metrics: Optional[Mapping[str, float]] = None,
         client: Union[int, str, None] = None,
@@ -364,6 +344,7 @@ class API:
             return False
         meta = check_upload_meta(num_samples, {} if metrics is None else metrics)
         owner = self._require_client("upload()")
+        self._frontend_transforms(owner)
         return owner.upload(self._shared_state(), self.rank, self.nick_name, meta["num_samples"], meta["metrics"],
                             client=None if client is None else str(client))
 
@@ -384,31 +365,12 @@ class API:
             raise RoleError(f"{what} needs a connection: call build_connection(...) first")
         return self._client
 
-    # ----------------------------------------------------------------- acting from steps
-    def aggregate(self) -> bool:
-        """Backend: fold accepted uploads into a new version now. False if none was accepted."""
-        return self._require_server("aggregate()").aggregate()
-
-    def stop(self, reason: str) -> None:
-        """End the federation after the event at hand (backend), or stop this frontend's calls."""
-        if self._server is not None:
-            self._server.stop(reason)
-        elif self._client is not None and not self._client.ended:
-            self._client._end(reason, quiet=True)
-            self.log.info(f"stopped: {reason}")
-
-    def save_checkpoint(self, path: Union[str, Path]) -> None:
-        """Backend: write everything needed to resume to ``path`` atomically: the global model,
-        version, aggregator and server-optimizer state, the steps' state and the random generators
-        (``torch.load(path, weights_only=True)`` reads it).
-
-        Called from a step while the serve loop handles an event, the file is written once every
-        step has seen that event, so the saved state of the steps is consistent."""
-        server = self._require_server("save_checkpoint()")
-        server.checkpoint(str(path), lambda: checkpoint.step_states(list(self._steps)))
-
     def _prepare_backend(self, server: Server) -> None:
         server.prepare(self._shared_state(), self._server_optimizer)
+        if self._transforms is not None:
+            from openfl_api.transforms.chain import attach_backend
+
+            attach_backend(self._transforms, self, server, self._token, self._chain_step, self._steps.uploads_needed)
         if self._resume is None:
             return
         found = checkpoint.newest(self._resume, self.log)

@@ -9,7 +9,7 @@ from typing import Any, List, Sequence, Union
 from openfl_api.address import Address, _env_int, load_address_file
 from openfl_api.errors import AddressError
 
-__all__ = ["given_addresses", "frontend_address", "check_backend_addresses", "warn_if_no_token"]
+__all__ = ["given_addresses", "file_rank", "frontend_address", "check_backend_addresses", "warn_if_no_token"]
 
 
 def given_addresses(address: Union[Address, Sequence[Address], None], address_file: Union[str, Path, None]) -> List[Address]:
@@ -25,6 +25,15 @@ def given_addresses(address: Union[Address, Sequence[Address], None], address_fi
 def env_rank() -> int:
     """``RANK`` from the environment, 0 when unset."""
     return _env_int("RANK", 0)
+
+
+def file_rank(address_file: Union[str, Path]) -> int:
+    """The rank an address file gives this process: its one entry's rank when it names one (a
+    frontend's file), else ``RANK`` from the environment, else 0 (the backend)."""
+    entries = load_address_file(address_file)
+    if len(entries) == 1 and entries[0].rank > 0:
+        return entries[0].rank
+    return env_rank()
 
 
 def frontend_address(addresses: List[Address], address_file: Union[str, Path, None]) -> Address:

@@ -82,6 +82,8 @@ class Client:
         self._uploaded_from: Optional[int] = None  # the version the last upload was trained from
         self._schema: Optional[List[List[Any]]] = None  # the model's layout, sent when registering
         self.config: Dict[str, Any] = {}  # the round configuration of the last download
+        #: The upload chain's frontend side (:class:`~openfl_api.transforms.chain.FrontendSide`), or None.
+        self.transforms: Any = None
 
     def connect(self, address: Address, token: bytes, nick_name: str, timeout: Optional[timedelta] = None) -> None:
         """Join the backend at ``address``; blocks until admitted."""
@@ -240,6 +242,8 @@ class Client:
                              reused=not self._pipe.queues_sends)
             selected = self._check_selected(header.get("clients"))
             config = check_config(header.get("config", {}), error=PayloadError, where="the header field 'config'")
+            if self.transforms is not None:  # the reference of the next update, and the chain's round config
+                self.transforms.downloaded(payload.tensors, header.get("transforms"))
         except PayloadError as exc:
             raise PayloadError(f"the backend sent an invalid model; nothing was loaded: {exc}") from exc
         self.selected = transfer.clients = selected
@@ -263,6 +267,8 @@ class Client:
         fields: Dict[str, Any] = {"schema": self._schema}
         if self.hosted is not None:
             fields["clients"] = self.hosted
+        if self.transforms is not None:
+            fields["transforms"] = self.transforms.registration()
         return fields
 
     def _check_selected(self, named: Any) -> List[str]:
@@ -301,16 +307,33 @@ class Client:
         meta: Dict[str, Any] = {"num_samples": num_samples, "metrics": dict(metrics)}
         if client:
             meta["client"] = client
+        tensors = state.upload_tensors()
+        if self.transforms is not None:  # upload transforms: what goes on the wire instead of the state
+            who = client or f"{self.address.group_name}/rank{self.address.rank}"  # the id the backend knows
+            prepared = self.transforms.outgoing(tensors, self.version, who, num_samples, self._store,
+                                                self._ended_on_store)
+            if prepared is None and self.transforms.ended:
+                self._end(self.transforms.skipped)
+                return False
+            if prepared is None:
+                transfer.accepted, transfer.reason = False, self.transforms.skipped
+                self.ledger.discard(self.backend_name, transfer.reason)
+                self.log.warning(f"this upload takes no part: {transfer.reason}")
+                self._uploaded_from = self.version
+                self._fire(Event.AFTER_UPLOAD, transfer)
+                return True
+            tensors, schema, extra = prepared
+            meta.update(extra)
         pieces: Union[Pieces, torch.Tensor]
         if self._pipe.queues_sends:
             # The pipe keeps what it is sent in memory: copy once, into a buffer it may keep.
-            header, pieces = encode(state.upload_tensors(), schema, kind="update", version=self.version,
+            header, pieces = encode(tensors, schema, kind="update", version=self.version,
                                     sender=nick_name, meta=meta)
         else:
             if self._tx is None or self._tx.numel() < schema.nbytes:
                 self._tx = torch.zeros(schema.nbytes, dtype=torch.uint8)
             # Large tensors go to the pipe straight from the model; upload() returns only once they are sent.
-            header, pieces = encode_pieces(state.upload_tensors(), schema, kind="update", version=self.version,
+            header, pieces = encode_pieces(tensors, schema, kind="update", version=self.version,
                                            sender=nick_name, meta=meta, out=self._tx)
 
         owned = isinstance(pieces, torch.Tensor)  # encoded for this upload alone
@@ -332,6 +355,9 @@ class Client:
         ack = _header_or_empty(reply.header)
         transfer.accepted = bool(ack.get("accepted"))
         transfer.reason = str(ack.get("reason", ""))[:500]
+        if self.transforms is not None:  # bytes on the wire; secure aggregation's unmask shares
+            self.transforms.sent(len(header) + schema.nbytes)
+            self.transforms.answered(transfer.accepted)
         if transfer.accepted:
             self.ledger.add(self.backend_name, "uploads")
             self.log.debug(f"uploaded an update trained from version {self.version}")

@@ -577,3 +577,13 @@ def test_a_forgotten_update_version_is_named_on_both_sides(federation, log_lines
                "api.update_version() after api.upload()" in line for line in log_lines) == 1
     assert sum("downloaded version 0 again, which this frontend has already uploaded an update for: call "
                "api.update_version() after api.upload()" in line for line in log_lines) == 3
+
+
+def test_an_address_files_rank_decides_the_role(tmp_path, monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    path = tmp_path / "frontend.json"
+    ofl.dump_address_file(path, [ofl.Address(init_method="memory://nowhere-rank", world_size=3, rank=2)])
+    api = fast_api(None, connect_timeout=timedelta(seconds=1))
+    with pytest.raises(ofl.TransportError):
+        api.build_connection(address_file=path)  # no backend there: it tried as the frontend it is
+    assert (api.role, api.rank) == ("frontend", 2)

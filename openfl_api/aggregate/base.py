@@ -184,7 +184,7 @@ class Aggregator(abc.ABC):
             self._check_names(tensors)
             self._names_checked = names
         if self._count:
-            self._check_layout(tensors)
+            check_layout(self, tensors)
         else:
             self._allocate(tensors)
         effective = float(self.effective_weight(num_samples, weight))
@@ -309,52 +309,9 @@ class Aggregator(abc.ABC):
         return torch.view_as_complex(value) if dtype.is_complex else value
 
     def _check_names(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        """Raises ConfigurationError unless ``tensors`` has all required and only known entries."""
-        param_names = self.param_names
-        known_keys = {OPTIM_PREFIX: self.state_keys, EXTRA_PREFIX: self.upload_keys}
-        for name, x in tensors.items():
-            if not isinstance(x, torch.Tensor):
-                raise ConfigurationError(f"entry {name!r} must be a tensor; got {type(x).__name__}")
-            if _is_model_entry(name):
-                continue
-            prefix, _, rest = name.partition("/")
-            key, _, param_name = rest.partition("/")
-            if key not in known_keys.get(prefix, ()) or param_name not in self._param_set:
-                raise ConfigurationError(
-                    f"unknown entry {name!r}: names with '/' must be optim/{{key}}/{{param_name}} "
-                    f"with key in state_keys {self.state_keys!r}, or extra/{{key}}/{{param_name}} "
-                    f"with key in upload_keys {self.upload_keys!r}; param_name must be bound"
-                )
-        required = [
-            *param_names,
-            *(f"{OPTIM_PREFIX}/{key}/{p}" for key in self.state_keys for p in param_names),
-            *(f"{EXTRA_PREFIX}/{key}/{p}" for key in self.upload_keys for p in param_names),
-        ]
-        missing = [name for name in required if name not in tensors]
-        if missing:
-            raise ConfigurationError(
-                f"the upload lacks entries {missing!r}; every upload must carry each parameter "
-                "and its optim/ and extra/ entries"
-            )
-
-    def _check_layout(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        """Raises ConfigurationError unless ``tensors`` has the round's names, shapes and dtypes."""
-        unknown = [name for name in tensors if name not in self._shapes]
-        if unknown:
-            raise ConfigurationError(
-                f"unknown entry {unknown[0]!r}: the first upload of this round did not carry it"
-            )
-        missing = [name for name in self._shapes if name not in tensors]
-        if missing:
-            raise ConfigurationError(
-                f"the upload lacks entries {missing!r} that the first upload of this round carried"
-            )
-        for name, x in tensors.items():
-            if tuple(x.shape) != self._shapes[name] or x.dtype != self._dtypes[name]:
-                raise ConfigurationError(
-                    f"entry {name!r} came as {x.dtype} {tuple(x.shape)} but the first upload of "
-                    f"this round had {self._dtypes[name]} {self._shapes[name]}"
-                )
+        """Raises ConfigurationError unless ``tensors`` has all required and only known entries
+        (:func:`check_names`; an aggregator with entries of its own checks them first)."""
+        check_names(self, tensors)
 
     def _allocate(self, tensors: Mapping[str, torch.Tensor]) -> None:
         """Makes the exact sum for the layout of ``tensors``, reusing the one that still fits."""
@@ -366,6 +323,56 @@ class Aggregator(abc.ABC):
             self._kinds = kinds
         self._shapes = shapes
         self._dtypes = dtypes
+
+
+def check_names(aggregator: Aggregator, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Raises ConfigurationError unless ``tensors`` has all required and only known entries."""
+    param_names = aggregator.param_names
+    known_keys = {OPTIM_PREFIX: aggregator.state_keys, EXTRA_PREFIX: aggregator.upload_keys}
+    for name, x in tensors.items():
+        if not isinstance(x, torch.Tensor):
+            raise ConfigurationError(f"entry {name!r} must be a tensor; got {type(x).__name__}")
+        if _is_model_entry(name):
+            continue
+        prefix, _, rest = name.partition("/")
+        key, _, param_name = rest.partition("/")
+        if key not in known_keys.get(prefix, ()) or param_name not in aggregator._param_set:
+            raise ConfigurationError(
+                f"unknown entry {name!r}: names with '/' must be optim/{{key}}/{{param_name}} "
+                f"with key in state_keys {aggregator.state_keys!r}, or extra/{{key}}/{{param_name}} "
+                f"with key in upload_keys {aggregator.upload_keys!r}; param_name must be bound"
+            )
+    required = [
+        *param_names,
+        *(f"{OPTIM_PREFIX}/{key}/{p}" for key in aggregator.state_keys for p in param_names),
+        *(f"{EXTRA_PREFIX}/{key}/{p}" for key in aggregator.upload_keys for p in param_names),
+    ]
+    missing = [name for name in required if name not in tensors]
+    if missing:
+        raise ConfigurationError(
+            f"the upload lacks entries {missing!r}; every upload must carry each parameter "
+            "and its optim/ and extra/ entries"
+        )
+
+
+def check_layout(aggregator: Aggregator, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Raises ConfigurationError unless ``tensors`` has the round's names, shapes and dtypes."""
+    unknown = [name for name in tensors if name not in aggregator._shapes]
+    if unknown:
+        raise ConfigurationError(
+            f"unknown entry {unknown[0]!r}: the first upload of this round did not carry it"
+        )
+    missing = [name for name in aggregator._shapes if name not in tensors]
+    if missing:
+        raise ConfigurationError(
+            f"the upload lacks entries {missing!r} that the first upload of this round carried"
+        )
+    for name, x in tensors.items():
+        if tuple(x.shape) != aggregator._shapes[name] or x.dtype != aggregator._dtypes[name]:
+            raise ConfigurationError(
+                f"entry {name!r} came as {x.dtype} {tuple(x.shape)} but the first upload of "
+                f"this round had {aggregator._dtypes[name]} {aggregator._shapes[name]}"
+            )
 
 
 def _check_keys(keys: Sequence[str], what: str) -> tuple[str, ...]:

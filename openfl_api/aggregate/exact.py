@@ -20,11 +20,10 @@ same, bit for bit, for any order of the adds. Error against the exact ``sum_k w_
 coordinate: at most ``2**-34 * m_k`` for each term ``k`` (``m_k`` the largest ``|w_k x_k|`` of its
 tensor), plus float64 roundings (``2**-52`` relative), well below a final rounding to float32.
 
-The tensors of one upload live in one flat layout, so an upload costs a handful of calls whatever
-its number of tensors: the floating tensors of one level are scaled into a float64 buffer filled
-with the "magic number" ``1.5 * 2**52`` (adding it rounds ``t * 2**f`` to an integer held in the
-low bits of the float64) in one ``torch._foreach_add_``, and the buffer's bits are added to the
-level's int64 sum in one numpy add. Integer and bool tensors (``num_batches_tracked``) are summed
+The tensors of one upload live in one flat float64 buffer: each floating tensor of a level is
+written there as ``magic + t * 2**f`` in one pass (the "magic number" ``1.5 * 2**52`` rounds
+``t * 2**f`` to an integer held in the low bits of the float64), and the buffer's bits are added to
+the level's int64 sum in one numpy add. Integer and bool tensors (``num_batches_tracked``) are summed
 apart, each at its own level, so a counter never coarsens the grid of the weights.
 """
 
@@ -143,8 +142,10 @@ class ExactSum:
             size += self._sizes[i]
         self._work = torch.empty(size, dtype=torch.float64)
         self._magic = self._work.numpy().view(np.int64)
+        self._magic_one = torch.tensor([_MAGIC], dtype=torch.float64)
+        # A 0-dim entry's view has shape (1,), the shape of magic + x.
         self._views = {i: self._work[self._offsets[i]:self._offsets[i] + self._sizes[i]]
-                       .view((*self.shapes[i], *((2,) if self.complex[i] else ()))) for i in self._float}
+                       .view((*self.shapes[i], *((2,) if self.complex[i] else ())) or (1,)) for i in self._float}
         self._levels = _Levels(size)
         self._singles = {i: _Levels(self._sizes[i]) for i in self._other}
 
@@ -176,11 +177,19 @@ class ExactSum:
                 if bound > 0.0:
                     groups.setdefault(_level(bound), []).append(i)
         for level, members in sorted(groups.items()):
-            # w * x * 2**f in float64 (scaling by a power of two is exact) plus the magic number, in one
-            # pass; |w * x * 2**f| <= 2**42 < 2**51, so the float64 sum is the rounded integer's bits.
-            self._work.fill_(_MAGIC)
-            torch._foreach_add_([self._views[i] for i in members], [real[i] for i in members],
-                                alpha=math.ldexp(weight, GRID_BITS - LEVEL_BITS * level))
+            # magic + w * x * 2**f in float64 (scaling by a power of two is exact), one pass per tensor
+            # (a one-element float64 tensor makes the sum float64); |w * x * 2**f| <= 2**42 < 2**51,
+            # so the float64 holds the rounded integer in its low bits. Tensors of other levels hold
+            # the magic number alone, an integer 0.
+            scale = math.ldexp(weight, GRID_BITS - LEVEL_BITS * level)
+            if len(groups) > 1:
+                self._work.fill_(_MAGIC)
+            for i in members:
+                torch.add(self._magic_one, real[i], alpha=scale, out=self._views[i])
+            if len(groups) == 1 and len(members) < len(self._float):
+                for i in self._float:
+                    if i not in members:
+                        self._views[i].fill_(_MAGIC)
             self._levels.deposit(level, self._magic)
         for i in self._other:
             x = real[i].reshape(-1).to(torch.float64)

@@ -39,6 +39,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from openfl_api.aggregate.base import check_layout
 from openfl_api.aggregate.server_opt import ServerOptimizer
 from openfl_api.aggregate.updates import UpdateAggregator
 from openfl_api.errors import ConfigurationError
@@ -187,7 +188,7 @@ class RobustAggregator(UpdateAggregator):
             raise ConfigurationError(f"weight must be a finite number >= 0; got {weight!r}")
         self._check_names(tensors)
         if self._count:
-            self._check_layout(tensors)
+            check_layout(self, tensors)
         else:
             self._shapes = {name: tuple(x.shape) for name, x in tensors.items()}
             self._dtypes = {name: x.dtype for name, x in tensors.items()}

@@ -50,6 +50,8 @@ class Exchange:
         self.started = server.asynchronous is None  # asynchronous mode: the start policy was met
         #: The round configuration served in every download's header (``api.round_config``).
         self.config: Dict[str, Any] = {}
+        #: The upload chain's backend side (:class:`~openfl_api.transforms.chain.BackendSide`), or None.
+        self.transforms: Any = None
 
     # ----------------------------------------------------------------- who takes part
     def register(self, worker: Worker, header: Dict[str, Any]) -> Optional[Tuple[str, str]]:
@@ -61,6 +63,13 @@ class Exchange:
         if worker.clients is not None:
             return None
         mismatch = self._model_mismatch(worker, header.get("schema"))
+        if mismatch is not None:
+            return mismatch, "mismatch"
+        # Upload transforms: the chain the frontend declares must be the backend's.
+        if self.transforms is not None:
+            mismatch = self.transforms.mismatch(header.get("transforms"))
+        elif header.get("transforms") is not None:
+            mismatch = "it declares upload transforms and the backend none; declare the same on every rank"
         if mismatch is not None:
             return mismatch, "mismatch"
         named = header.get("clients")
@@ -207,6 +216,8 @@ class Exchange:
             header = insert_field(header, "clients", list(transfer.clients))
         if self.config:
             header = insert_field(header, "config", self.config)
+        if self.transforms is not None:  # the upload chain's round config (clip bound, secure aggregation's run)
+            header = insert_field(header, "transforms", self.transforms.fields())
         worker.reply(Message(Kind.MODEL, header, pieces))
         self.server.ledger.add(worker.label, "downloads")
         self.log.debug(f"served version {version} to {worker.label}")
@@ -232,6 +243,9 @@ class Exchange:
     def _take_upload(self, worker: Worker, message: Message) -> bool:
         """Returns True if the accumulation was handed on (it frees the receive buffer itself)."""
         server, versions, schema = self.server, self.versions, self.model.state.upload_schema
+        wire = self.transforms
+        if wire is not None:  # upload transforms: the payload holds what the chain puts on the wire
+            schema = wire.wire_schema
         try:
             header = parse_header(message.header, schema=schema)
             payload = decode(header, message.payload if message.payload is not None else torch.empty(0, dtype=torch.uint8),
@@ -241,6 +255,8 @@ class Exchange:
             client = payload.meta.get("client", worker.clients[0] if worker.clients and not worker.hosts_many else None)
             if refused is None and (not isinstance(client, str) or client not in (worker.clients or ())):
                 raise PayloadError(f"meta 'client' must name a client this frontend hosts, got {str(client)[:70]!r}")
+            if refused is None and wire is not None:
+                wire.admit(payload.meta, client)
         except PayloadError as exc:
             server.ledger.discard(worker.label, f"invalid payload: {exc}")
             self.log.warning(f"rejected the upload of {worker.label}: {exc}")
@@ -276,9 +292,15 @@ class Exchange:
         worker.reply(Message(Kind.ACK, encode_header(
             {"accepted": bool(transfer.accepted), "reason": transfer.reason, "version": versions.version})))
         handed = bool(judged and transfer.accepted)
+        tensors, peak = payload.tensors, payload.peak
+        if handed and wire is not None:  # undo the chain: tensors for the aggregator, or None (secure aggregation)
+            tensors = wire.incoming(tensors, payload.meta, client, transfer.num_samples,
+                                    (len(message.header), schema.nbytes))
+            peak = payload.peak if tensors is not None and schema is self.model.state.upload_schema else None
+            handed = tensors is not None
         if handed:
-            self.accumulation.add(worker, payload.tensors, transfer.num_samples, transfer.weight, schema.nbytes,
-                                  payload.peak, context=self._context(transfer))
+            self.accumulation.add(worker, tensors, transfer.num_samples, transfer.weight, schema.nbytes, peak,
+                                  context=self._context(transfer))
         server.fire(Event.AFTER_UPLOAD, transfer)
         return handed
 
@@ -324,10 +346,18 @@ class Exchange:
         """Fold the accepted uploads into a new global version now; False if there were none."""
         versions = self.versions
         self.accumulation.settle()
+        wire = self.transforms
+        if wire is not None and not wire.ready():
+            self.log.debug(f"version {versions.version} waits for secure aggregation's round before it is aggregated")
+            return False
         if versions.accepted == 0:
             self.log.info(f"nothing to aggregate at version {versions.version}: no upload was accepted")
             return False
+        if wire is not None:
+            wire.before_aggregate(self.model.aggregator)
         new = self.model.aggregator.aggregate(self.model.current())
+        if wire is not None:
+            new = wire.after_aggregate(new, versions.accepted)
         # An aggregator that applies each update with a server step of its own is not mixed too.
         alpha = None if getattr(self.model.aggregator, "steps_server", False) else versions.mixing()
         self.model.step(new, alpha)

@@ -20,14 +20,16 @@ with underscores is also accepted with hyphens: ``--nproc_per_node`` and ``--npr
 Options
 -------
 
-``--nproc_per_node N`` (default 1)
+``--nproc_per_node N`` or ``--nproc_per_node N0,N1,...`` (default 1)
     Ranks to start on this node. On a single node (``--nnodes 1``) N >= 2: a federation needs the
     backend and at least one frontend, and a backend alone would wait for frontends forever, so
     N = 1 there, the default included, is a usage error. With ``--nnodes`` above 1, N >= 1: a node
-    may run a single rank.
+    may run a single rank. A list gives one count per node, the same list on every node: with
+    ``--nnodes 3 --nproc_per_node 1,4,4`` node 0 runs the backend alone and nodes 1 and 2 run four
+    frontends each (ranks 1-4 and 5-8).
 ``--nnodes N`` (default 1)
-    Nodes taking part; the world size is ``nnodes * nproc_per_node``. Run the launcher once per node,
-    with the same options except ``--node_rank``.
+    Nodes taking part; the world size is ``nnodes * nproc_per_node``, or the sum of the list. Run the
+    launcher once per node, with the same options except ``--node_rank``.
 ``--node_rank R`` (default 0)
     This node's index, ``0 <= R < nnodes``. The node with rank 0 runs the backend.
 ``--master_addr HOST`` (default ``127.0.0.1``)
@@ -59,11 +61,11 @@ Environment of each rank
 The launcher's environment, plus:
 
 ``RANK``
-    Global rank, ``node_rank * nproc_per_node + local_rank``; 0 is the backend.
+    Global rank: the ranks of the nodes before this one, plus ``local_rank``; 0 is the backend.
 ``LOCAL_RANK``
     Rank on this node, ``0 <= LOCAL_RANK < nproc_per_node``.
 ``WORLD_SIZE``
-    ``nnodes * nproc_per_node``.
+    ``nnodes * nproc_per_node``, or the sum of the per-node list.
 ``LOCAL_WORLD_SIZE``
     ``nproc_per_node``.
 ``MASTER_ADDR``, ``MASTER_PORT``
@@ -80,6 +82,10 @@ The launcher's environment, plus:
     ``torchrun`` does: several ranks each running one OpenMP thread per core overload the machine,
     and spinning OpenMP threads starve the pipes' I/O threads. Set it yourself to choose another
     value.
+``TORCH_CPP_LOG_LEVEL``
+    ``ERROR`` unless the launcher's environment sets it: torch's C++ warnings (a store connection
+    retried while a backend restarts, with a C++ stack trace each) would bury openfl_api's own
+    lines, which say what happened and what to do. Set it to ``WARNING`` to see them.
 
 Python ranks run unbuffered (``python -u``), so their output appears as it is written. Each rank
 runs in a session of its own: a Ctrl-C in the terminal reaches the launcher only, which forwards it.
@@ -196,7 +202,7 @@ def launch(config: LaunchConfig) -> int:
         The exit code described in the module docstring's "Exit codes".
     """
     supervisor = Supervisor(config)
-    first, last = config.node_rank * config.nproc_per_node, (config.node_rank + 1) * config.nproc_per_node - 1
+    first, last = config.first_rank, config.first_rank + config.nproc_per_node - 1
     ranks = f"rank {first}" if first == last else f"ranks {first}..{last}"
     meeting = (f"init_method {config.init_method}" if config.init_method is not None
                else f"master {config.master_addr}:{config.master_port}")

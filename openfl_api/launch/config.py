@@ -37,6 +37,8 @@ class LaunchConfig:
         script_args: Arguments passed to the script unchanged.
         nproc_per_node: Ranks to start on this node.
         nnodes: Nodes taking part.
+        node_procs: Ranks per node, one count per node, when the nodes run different numbers
+            (``--nproc_per_node 1,4,4``); empty when every node runs ``nproc_per_node``.
         node_rank: Index of this node; node 0 runs the backend.
         master_addr: Address of the node running the backend.
         init_method: ``tcp://`` or ``file://`` URL handed to the ranks, or None.
@@ -65,10 +67,20 @@ class LaunchConfig:
     grace: timedelta = timedelta(seconds=30)
     run_module: bool = False
     no_python: bool = False
+    node_procs: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.nnodes < 1:
             raise ConfigurationError(f"nnodes must be >= 1, got {self.nnodes}; pass --nnodes 1 or more")
+        if self.node_procs:
+            if len(self.node_procs) != self.nnodes or min(self.node_procs) < 1:
+                raise ConfigurationError(
+                    f"--nproc_per_node as a list needs one count >= 1 per node ({self.nnodes} with --nnodes "
+                    f"{self.nnodes}), got {','.join(map(str, self.node_procs))}; e.g. --nproc_per_node 1,4,4 "
+                    "with --nnodes 3, the same list on every node"
+                )
+            if self.nproc_per_node != self.node_procs[self.node_rank]:
+                raise ConfigurationError("nproc_per_node must be this node's entry of node_procs")
         if self.nnodes == 1 and self.nproc_per_node < 2:
             # A backend alone would wait for frontends that never come.
             raise ConfigurationError(
@@ -109,8 +121,13 @@ class LaunchConfig:
 
     @property
     def world_size(self) -> int:
-        """Ranks in the whole federation: ``nnodes * nproc_per_node``."""
-        return self.nnodes * self.nproc_per_node
+        """Ranks in the whole federation: ``nnodes * nproc_per_node``, or the sum of ``node_procs``."""
+        return sum(self.node_procs) if self.node_procs else self.nnodes * self.nproc_per_node
+
+    @property
+    def first_rank(self) -> int:
+        """The global rank of this node's first rank."""
+        return sum(self.node_procs[:self.node_rank]) if self.node_procs else self.node_rank * self.nproc_per_node
 
     def _check_script(self) -> None:
         if self.run_module and self.no_python:
@@ -172,6 +189,15 @@ def _free_port(host: str) -> int:
         ) from None
 
 
+def _counts(text: str) -> tuple[int, ...]:
+    """``"4"`` -> ``(4,)``; ``"1,4,4"`` -> ``(1, 4, 4)``, for ``--nproc_per_node``."""
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of ranks, or one per node such as 1,4,4; got {text!r}") from None
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m openfl_api.launch",
@@ -179,8 +205,9 @@ def _build_parser() -> argparse.ArgumentParser:
         "Rank 0 is the backend, every other rank a frontend. "
         "See the module docstring of openfl_api.launch for the full manual.",
     )
-    parser.add_argument("--nproc_per_node", "--nproc-per-node", type=int, default=1,
-                        help="ranks to start on this node (default 1; at least 2 when nnodes is 1)")
+    parser.add_argument("--nproc_per_node", "--nproc-per-node", type=_counts, default=(1,),
+                        help="ranks to start on this node (default 1; at least 2 when nnodes is 1), or one "
+                             "count per node, e.g. 1,4,4 (the same list on every node)")
     parser.add_argument("--nnodes", type=int, default=1, help="nodes taking part (default 1)")
     parser.add_argument("--node_rank", "--node-rank", type=int, default=0,
                         help="index of this node, 0 <= node_rank < nnodes (default 0)")
@@ -231,7 +258,9 @@ def _config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> L
         master_port=master_port,
         token=token,
         script_args=tuple(args.script_args),
-        nproc_per_node=args.nproc_per_node,
+        nproc_per_node=args.nproc_per_node[args.node_rank] if len(args.nproc_per_node) > 1 and
+        0 <= args.node_rank < len(args.nproc_per_node) else args.nproc_per_node[0],
+        node_procs=tuple(args.nproc_per_node) if len(args.nproc_per_node) > 1 else (),
         nnodes=args.nnodes,
         node_rank=args.node_rank,
         master_addr=args.master_addr,

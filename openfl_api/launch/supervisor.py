@@ -172,7 +172,7 @@ class Supervisor:
         die_with_launcher = _parent_death_hook(os.getpid())
         try:
             for local_rank in range(config.nproc_per_node):
-                rank = config.node_rank * config.nproc_per_node + local_rank
+                rank = config.first_rank + local_rank
                 started = self._start_rank(rank, local_rank, die_with_launcher)
                 self._ranks.append(started)
                 self._running.append(started)
@@ -200,6 +200,7 @@ class Supervisor:
         env[TOKEN_VAR] = config.token
         if config.nproc_per_node > 1:
             env.setdefault("OMP_NUM_THREADS", "1")
+        env.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
         if config.init_method is None:
             env.pop(INIT_METHOD_VAR, None)
         else:

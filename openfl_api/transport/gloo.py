@@ -7,8 +7,7 @@ that times out closes the pair, which is why a pipe that timed out is dead.
 
 from __future__ import annotations
 
-import ipaddress
-import socket
+import re
 import time
 from datetime import timedelta
 from typing import Callable, List, Optional
@@ -17,6 +16,7 @@ import torch
 from torch.distributed import PrefixStore, ProcessGroupGloo, Store
 
 from openfl_api.errors import TransportError
+from openfl_api.transport.interfaces import IFNAME_VAR, binding
 from openfl_api.transport.base import (
     FRAME, MAGIC, Limits, Message, Pieces, Pipe, check_frame, check_pieces, payload_size,
 )
@@ -26,15 +26,12 @@ __all__ = ["GlooPipe", "open_gloo_pipe"]
 _TAG = 0
 
 
-def _is_loopback(host: Optional[str]) -> bool:
-    if host is None:
-        return False
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
-    except (OSError, ValueError):
-        return False
+def _reason(exc: BaseException) -> str:
+    """Gloo's error, as a log line can say it: its first line without the C++ source location and
+    the generic advice gloo appends."""
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    text = re.sub(r"\[[^\]]*\.(?:cc|cpp|h):\d+\]\s*", "", text)
+    return text.split(". This is typically caused")[0].strip()[:300]
 
 
 def open_gloo_pipe(store: Store, prefix: str, rank: int, timeout: timedelta, host: Optional[str]) -> "GlooPipe":
@@ -45,19 +42,34 @@ def open_gloo_pipe(store: Store, prefix: str, rank: int, timeout: timedelta, hos
         prefix: a key prefix unique to this pipe.
         rank: 0 on the backend, 1 on the frontend.
         timeout: how long to wait for the other side to build its half.
-        host: the tcp host of the address; on loopback both sides bind to 127.0.0.1, otherwise
-            gloo's default device is used (``GLOO_SOCKET_IFNAME`` chooses the interface).
+        host: the tcp host of the address (None for ``file://``): it decides the interface each
+            side binds to (:func:`openfl_api.transport.interfaces.binding`).
+
+    Raises:
+        TransportError: the device or the connection failed; the message names the address this
+            side bound to and the fix.
     """
+    bound = binding(host, backend=rank == 0)
     options = ProcessGroupGloo._Options()
-    if _is_loopback(host):
-        options._devices = [ProcessGroupGloo.create_device(hostname="127.0.0.1")]
-    else:
-        options._devices = [ProcessGroupGloo.create_default_device()]
+    try:
+        device = (ProcessGroupGloo.create_device(interface=bound.interface) if bound.interface
+                  else ProcessGroupGloo.create_device(hostname=bound.hostname))
+    except RuntimeError as exc:
+        raise TransportError(f"could not open a pipe on {bound}: {_reason(exc)}; set "
+                             f"{IFNAME_VAR} to an interface of this machine that reaches the other side") from exc
+    options._devices = [device]
     options._timeout = timeout
+    options._threads = 1  # send and recv run on the caller's thread; gloo's workers only serve collectives
     try:
         group = ProcessGroupGloo(PrefixStore(prefix, store), rank, 2, options)
     except RuntimeError as exc:
-        raise TransportError(f"could not build the gloo pipe {prefix!r}: {exc}") from exc
+        first = _reason(exc)
+        peer = "the backend" if rank == 1 else "the frontend"
+        raise TransportError(
+            f"could not connect the pipe to {peer} within {timeout}: {first}. This side bound to {bound}; check "
+            f"that the two machines reach each other there (firewall, routes), or choose the interface with "
+            f"{IFNAME_VAR}=<interface>"
+        ) from exc
     return GlooPipe(group, peer=1 - rank)
 
 
@@ -88,7 +100,7 @@ class GlooPipe(Pipe):
                 return self._group.send([tensor], self._peer, _TAG)
             return self._group.recv([tensor], self._peer, _TAG)
         except RuntimeError as exc:
-            raise TransportError(f"pipe failed while {what}: {str(exc).splitlines()[0][:300]}") from exc
+            raise TransportError(f"pipe failed while {what}: {_reason(exc)}") from exc
 
     def _wait(self, works: List, timeout: timedelta, what: str) -> None:
         deadline = time.monotonic() + timeout.total_seconds()
@@ -96,7 +108,7 @@ class GlooPipe(Pipe):
             for work in works:
                 work.wait(timedelta(seconds=max(0.001, deadline - time.monotonic())))
         except RuntimeError as exc:
-            raise TransportError(f"pipe failed while {what}: {str(exc).splitlines()[0][:300]}") from exc
+            raise TransportError(f"pipe failed while {what}: {_reason(exc)}") from exc
 
     def send(self, message: Message, timeout: timedelta) -> None:
         payload = message.payload

@@ -19,6 +19,7 @@ from torch.distributed import FileStore, HashStore, PrefixStore, Store, TCPStore
 from openfl_api.address import Address
 from openfl_api.errors import AddressError, TransportError
 from openfl_api.logger import bind
+from openfl_api.transport.interfaces import check_local
 from openfl_api.waiting import seconds
 
 __all__ = ["open_store", "wait_for_key", "fresh_client"]
@@ -43,6 +44,8 @@ def open_store(address: Address, backend: bool, timeout: timedelta, log: Any = N
     scheme = address.scheme
     try:
         if scheme == "tcp":
+            if backend:
+                check_local(address.host, address.port)
             base: Store = (TCPStore(address.host, address.port, None, True, timeout=timeout, wait_for_workers=False)
                            if backend else _reach_tcp_store(address, timeout, log or bind("frontend")))
         elif scheme == "file":
@@ -77,9 +80,16 @@ def _reach_tcp_store(address: Address, timeout: timedelta, log: Any) -> Store:
         try:
             with socket.create_connection((address.host, address.port), timeout=_ATTEMPT_S):
                 pass
-        except OSError as exc:
+            # A backend going down can still accept the probe: then torch's connect fails too, within
+            # a few seconds rather than the whole timeout; requests then get the full timeout.
+            store = TCPStore(address.host, address.port, None, False, timeout=timedelta(seconds=_ATTEMPT_S * 5),
+                             wait_for_workers=False)
+            store.set_timeout(timeout)
+            return store
+        except (OSError, RuntimeError) as exc:
             left = deadline - time.monotonic()
-            cause = exc.strerror or type(exc).__name__
+            cause = (exc.strerror if isinstance(exc, OSError) else None) or str(exc).splitlines()[0][:120] or \
+                type(exc).__name__
             if left <= 0:
                 raise TransportError(
                     f"no backend at {address.init_method}: nothing answered within {timeout} ({attempt} attempts, "
@@ -91,8 +101,6 @@ def _reach_tcp_store(address: Address, timeout: timedelta, log: Any) -> Store:
                      f"{wait:.2f}".rstrip("0").rstrip(".") + f" s, giving up in {seconds(left)}")
             time.sleep(wait)
             delay = min(delay * 2, 5.0)
-            continue
-        return TCPStore(address.host, address.port, None, False, timeout=timeout, wait_for_workers=False)
 
 
 def wait_for_key(store: Store, key: str, timeout: timedelta, delay: float = 0.002) -> bool:

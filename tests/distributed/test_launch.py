@@ -643,6 +643,26 @@ def test_a_node_of_several_may_run_a_single_rank(tmp_path: Path) -> None:
     ), launched.err
 
 
+def test_nodes_may_run_different_numbers_of_ranks(tmp_path: Path) -> None:
+    launched = _launched(tmp_path, DUMP_ENV, "--nnodes", "3", "--node_rank", "2", "--nproc_per_node", "1,4,3",
+                         "--master_port", "29558", env={"OPENFL_API_TOKEN": TOKEN})
+
+    assert launched.code == 0, launched.err
+    assert [(launched.env(r)["RANK"], launched.env(r)["LOCAL_RANK"], launched.env(r)["WORLD_SIZE"],
+             launched.env(r)["LOCAL_WORLD_SIZE"]) for r in (5, 6, 7)] == [
+        ("5", "0", "8", "3"), ("6", "1", "8", "3"), ("7", "2", "8", "3")]
+
+
+@pytest.mark.parametrize("counts,nnodes", [("1,4", "3"), ("1,0,2", "3"), ("2,x", "2")])
+def test_a_per_node_list_that_does_not_fit_is_a_usage_error(tmp_path: Path, counts: str, nnodes: str) -> None:
+    script = _script(tmp_path, SLEEP)
+    done = subprocess.run([sys.executable, "-m", "openfl_api.launch", "--nnodes", nnodes, "--nproc_per_node", counts,
+                           "--master_port", "29559", str(script), str(tmp_path)],
+                          env=_env({"OPENFL_API_TOKEN": TOKEN}), capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert done.returncode == 2
+    assert "one count >= 1 per node" in done.stderr or "one per node such as 1,4,4" in done.stderr, done.stderr
+
+
 def test_importing_the_launcher_does_not_import_torch() -> None:
     # The launcher only starts and watches processes; loading torch would delay every launch.
     imported = subprocess.run(
