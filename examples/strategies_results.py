@@ -8,7 +8,7 @@ kept as JSON in ``--runs`` and not run again. The script then writes, into ``--o
 and one figure per experiment, which the docs include as they are:
 
 - ``fedprox``: FedProx's Synthetic(1, 1), 30 clients, 10 per version, 20 local epochs (batch 10,
-  lr 0.01, 60 versions); 0, 50 or 90 % of the drawn clients straggle (``randint(1, 20)`` epochs). FedAvg drops
+  lr 0.01, 30 versions); 0, 50 or 90 % of the drawn clients straggle (``randint(1, 20)`` epochs). FedAvg drops
   the stragglers; FedProx keeps their partial work, with mu = 0 and mu = 1.
 - ``digits``: scikit-learn's digits, Dirichlet(0.1) over 20 clients, all of them every version,
   each running 1 to 5 local epochs drawn anew each version (batch 10, lr 0.05): FedAvg against
@@ -29,20 +29,20 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import multiprocessing
+import os
 import statistics
+import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Dict, List, Sequence, Tuple
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import strategies_federation as federation  # noqa: E402
-
+EXAMPLES = Path(__file__).resolve().parent
 SEEDS = (0, 1)
+RUN_TIMEOUT = 1800  # seconds for one federation
 
 FEDPROX = ["--data", "synthetic", "--alpha", "1", "--beta", "1", "--clients", "30", "--per_round", "10",
-           "--epochs", "20", "--batch", "10", "--lr", "0.01", "--rounds", "60", "--work", "stragglers"]
+           "--epochs", "20", "--batch", "10", "--lr", "0.01", "--rounds", "30", "--work", "stragglers"]
 DIGITS = ["--data", "digits", "--dirichlet", "0.1", "--clients", "20", "--per_round", "20", "--epochs", "5",
           "--work", "variable", "--batch", "10", "--lr", "0.05", "--rounds", "50"]
 ROBUST = ["--data", "digits", "--clients", "10", "--per_round", "10", "--epochs", "1", "--batch", "10",
@@ -69,6 +69,13 @@ ROBUST_RULES = [("FedAvg", "fedavg"), ("Median", "median"), ("TrimmedMean (0.2)"
 def experiments() -> List[Tuple[str, str, List[str]]]:
     """``(experiment, run name, arguments)`` of every run, seeds excluded."""
     runs = []
+    for stragglers in ("0", "0.5", "0.9"):
+        work = ["--stragglers", stragglers]
+        runs.append(("fedprox", f"fedavg-drop-{stragglers}", [*FEDPROX, *work, "--algorithm", "fedavg",
+                                                               "--drop_stragglers"]))
+        for mu in ("0", "1"):
+            runs.append(("fedprox", f"fedprox-mu{mu}-{stragglers}", [*FEDPROX, *work, "--algorithm", "fedprox",
+                                                                     "--mu", mu]))
     for label, argv in DIGITS_ALGORITHMS:
         runs.append(("digits", label, [*DIGITS, *argv]))
     for partition in ("0", "0.1"):
@@ -80,31 +87,35 @@ def experiments() -> List[Tuple[str, str, List[str]]]:
                               "--malicious", "2", "--attack_scale", scale]))
     for q in ("0", "1", "5"):
         runs.append(("qffl", f"q{q}", [*QFFL, "--q", q]))
-    for stragglers in ("0", "0.5", "0.9"):
-        work = ["--stragglers", stragglers]
-        runs.append(("fedprox", f"fedavg-drop-{stragglers}", [*FEDPROX, *work, "--algorithm", "fedavg",
-                                                               "--drop_stragglers"]))
-        for mu in ("0", "1"):
-            runs.append(("fedprox", f"fedprox-mu{mu}-{stragglers}", [*FEDPROX, *work, "--algorithm", "fedprox",
-                                                                     "--mu", mu]))
     return runs
 
 
 def run_one(job: Tuple[str, str, List[str], int, str]) -> str:
-    """Run one federation (in a worker process) and write its history; returns the file."""
+    """Run one federation in a process of its own, as the docs' commands do, and write its history;
+    a run that fails or outlives ``RUN_TIMEOUT`` is run once more. Returns the file."""
     experiment, name, argv, seed, folder = job
-    from openfl_api.simulate import simulate
-
     target = Path(folder) / experiment / f"{name}-s{seed}.json"
     if target.exists():
         return str(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     temporary = target.with_suffix(".tmp")
-    full = [*argv, "--seed", str(seed), "--history", str(temporary)]
-    simulate(lambda: federation.main(full), nproc_per_node=2)
-    temporary.replace(target)
-    print(f"done {experiment}/{name} seed {seed}", flush=True)
-    return str(target)
+    command = [sys.executable, "-m", "openfl_api.simulate", "--nproc_per_node", "2", "--timeout",
+               str(RUN_TIMEOUT), str(EXAMPLES / "strategies_federation.py"), *argv, "--seed", str(seed),
+               "--history", str(temporary)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(EXAMPLES.parent),
+                                                                     os.environ.get("PYTHONPATH")]))}
+    for attempt in (1, 2):
+        try:
+            result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT + 60)
+            if result.returncode == 0 and temporary.exists():
+                temporary.replace(target)
+                print(f"done {experiment}/{name} seed {seed}", flush=True)
+                return str(target)
+            reason = f"exit status {result.returncode}: {result.stderr[-2000:]}"
+        except subprocess.TimeoutExpired:
+            reason = f"no end within {RUN_TIMEOUT + 60} s"
+        print(f"{experiment}/{name} seed {seed}, try {attempt}: {reason}", flush=True)
+    raise RuntimeError(f"{experiment}/{name} seed {seed} failed twice; see above")
 
 
 def load(folder: Path, experiment: str, name: str) -> List[List[Dict[str, Any]]]:
@@ -283,12 +294,8 @@ def main(argv: Sequence[str] = None) -> None:
     wanted = set(filter(None, args.only.split(",")))
     jobs = [(experiment, name, argv, seed, args.runs) for experiment, name, argv in experiments()
             if not wanted or experiment in wanted for seed in SEEDS]
-    if args.jobs > 1:
-        with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
-            list(pool.imap_unordered(run_one, jobs))
-    else:
-        for job in jobs:
-            run_one(job)
+    with ThreadPoolExecutor(max(1, args.jobs)) as pool:
+        list(pool.map(run_one, jobs))
     if not wanted:
         tables_and_figures(Path(args.runs), Path(args.out))
         print(f"tables and figures written to {args.out}")
