@@ -18,10 +18,12 @@ setup(
     install_requires=requirements,
     extras_require={
         "test": ["pytest>=7", "pytest-timeout>=2", "hypothesis>=6", "matplotlib>=3.5", "scikit-learn>=1.0",
-                 "opacus>=1.5", "cryptography>=41"],
+                 "tensorboard>=2", "tqdm>=4", "opacus>=1.5", "cryptography>=41"],
         "docs": ["sphinx>=7"],
         "plot": ["matplotlib>=3.5"],
         "digits": ["scikit-learn>=1.0"],
+        "tensorboard": ["tensorboard>=2"],
+        "progress": ["tqdm>=4"],
         # DP accounting and local DP-SGD (opacus), secure aggregation (cryptography): openfl_api.transforms
         "privacy": ["opacus>=1.5", "cryptography>=41"],
     },

@@ -1,6 +1,6 @@
 """Seconds per round of a one-process simulation against a plain PyTorch loop doing the same work.
 
-    python bench/simulation.py [--repeats 3] [--rounds 10] [--threads 1] [--config K:FRACTION ...]
+    python bench/simulation.py [--repeats 3] [--rounds 10] [--threads 1] [--config K:FRACTION ...] [--modes MODE ...]
 
 Workload: MLP 784-200-200-10, 100 samples per client of FedProx's Synthetic(0.5, 0.5) with 784
 features (all clients' data generated up front and held in memory), 1 local epoch, batch 32, SGD
@@ -15,6 +15,10 @@ K = 1,000 at 0.1 (``--config 100:1.0`` runs only that one; repeat the option for
   the uploads: ``api / float32`` is what the order-free sum (``ExactSum``) costs.
 - ``plain``: the same FedAvg written by hand, no framework: per sampled client, load the global
   state_dict into one model, train, add ``num_samples * weights`` to a running sum; divide.
+- ``record`` and ``unrecorded``: ``api`` writing the record of the run to a file
+  (``API(record=...)``, evaluation off) and ``api`` keeping no record at all
+  (``API(record=False)``): ``record / unrecorded`` is what recording costs. (``api`` itself keeps
+  the record in memory, for the report table.)
 
 Both draw the same clients per round (numpy ``default_rng([seed, round])``) and the same batch
 order per client. Each (configuration, repeat) starts one fresh child process per mode, so the
@@ -26,9 +30,10 @@ ratio of two separate runs is not. A round is the time from the parent's go to t
 aggregation (for the API, marked by a backend step); the first round includes the first download.
 
 Printed per configuration: the steady-state round (median of rounds 2..N over all repeats) of
-each mode, the API / plain ratio as the median of the paired per-round ratios (with the range of
-the per-repeat medians), the same in process CPU seconds, the first round, the API's
-round-to-round spread (std / mean) and peak RSS.
+each mode; the ratios API / plain, API / float32 and record / unrecorded, each the median of the
+paired per-round ratios (with the range of the per-repeat medians), and the same in process CPU
+seconds (less sensitive to other load on the machine than wall time); the first round; the first
+mode's round-to-round spread (std / mean) and peak RSS.
 """
 
 from __future__ import annotations
@@ -41,12 +46,13 @@ import select
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
 CONFIGS = [(100, 1.0), (100, 0.1), (1000, 0.1)]
-MODES = ("api", "float32", "plain")
+MODES = ("api", "float32", "plain", "record", "unrecorded")
 SAMPLES, FEATURES, HIDDEN, BATCH, LR = 100, 784, 200, 32, 0.05
 
 
@@ -154,7 +160,8 @@ def float32_average(params):
     return Float32Average(params)
 
 
-def run_api(datasets, clients: int, fraction: float, rounds: int, seed: int, gate: Gate, exact: bool = True) -> None:
+def run_api(datasets, clients: int, fraction: float, rounds: int, seed: int, gate: Gate, exact: bool = True,
+            record=None) -> None:
     from datetime import timedelta
 
     import torch
@@ -172,7 +179,7 @@ def run_api(datasets, clients: int, fraction: float, rounds: int, seed: int, gat
 
     def rank() -> None:
         args = ofl.parser.parse_args([])
-        api = ofl.API(frontend=args.rank > 0, clients=range(clients) if args.rank > 0 else None)
+        api = ofl.API(frontend=args.rank > 0, clients=range(clients) if args.rank > 0 else None, record=record)
         api.set_aggregate_triggers(ofl.AggregateCount(count=max(1, round(fraction * clients))))
         with ofl.StepAt(api):
             ofl.ClientSampling(fraction=fraction, seed=seed, min_clients=clients)
@@ -211,8 +218,11 @@ def child(options: argparse.Namespace) -> None:
     arguments = (datasets, options.clients, options.fraction, options.rounds, options.seed, Gate())
     if options.child == "plain":
         run_plain(*arguments)
+    elif options.child in ("record", "unrecorded"):
+        with tempfile.TemporaryDirectory(prefix="bench-record-") as folder:
+            run_api(*arguments, record=f"{folder}/run.jsonl" if options.child == "record" else False)
     else:
-        run_api(*arguments, exact=options.child == "api")
+        run_api(*arguments, exact=options.child != "float32")
     print(json.dumps({"rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}), flush=True)
 
 
@@ -230,7 +240,9 @@ class Child:
         if not text:
             self.process.kill()
             error = self.process.communicate(timeout=30)[1]
-            sys.exit(f"child {self.mode} failed or timed out:\n{error[-3000:]}")
+            with tempfile.NamedTemporaryFile("w", prefix=f"bench-{self.mode}-", suffix=".err", delete=False) as kept:
+                kept.write(error)
+            sys.exit(f"child {self.mode} failed or timed out (its whole stderr: {kept.name}):\n{error[-3000:]}")
         return text.strip()
 
     def say(self, word: str) -> None:
@@ -247,7 +259,7 @@ def lockstep(options: argparse.Namespace, clients: int, fraction: float, env: Di
     """Run the modes of one configuration in lockstep; each mode's rounds and peak RSS."""
     children = {}
     try:
-        for mode in MODES:
+        for mode in options.modes:
             command = [sys.executable, __file__, "--child", mode, "--clients", str(clients), "--fraction",
                        str(fraction), "--rounds", str(options.rounds), "--threads", str(options.threads),
                        "--seed", str(options.seed)]
@@ -255,9 +267,10 @@ def lockstep(options: argparse.Namespace, clients: int, fraction: float, env: Di
         for child_ in children.values():
             if child_.line() != "ready":
                 sys.exit(f"child {child_.mode} did not get ready")
-        rounds: Dict[str, List[Dict[str, float]]] = {mode: [] for mode in MODES}
+        modes = tuple(options.modes)
+        rounds: Dict[str, List[Dict[str, float]]] = {mode: [] for mode in modes}
         for number in range(options.rounds):
-            for mode in MODES[number % len(MODES):] + MODES[:number % len(MODES)]:
+            for mode in modes[number % len(modes):] + modes[:number % len(modes)]:
                 children[mode].say("go")
                 rounds[mode].append(json.loads(children[mode].line()))
         result = {}
@@ -282,32 +295,38 @@ def parent(options: argparse.Namespace) -> None:
     print("Seconds per round; steady = median of rounds 2..N over all repeats with the range of the per-repeat "
           "medians in brackets; API / plain = median of the paired per-round ratios (rounds 2..N), with the range "
           "of the per-repeat medians; CPU = process CPU seconds (all threads).\n")
-    print("| K | fraction | clients/round | API steady | plain steady | API / plain (per-repeat range) | "
-          "API / plain CPU | API / float32 sum (per-repeat range) | first round API / plain | API round spread | "
-          "peak RSS MB API / float32 / plain |")
-    print("|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
+    modes = tuple(options.modes)
+    ratios = [(a, b, label) for a, b, label in (("api", "plain", "API / plain"), ("api", "float32", "API / float32 sum"),
+                                                ("record", "unrecorded", "record / unrecorded"))
+              if a in modes and b in modes]
+    columns = (["K", "fraction", "clients/round"] + [f"{m} steady" for m in modes]
+               + [f"{label} (per-repeat range)" for _, _, label in ratios] + [f"{label} CPU" for _, _, label in ratios]
+               + ["first round " + " / ".join(modes), f"{modes[0]} round spread", "peak RSS MB " + " / ".join(modes)])
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "--:|" * len(columns))
     for (clients, fraction), repeats in results.items():
         def steady(mode: str, key: str = "wall") -> List[List[float]]:
             return [[r[key] for r in run[mode]["rounds"][1:]] for run in repeats]
 
-        def paired(over: str, key: str = "wall") -> List[List[float]]:
-            return [[a / b for a, b in zip(api, other)] for api, other in zip(steady("api", key), steady(over, key))]
+        def paired(mode: str, over: str, key: str = "wall") -> List[List[float]]:
+            return [[a / b for a, b in zip(one, other)] for one, other in zip(steady(mode, key), steady(over, key))]
 
-        def summary(runs: List[List[float]]) -> str:
+        def summary(runs: List[List[float]], digits: int = 3) -> str:
             per_repeat = [statistics.median(run) for run in runs]
-            return f"{statistics.median(x for run in runs for x in run):.3f} ({min(per_repeat):.3f}-{max(per_repeat):.3f})"
+            return (f"{statistics.median(x for run in runs for x in run):.{digits}f} "
+                    f"({min(per_repeat):.{digits}f}-{max(per_repeat):.{digits}f})")
 
-        flat = {mode: [x for run in steady(mode) for x in run] for mode in MODES}
-        per_repeat = {mode: [statistics.median(run) for run in steady(mode)] for mode in MODES}
-        first = {mode: statistics.median(run[mode]["rounds"][0]["wall"] for run in repeats) for mode in MODES}
-        rss = {mode: max(run[mode]["rss_mb"] for run in repeats) for mode in MODES}
-        noise = statistics.pstdev(flat["api"]) / statistics.mean(flat["api"])
-        print(f"| {clients} | {fraction} | {max(1, round(fraction * clients))} | "
-              f"{statistics.median(flat['api']):.3f} ({min(per_repeat['api']):.3f}-{max(per_repeat['api']):.3f}) | "
-              f"{statistics.median(flat['plain']):.3f} ({min(per_repeat['plain']):.3f}-{max(per_repeat['plain']):.3f}) | "
-              f"{summary(paired('plain'))} | {statistics.median(x for run in paired('plain', 'cpu') for x in run):.2f} | "
-              f"{summary(paired('float32'))} | {first['api']:.3f} / {first['plain']:.3f} | {noise:.0%} | "
-              f"{rss['api']:.0f} / {rss['float32']:.0f} / {rss['plain']:.0f} |")
+        flat = {mode: [x for run in steady(mode) for x in run] for mode in modes}
+        first = {mode: statistics.median(run[mode]["rounds"][0]["wall"] for run in repeats) for mode in modes}
+        rss = {mode: max(run[mode]["rss_mb"] for run in repeats) for mode in modes}
+        noise = statistics.pstdev(flat[modes[0]]) / statistics.mean(flat[modes[0]])
+        cells = [str(clients), str(fraction), str(max(1, round(fraction * clients)))]
+        cells += [summary(steady(mode)) for mode in modes]
+        cells += [summary(paired(a, b), 4 if a == "record" else 3) for a, b, _ in ratios]
+        cells += [f"{statistics.median(x for run in paired(a, b, 'cpu') for x in run):.{4 if a == 'record' else 2}f}"
+                  for a, b, _ in ratios]
+        cells += [" / ".join(f"{first[m]:.3f}" for m in modes), f"{noise:.0%}", " / ".join(f"{rss[m]:.0f}" for m in modes)]
+        print("| " + " | ".join(cells) + " |")
 
 
 def config(text: str) -> Tuple[int, float]:
@@ -330,6 +349,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--config", type=config, action="append",
                         help="K:FRACTION, e.g. 100:1.0; repeatable (default: all three configurations)")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
+                        help="the modes to run in lockstep (default: all)")
     parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument("--clients", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--fraction", type=float, help=argparse.SUPPRESS)

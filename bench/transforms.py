@@ -44,7 +44,9 @@ from openfl_api.logger import bind  # noqa: E402
 from openfl_api.payload import decode, encode  # noqa: E402
 from openfl_api.state import SharedState  # noqa: E402
 from openfl_api.transforms import crypto  # noqa: E402
-from openfl_api.transforms.chain import BackendSide, Chain, FrontendSide  # noqa: E402
+from openfl_api.transforms.backend_side import BackendSide  # noqa: E402
+from openfl_api.transforms.chain import Chain  # noqa: E402
+from openfl_api.transforms.frontend_side import FrontendSide  # noqa: E402
 from openfl_api.transforms.secagg import quantize  # noqa: E402
 
 LOG = bind("bench")
@@ -71,12 +73,26 @@ def resnet() -> torch.nn.Module:
     return build_model(0)
 
 
-def timed(call: Callable[[], Any], repeats: int) -> float:
+#: The noise of each timing: half its interquartile range, in % of its median, per label.
+NOISE: Dict[str, float] = {}
+
+
+def spread(values: List[float]) -> float:
+    """Half the interquartile range of ``values`` in % of their median (0 for fewer than 2)."""
+    if len(values) < 2:
+        return 0.0
+    low, _, high = statistics.quantiles(values, n=4, method="inclusive")
+    return 100 * (high - low) / 2 / statistics.median(values)
+
+
+def timed(call: Callable[[], Any], repeats: int, label: str = "") -> float:
+    """The median milliseconds of ``repeats`` calls; their spread goes to ``NOISE[label]``."""
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         call()
         times.append(time.perf_counter() - start)
+    NOISE[label] = spread(times)
     return 1000 * statistics.median(times)
 
 
@@ -92,16 +108,16 @@ def per_upload(net: torch.nn.Module, repeats: int) -> List[Dict[str, Any]]:
         decode(header, buffer, schema, kind="update", reused=False)
 
     front_plain = timed(lambda: encode(trained, schema, kind="update", version=0, sender="f",
-                                       meta={"num_samples": 1}), repeats)
+                                       meta={"num_samples": 1}), repeats, "plain fp32/front")
     header, buffer = encode(trained, schema, kind="update", version=0, sender="f", meta={"num_samples": 1})
-    back_plain = timed(lambda: decode(header, buffer, schema, kind="update", reused=False), repeats)
+    back_plain = timed(lambda: decode(header, buffer, schema, kind="update", reused=False), repeats, "plain fp32/back")
     rows.append({"transform": "plain fp32", "front": front_plain, "back": back_plain, "bytes": schema.nbytes})
-    server = SimpleNamespace(model=SimpleNamespace(current=lambda: reference, optim_state={}))
-    api = SimpleNamespace(log=LOG, asynchronous=None, version=0, _server=server, _token=b"bench")
+    server = SimpleNamespace(model=SimpleNamespace(current=lambda: reference, optim_state={}, state=state))
+    api = SimpleNamespace(log=LOG, asynchronous=None, version=0)
     timeouts = SimpleNamespace(idle=timedelta(seconds=60), status=timedelta(seconds=10))
     for label, links in CHAINS.items():
         chain = Chain(links(), seed=0)
-        backend = BackendSide(chain, api, state)
+        backend = BackendSide(chain, api, server, None, lambda: None)
         frontend = FrontendSide(chain, state, LOG, None, timeouts, b"bench")
         frontend.downloaded(reference, backend.fields())
 
@@ -117,7 +133,8 @@ def per_upload(net: torch.nn.Module, repeats: int) -> List[Dict[str, Any]]:
             payload = decode(head, wire_buffer, wire_schema, kind="update", reused=False)
             backend.incoming(payload.tensors, payload.meta, "c", 1, (len(head), wire_schema.nbytes))
 
-        rows.append({"transform": label, "front": timed(front, repeats), "back": timed(back, repeats),
+        rows.append({"transform": label, "front": timed(front, repeats, f"{label}/front"),
+                     "back": timed(back, repeats, f"{label}/back"),
                      "bytes": wire_schema.nbytes})
     # SecAgg, one member of a 10-member round.
     size = sum(v.numel() for v in reference.values() if v.is_floating_point())
@@ -141,8 +158,8 @@ def per_upload(net: torch.nn.Module, repeats: int) -> List[Dict[str, Any]]:
         np.add(total, payload.tensors["wire/masked"].numpy().view(np.uint32), out=total)
         total.__isub__(crypto.mask(seeds[0], size))  # a tenth of the round's unmasking
 
-    rows.append({"transform": "SecAgg (10 members)", "front": timed(secagg_front, repeats),
-                 "back": timed(secagg_back, repeats), "bytes": wire.nbytes})
+    rows.append({"transform": "SecAgg (10 members)", "front": timed(secagg_front, repeats, "SecAgg (10 members)/front"),
+                 "back": timed(secagg_back, repeats, "SecAgg (10 members)/back"), "bytes": wire.nbytes})
     for row in rows:
         row["front_ratio"] = row["front"] / front_plain
         row["back_ratio"] = row["back"] / back_plain
@@ -214,17 +231,21 @@ def main(argv: Optional[List[str]] = None) -> None:
     for model_name in args.models.split(","):
         net = mlp() if model_name == "mlp" else resnet()
         nbytes = sum(v.numel() * v.element_size() for v in net.state_dict().values())
-        print(f"\nper upload, {model_name} ({nbytes / 1e6:.1f} MB), median of {args.repeats}; ratios to the plain upload")
-        print("| transform | frontend ms | ratio | backend ms | ratio | payload bytes | x fewer |")
-        print("|---|---|---|---|---|---|---|")
+        print(f"\nper upload, {model_name} ({nbytes / 1e6:.1f} MB), median of {args.repeats} (noise: half the "
+              "interquartile range, % of the median); ratios to the plain upload")
+        print("| transform | frontend ms | noise | ratio | backend ms | noise | ratio | payload bytes | x fewer |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for row in per_upload(net, args.repeats):
-            print(f"| {row['transform']} | {row['front']:.2f} | {row['front_ratio']:.1f} | {row['back']:.2f} | "
-                  f"{row['back_ratio']:.1f} | {row['bytes']:,} | {row['bytes_ratio']:.2f} |")
+            label = row["transform"]
+            print(f"| {label} | {row['front']:.2f} | {NOISE[label + '/front']:.0f}% | {row['front_ratio']:.1f} | "
+                  f"{row['back']:.2f} | {NOISE[label + '/back']:.0f}% | {row['back_ratio']:.1f} | {row['bytes']:,} | "
+                  f"{row['bytes_ratio']:.2f} |")
     plain = per_round(False, args.rounds)
     secure = per_round(True, args.rounds)
     a, b = statistics.median(plain), statistics.median(secure)
-    print(f"\nper round, 10 frontends, MLP, median of {len(plain)} versions: plain {1000 * a:.0f} ms, "
-          f"SecAgg {1000 * b:.0f} ms; extra {1000 * (b - a):.0f} ms per round, ratio SecAgg / plain {b / a:.2f}")
+    print(f"\nper round, 10 frontends, MLP, median of {len(plain)} versions: plain {1000 * a:.0f} ms "
+          f"(noise {spread(plain):.0f}%), SecAgg {1000 * b:.0f} ms (noise {spread(secure):.0f}%); extra "
+          f"{1000 * (b - a):.0f} ms per round, ratio SecAgg / plain {b / a:.2f}")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ clip                  ``Mean(max_norm=...)`` (norm clipping of updates) / none
 ====================  ======================================================================
 
 Each version the backend draws ``--per_round`` of the ``--clients`` clients and their local work,
-and serves both in the round configuration (``api.round_config``): ``{"epochs": {client: E_k},
+and serves both in the round configuration (``api.config``): ``{"epochs": {client: E_k},
 "mu": mu}``. ``--work fixed`` gives every client ``--epochs`` epochs; ``variable`` draws each
 from 1..``--epochs``; ``stragglers`` makes ``--stragglers`` of the drawn clients run
 ``randint(1, --epochs)`` epochs (FedProx's protocol); with ``--drop_stragglers`` the backend
@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from datetime import timedelta
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -186,7 +185,7 @@ class Plan(ofl.Step):
         self._chosen = self.plan(api.version)
         self._version = api.version
         api.expect(list(self._chosen))
-        api.round_config = {"epochs": self._chosen, "mu": self.args.mu}
+        api.config = {"epochs": self._chosen, "mu": self.args.mu}
         return True
 
     def before_download(self, api: Any, transfer: Any) -> None:
@@ -286,7 +285,7 @@ def trainer(args: argparse.Namespace, api: ofl.API, net: torch.nn.Module, optimi
     """``train(client)`` for VirtualClients: the user's plain loop plus the algorithm's helper."""
 
     def train_one(client: Any) -> int:
-        config = api.round_config
+        config = api.config
         x, y = dataset.train[int(client.id)]
         if args.algorithm == "qffl":  # q-FFL needs the loss of the downloaded model first
             with torch.no_grad():

@@ -46,6 +46,10 @@ _LAZY = {
     "Asynchronous": "openfl_api.asynchronous",
     "VirtualClients": "openfl_api.virtual_clients",
     "ClientStates": "openfl_api.virtual_clients",
+    "Record": "openfl_api.record",
+    "FederatedEvaluation": "openfl_api.evaluation",
+    "CentralizedEvaluation": "openfl_api.evaluation",
+    "MetricRules": "openfl_api.metrics",
     "StopAtEpsilon": "openfl_api.transforms.dp",
 }
 _SUBMODULES = ("aggregate", "data", "logger", "parser", "virtual_clients", "utils", "transforms",

@@ -15,6 +15,10 @@ The same script runs on every rank::
                 break
             api.update_version()
     api.finish()
+
+``api.evaluate(test)`` after ``download()`` reports the frontend's evaluation when the backend asks
+for it (:mod:`openfl_api.evaluation`); ``API(record="run.jsonl")`` writes the record of the run
+(:mod:`openfl_api.record`).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from __future__ import annotations
 import functools
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, List, Mapping, Optional, Sequence, Set, Union
 
 import torch
 from torch.utils.hooks import RemovableHandle
@@ -33,11 +37,14 @@ from openfl_api.asynchronous import Asynchronous
 from openfl_api.backend import Server
 from openfl_api.controls import Controls
 from openfl_api.errors import ConfigurationError, RoleError
+from openfl_api.evaluation import check_every, run_evaluation
 from openfl_api.frontend import Client, check_upload_meta
 from openfl_api.logger import bind
+from openfl_api.metrics import History
 from openfl_api.parser import environ
+from openfl_api.record import Record, Recorder, check_log_metrics
 from openfl_api.state import SharedState
-from openfl_api.step import BACKEND, FRONTEND, Event, Step, Steps
+from openfl_api.step import BACKEND, FRONTEND, Event, Step, Steps, StopAtVersion
 from openfl_api.timeouts import Timeouts
 from openfl_api.transport.rendezvous import token_from
 
@@ -84,6 +91,10 @@ class API(Controls):
         resume: backend: a checkpoint prefix (as given to ``AggregateCount(checkpoint=...)``);
             the serve loop starts from the newest complete checkpoint ``f"{resume}.{version}"``
             found, or from the start when there is none.
+        record: backend: the record of the run (:mod:`openfl_api.record`): a path for its JSON
+            Lines file, an :class:`~openfl_api.record.Record` (file, TensorBoard, progress line,
+            metric statistics), None (the launcher's ``--record``/``--tensorboard`` if given, else
+            kept in memory for the report table and the progress line), or False (nothing).
     """
 
     def __init__(
@@ -102,8 +113,16 @@ class API(Controls):
         clients: Optional[Sequence[Union[int, str]]] = None,
         reconnect: timedelta = timedelta(seconds=60),
         resume: Union[str, Path, None] = None,
+        record: Union[str, Path, Record, bool, None] = None,
     ) -> None:
         _check_arguments(frontend, token, nick_name, asynchronous, reconnect, resume)
+        self._record = Record.resolve(record)
+        if frontend is False and self._record is not None:
+            self._record.check()
+        self._recorder: Optional[Recorder] = None
+        self._stopping: Optional[str] = None  # a stop asked while steps defer it
+        self._released: Set[int] = set()  # ids of the deferring steps that released it
+        self._warned_evaluate = False
         self._hosted = _check_clients(clients)
         self._asynchronous = asynchronous
         self._reconnect = reconnect
@@ -125,7 +144,7 @@ class API(Controls):
         self._ran = False
         self._finished = False
         self._transforms: Any = None  # the upload chain (openfl_api.transforms.Chain), or None
-        self._chain_step: Any = None  # the chain's backend step (openfl_api.transforms.chain.ChainStep), or None
+        self._chain_step: Any = None  # the chain's backend step (openfl_api.transforms.backend_side.ChainStep), or None
         self.log = bind("frontend" if frontend else "backend" if frontend is False else "-")
 
     # ----------------------------------------------------------------- identity
@@ -206,6 +225,8 @@ class API(Controls):
             return
         connect.check_backend_addresses(addresses)
         connect.warn_if_no_token(self._token, self.log)
+        if self._record is not None:
+            self._record.check()
         self._server = Server(self._fire, self.timeouts, self._token, self.nick_name, self.log,
                               asynchronous=self._asynchronous, needs=self._steps.uploads_needed)
         for served in addresses:
@@ -264,7 +285,8 @@ class API(Controls):
             ConfigurationError: a transform is unknown, out of order, or combined with one it cannot go with.
             RoleError: called twice, or after the federation started.
         """
-        from openfl_api.transforms.chain import Chain, ChainStep
+        from openfl_api.transforms.backend_side import ChainStep
+        from openfl_api.transforms.chain import Chain
 
         if self._transforms is not None:
             raise RoleError("set_upload_transforms(...) was called already on this API; a chain is declared once")
@@ -287,7 +309,7 @@ class API(Controls):
             return
         state = self._shared_state()
         if client.transforms is None or client.transforms.state is not state:
-            from openfl_api.transforms.chain import FrontendSide
+            from openfl_api.transforms.frontend_side import FrontendSide
 
             client.transforms = FrontendSide(self._transforms, state, self.log, self._hosted, self.timeouts, self._token)
 
@@ -348,6 +370,80 @@ class API(Controls):
         return owner.upload(self._shared_state(), self.rank, self.nick_name, meta["num_samples"], meta["metrics"],
                             client=None if client is None else str(client))
 
+    def evaluate(self, fn: Callable[[], Any], *, client: Union[int, str, None] = None,
+                 every: Optional[int] = None) -> bool:
+        """Frontend: evaluate the downloaded global model with ``fn`` when it is due, and report it.
+
+        It is due when the backend asks for it (:class:`~openfl_api.evaluation.FederatedEvaluation`)
+        or when ``every`` divides its version. ``fn()`` runs under ``torch.no_grad()`` and returns
+        ``(num_samples, {name: number})``, on this client's held-out data.
+
+        Args:
+            fn: the evaluation function.
+            client: with ``API(clients=[...])``: the virtual client evaluating.
+            every: also evaluate every ``every``-th version, whatever the backend asks.
+
+        Returns:
+            False once the federation has ended, and after the final model was evaluated (train
+            no more); True otherwise. The backend returns False at once.
+
+        Raises:
+            ConfigurationError: ``fn`` is not callable or returned something else; a bad ``every``
+                or ``client``; no model was downloaded yet.
+        """
+        if not self._frontend:
+            return False
+        if not callable(fn):
+            raise ConfigurationError("api.evaluate(fn) needs a function returning (num_samples, {name: number})")
+        if every is not None:
+            check_every(every, "api.evaluate")
+        owner = self._require_client("evaluate()")
+        if owner.ended and owner.final is None:
+            return False
+        if owner.downloaded is None:
+            raise ConfigurationError("api.evaluate() evaluates the downloaded global model: call it after "
+                                     "api.download() has returned True")
+        config = owner.config
+        due = (owner.final is not None or bool(config.get("evaluate"))
+               or (every is not None and owner.downloaded % every == 0))
+        if not due:
+            if every is None and "evaluate" not in config and not self._warned_evaluate:
+                self._warned_evaluate = True
+                self.log.warning("api.evaluate(...) evaluates nothing: the backend asks for no federated evaluation "
+                                 "(attach ofl.FederatedEvaluation(every=k) to the backend) and no every=k was given")
+            return True
+        num_samples, metrics = run_evaluation(fn, "api.evaluate")
+        sent = owner.report(self._shared_state(), self.rank, self.nick_name, num_samples, metrics,
+                            client=None if client is None else str(client))
+        return sent and owner.final is None
+
+    @property
+    def history(self) -> Optional[History]:
+        """Backend: the aggregated metrics and time split per version of this run (what the record
+        holds), or None before ``run()`` and with ``API(record=False)``."""
+        return self._recorder.history if self._recorder is not None else None
+
+    def log_metrics(self, kind: str, metrics: Mapping[str, float], *, version: Optional[int] = None,
+                    num_samples: Optional[int] = None) -> None:
+        """Backend: record metrics of one's own for a version, e.g. a centralized evaluation.
+
+        Args:
+            kind: the record's kind for them, an identifier (``"centralized"``, ``"test"``); not
+                ``"train"`` or ``"federated"``, which the backend fills itself.
+            metrics: ``{name: finite number}``.
+            version: the version they describe; default the current one.
+            num_samples: the samples behind them, if any.
+
+        Raises:
+            ConfigurationError: an argument that does not fit.
+            RoleError: called on a frontend.
+        """
+        server = self._require_server("log_metrics()")
+        version = server.version if version is None else version
+        checked = check_log_metrics(kind, metrics, version, num_samples)
+        if self._recorder is not None:
+            self._recorder.log_metrics(kind, checked, version, num_samples)
+
     def update_version(self, version: Optional[int] = None) -> None:
         """Frontend: advance the local version by one, or set it to ``version``."""
         if not self._frontend:
@@ -368,24 +464,41 @@ class API(Controls):
     def _prepare_backend(self, server: Server) -> None:
         server.prepare(self._shared_state(), self._server_optimizer)
         if self._transforms is not None:
-            from openfl_api.transforms.chain import attach_backend
+            from openfl_api.transforms.backend_side import attach_backend
 
             attach_backend(self._transforms, self, server, self._token, self._chain_step, self._steps.uploads_needed)
+        if self._record is not None:
+            stops = [s.max_version for s in self._steps if isinstance(s, StopAtVersion)]
+            self._recorder = Recorder(self._record, server.clock, min(stops) if stops else None,
+                                      synchronous=self._asynchronous is None, log=self.log)
+            self.register_step(self._recorder)  # last: it records what the other steps did
+        source = self._resume_checkpoint(server)
+        if self._recorder is not None:
+            self._recorder.start(server.version, source)
+
+    def _resume_checkpoint(self, server: Server) -> Optional[str]:
         if self._resume is None:
-            return
+            return None
         found = checkpoint.newest(self._resume, self.log)
         if found is None:
             self.log.info(f"no checkpoint {self._resume}.<version> to resume from; starting at version 0")
-            return
+            return None
         source, data = found
         steps = server.load_checkpoint(data, source)
-        checkpoint.load_step_states(list(self._steps), steps, source, self.log)
+        checkpoint.load_step_states([s for s in self._steps if s is not self._recorder], steps, source, self.log)
+        if self._recorder is not None and "record" in steps:
+            self._recorder.load_state_dict(steps["record"])
+        return source
 
     # ----------------------------------------------------------------- the end
     def report(self) -> str:
-        """The Pending / Finished / Discard table of this API's transfers."""
+        """The Pending / Finished / Discard table of this API's transfers; on the backend also the
+        time split and the mean of every metric per version (see :attr:`history`)."""
         owner = self._server or self._client
-        return owner.ledger.table() if owner is not None else "(not connected)"
+        if owner is None:
+            return "(not connected)"
+        versions = self._recorder.history.table() if self._recorder is not None else ""
+        return owner.ledger.table() + (f"\n{versions}" if versions else "")
 
     def finish(self) -> None:
         """Close every pipe and log the transfer table. The backend first waits for its serve loop."""
@@ -398,6 +511,8 @@ class API(Controls):
         failure = None
         if self._server is not None:
             failure = self._server.finish(drain=not interrupted)
+            if self._recorder is not None:
+                self._recorder.close(self._server.version, self._server.stop_reason or "finish() was called")
         elif self._client is not None:
             self._client.finish(interrupted=interrupted)
         self.log.info(f"finished: {self.nick_name}\n{self.report()}")
@@ -412,7 +527,8 @@ class API(Controls):
             interrupted = issubclass(exc_type, KeyboardInterrupt)
             if interrupted:
                 waiting.exit_fast_after_interrupt()
-            self.stop("interrupted (KeyboardInterrupt)" if interrupted else f"{exc_type.__name__} in the training loop")
+            self.stop("interrupted (KeyboardInterrupt)" if interrupted else f"{exc_type.__name__} in the training loop",
+                      at_once=True)
             try:
                 self._finish(interrupted=interrupted)
             except Exception as finish_error:

@@ -9,12 +9,13 @@ backend they reach the serve loop; on a frontend what applies to it.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Union
 
 from openfl_api import checkpoint
 from openfl_api.asynchronous import Asynchronous
 from openfl_api.errors import RoleError
 from openfl_api.payload.config import check_config
+from openfl_api.step import BACKEND, Step
 from openfl_api.transport.rendezvous import Peer
 
 __all__ = ["Controls"]
@@ -25,7 +26,8 @@ class Controls:
 
     Expects ``_server`` (the backend's :class:`~openfl_api.backend.Server` or None), ``_client``
     (the frontend's :class:`~openfl_api.frontend.Client` or None), ``_hosted``, ``_asynchronous``,
-    ``_steps`` and ``log`` on the object.
+    ``_steps``, ``_recorder`` (the backend's :class:`~openfl_api.record.Recorder` or None),
+    ``_stopping``, ``_released`` and ``log`` on the object.
     """
 
     _server: Any
@@ -33,6 +35,9 @@ class Controls:
     _hosted: Optional[List[str]]
     _asynchronous: Optional[Asynchronous]
     _steps: Any
+    _recorder: Any
+    _stopping: Optional[str]
+    _released: Set[int]
     log: Any
 
     @property
@@ -85,30 +90,33 @@ class Controls:
         return self._asynchronous
 
     @property
-    def round_config(self) -> Dict[str, Any]:
-        """The round configuration: a small JSON object served beside the model.
+    def config(self) -> Dict[str, Any]:
+        """The round config: a small JSON object served beside the model.
 
-        Backend: the configuration every download carries from now on (``{}`` at first); backend
-        steps set it, e.g. ``api.round_config = {"lr": 0.1 * 0.5 ** (api.version // 10)}``, and
-        checkpoints keep it. Frontend: the configuration of the last download (``{}`` before the
-        first). Either way a fresh copy.
+        Backend: the config every download carries from now on (``{}`` at first); backend steps
+        set it, e.g. ``api.config = {"lr": 0.1 * 0.5 ** (api.version // 10)}``, and checkpoints
+        keep it; a step may add entries to one download's config in ``before_download``
+        (``transfer.config``). Frontend: the config of the model downloaded last (``{}`` if
+        none), with the keys the library uses: ``"evaluate"`` (this version is to be evaluated),
+        ``"final"`` (why the federation stops: the model is the final one, served for evaluation
+        only). Either way a fresh copy.
         """
         if self._server is not None:
             return check_config(self._server.exchange.config)
         if self._client is not None:
-            return check_config(self._client.config)
+            return dict(self._client.config)
         return {}
 
-    @round_config.setter
-    def round_config(self, config: Mapping[str, Any]) -> None:
+    @config.setter
+    def config(self, config: Mapping[str, Any]) -> None:
         """Backend: serve ``config`` with every download from now on.
 
         Raises:
             RoleError: this API is not a connected backend.
             ConfigurationError: ``config`` is not a dict of str to JSON values of at most 64 KiB.
         """
-        server = self._require_server("setting round_config")
-        server.exchange.config = check_config(config)
+        server = self._require_server("setting api.config")
+        server.exchange.config = check_config(config, where="api.config")
 
     @property
     def stop_reason(self) -> Optional[str]:
@@ -129,13 +137,41 @@ class Controls:
         a step, it happens once every step has seen the event at hand."""
         return self._require_server("aggregate()").aggregate()
 
-    def stop(self, reason: str) -> None:
-        """End the federation after the event at hand (backend), or stop this frontend's calls."""
+    def stop(self, reason: str, *, at_once: bool = False) -> None:
+        """End the federation after the event at hand (backend), or stop this frontend's calls.
+
+        On the backend, attached steps with ``defers_stop`` (``FederatedEvaluation`` evaluating
+        the final model) keep the stop pending until they release it (``api.stopping``), unless
+        ``at_once``.
+        """
         if self._server is not None:
+            if not at_once and self._server.stop_reason is None and self._deferring():
+                if self._stopping is None:
+                    self._stopping = reason
+                    names = ", ".join(repr(s) for s in self._deferring())
+                    self.log.info(f"stopping once {names} {'has' if len(self._deferring()) == 1 else 'have'} "
+                                  f"finished: {reason}")
+                return
             self._server.stop(reason)
         elif self._client is not None and not self._client.ended:
             self._client._end(reason, quiet=True)
             self.log.info(f"stopped: {reason}")
+
+    @property
+    def stopping(self) -> Optional[str]:
+        """Backend: the reason of a stop that steps with ``defers_stop`` keep pending, else None."""
+        return self._stopping
+
+    def release_stop(self, step: Step) -> None:
+        """Backend: ``step`` (one with ``defers_stop``) no longer holds the pending stop; once no
+        such step holds it, the federation stops with the pending reason."""
+        self._released.add(id(step))
+        if self._stopping is not None and not self._deferring():
+            self._require_server("release_stop()").stop(self._stopping)
+
+    def _deferring(self) -> List[Step]:
+        return [s for s in self._steps if getattr(s, "defers_stop", False) and BACKEND in s.roles
+                and id(s) not in self._released]
 
     def save_checkpoint(self, path: Union[str, Path]) -> None:
         """Backend: write everything needed to resume to ``path`` atomically: the global model,
@@ -145,4 +181,11 @@ class Controls:
         Called from a step while the serve loop handles an event, the file is written once every
         step has seen that event, so the saved state of the steps is consistent."""
         server = self._require_server("save_checkpoint()")
-        server.checkpoint(str(path), lambda: checkpoint.step_states(list(self._steps)))
+        server.checkpoint(str(path), self._step_states)
+
+    def _step_states(self) -> Dict[str, Any]:
+        """The steps' state for a checkpoint; the record's under a key of its own, whatever the steps."""
+        states = checkpoint.step_states([s for s in self._steps if s is not self._recorder])
+        if self._recorder is not None:
+            states["record"] = self._recorder.state_dict()
+        return states

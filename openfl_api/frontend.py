@@ -25,10 +25,11 @@ from openfl_api.address import Address
 from openfl_api.errors import AdmissionError, ConfigurationError, PayloadError, TransportError
 from openfl_api.ledger import Ledger
 from openfl_api.payload import (
-    MAX_HEADER_BYTES, FiniteScan, Schema, decode, dtype_name, encode, encode_header, encode_pieces, parse_header,
-    validate_meta,
+    MAX_HEADER_BYTES, FiniteScan, Schema, decode, dtype_name, encode, encode_header, encode_pieces, on_cuda,
+    parse_header, validate_meta,
 )
 from openfl_api.payload.config import check_config
+from openfl_api.reporting import Reporting
 from openfl_api.state import SharedState
 from openfl_api.step import Event, Transfer
 from openfl_api.timeouts import Timeouts
@@ -42,7 +43,7 @@ __all__ = ["Client", "check_upload_meta"]
 MAX_REJOINS = 3  # joins again per request before a broken pipe is reported
 
 
-class Client:
+class Client(Reporting):
     """The frontend of one API: one pipe to the backend and a local version.
 
     Args:
@@ -80,9 +81,12 @@ class Client:
         self._io: Optional[Helper] = None  # runs the pipe's blocking waits when on the main thread
         self._backend_said = ""  # the status in the backend's last ping
         self._uploaded_from: Optional[int] = None  # the version the last upload was trained from
+        self.downloaded: Optional[int] = None  # the version of the model downloaded last
+        self.config: Dict[str, Any] = {}  # the round config served with the model downloaded last
+        self.final: Optional[str] = None  # set when that model is the final one (served for evaluation only)
+        self._sent_reports: Dict[str, Any] = {}  # the reports of that model, sent again to a backend joined again
         self._schema: Optional[List[List[Any]]] = None  # the model's layout, sent when registering
-        self.config: Dict[str, Any] = {}  # the round configuration of the last download
-        #: The upload chain's frontend side (:class:`~openfl_api.transforms.chain.FrontendSide`), or None.
+        #: The upload chain's frontend side (:class:`~openfl_api.transforms.frontend_side.FrontendSide`), or None.
         self.transforms: Any = None
 
     def connect(self, address: Address, token: bytes, nick_name: str, timeout: Optional[timedelta] = None) -> None:
@@ -161,6 +165,7 @@ class Client:
                     return None
                 if self.reconnect > timedelta(0) and rejoins < MAX_REJOINS and self._rejoin(exc):
                     rejoins += 1  # a request the backend keeps dropping is not repeated forever
+                    self._report_again(request)  # a restarted backend may have lost them
                     continue
                 if ended is None:
                     self._end(f"lost the backend at {self.address.init_method} and could not reach it again "
@@ -217,6 +222,8 @@ class Client:
 
     def download(self, state: SharedState, rank: int, nick_name: str) -> bool:
         """Load a global model whose version is >= the local one; False once it has ended."""
+        if self.final is not None and not self.ended:
+            self._end(self.final)  # the final model was served: there is no later one
         if self.ended:
             return False
         transfer = Transfer(rank=rank, nick_name=nick_name, version=self.version)
@@ -241,20 +248,22 @@ class Client:
             payload = decode(header, buffer, state.download_schema, kind="model", scan=self.scan,
                              reused=not self._pipe.queues_sends)
             selected = self._check_selected(header.get("clients"))
-            config = check_config(header.get("config", {}), error=PayloadError, where="the header field 'config'")
+            config = check_config(_check_config(header.get("config")), error=PayloadError,
+                                  where="the header field 'config'")
             if self.transforms is not None:  # the reference of the next update, and the chain's round config
                 self.transforms.downloaded(payload.tensors, header.get("transforms"))
         except PayloadError as exc:
             raise PayloadError(f"the backend sent an invalid model; nothing was loaded: {exc}") from exc
         self.selected = transfer.clients = selected
-        self.config = config
+        self.config = transfer.config = config
+        self.final = config.get("final")
         state.apply(payload.tensors)
         if payload.version == self._uploaded_from and self.hosted is None:
             self.log.warning(
                 f"downloaded version {payload.version} again, which this frontend has already uploaded an update "
                 "for: call api.update_version() after api.upload(), so that download() waits for the next version"
             )
-        self.version = transfer.version = payload.version
+        self.version = self.downloaded = transfer.version = payload.version
         self.ledger.add(self.backend_name, "downloads")
         self.log.debug(f"downloaded version {payload.version}")
         self._fire(Event.AFTER_DOWNLOAD, transfer)
@@ -288,6 +297,8 @@ class Client:
         client: Optional[str] = None,
     ) -> bool:
         """Send the local state tagged with the local version; False once the federation ended."""
+        if self.final is not None and not self.ended:
+            self._end(self.final)  # the model trained from was the final one: no update is taken
         if self.ended:
             return False
         if self.hosted is not None:
@@ -330,8 +341,9 @@ class Client:
             header, pieces = encode(tensors, schema, kind="update", version=self.version,
                                     sender=nick_name, meta=meta)
         else:
-            if self._tx is None or self._tx.numel() < schema.nbytes:
-                self._tx = torch.zeros(schema.nbytes, dtype=torch.uint8)
+            pinned = on_cuda(tensors.values())  # CUDA tensors reach the host through page-locked memory
+            if self._tx is None or self._tx.numel() < schema.nbytes or self._tx.is_pinned() != pinned:
+                self._tx = torch.zeros(schema.nbytes, dtype=torch.uint8, pin_memory=pinned)
             # Large tensors go to the pipe straight from the model; upload() returns only once they are sent.
             header, pieces = encode_pieces(tensors, schema, kind="update", version=self.version,
                                            sender=nick_name, meta=meta, out=self._tx)
@@ -387,6 +399,17 @@ def _header_or_empty(raw: bytes) -> Dict[str, Any]:
         return parse_header(raw)
     except PayloadError:
         return {}
+
+
+def _check_config(config: Any) -> Dict[str, Any]:
+    """The round config of a served model: absent, or a JSON object whose ``final`` is a str."""
+    if config is None:
+        return {}
+    if not isinstance(config, dict):
+        raise PayloadError(f"header field 'config' must be a JSON object, got {type(config).__name__}")
+    if "final" in config and not isinstance(config["final"], str):
+        raise PayloadError(f"config 'final' must be the reason the federation stops (a str), got {config['final']!r}"[:200])
+    return dict(config)
 
 
 def check_upload_meta(num_samples: Any, metrics: Any) -> Dict[str, Any]:

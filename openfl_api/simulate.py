@@ -13,11 +13,14 @@ Usage
 
     python -m openfl_api.simulate [--nproc_per_node N] [--timeout SECONDS] script.py [script args ...]
     python -m openfl_api.simulate [--nproc_per_node N] -m package.module [module args ...]
+    python -m openfl_api.simulate --record run.jsonl [--tensorboard DIR] script.py [script args ...]
 
 Rank 0 is the backend, ranks 1..N-1 the frontends; with virtual clients
 (:class:`~openfl_api.virtual_clients.VirtualClients`) ``--nproc_per_node 2`` already simulates any
 number of clients. ``OPENFL_API_TOKEN`` is kept when set, else one random token per run is given
-to every rank (as the launcher does); ``os.environ`` is never changed.
+to every rank (as the launcher does); ``os.environ`` is never changed. ``--record`` and
+``--tensorboard`` make the backend record the run, as the launcher's options of the same names do
+(:mod:`openfl_api.record`).
 
 From Python, for tests and notebooks::
 
@@ -64,6 +67,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 from openfl_api.errors import ConfigurationError
+from openfl_api.launch.config import RECORD_VAR, TENSORBOARD_VAR
 from openfl_api.parser import environ, environment
 
 __all__ = ["simulate", "SimulationError", "main"]
@@ -106,6 +110,8 @@ def simulate(
     module: bool = False,
     timeout: Optional[timedelta] = None,
     grace: timedelta = timedelta(seconds=30),
+    record: Union[str, Path, None] = None,
+    tensorboard: Union[str, Path, None] = None,
 ) -> List[Any]:
     """Run ``target`` on ``nproc_per_node`` ranks, one thread each, over a fresh ``memory://`` address.
 
@@ -116,6 +122,8 @@ def simulate(
         args: the script's arguments (``sys.argv[1:]`` while it runs); only for a script or module.
         timeout: how long to wait for all ranks; None waits as long as the backend runs.
         grace: how long the other ranks may take once the backend has returned.
+        record: the JSON Lines record the backend writes (an ``API`` built without ``record=``).
+        tensorboard: a folder for the backend's TensorBoard event files.
 
     Returns:
         The return value of ``target`` on each rank, indexed by rank (None for scripts).
@@ -132,13 +140,19 @@ def simulate(
     for label, value in (("timeout", timeout), ("grace", grace)):
         if value is not None and (not isinstance(value, timedelta) or value < timedelta(0)):
             raise ConfigurationError(f"simulate({label}=...) must be a datetime.timedelta >= 0, got {value!r}")
+    recording = {}
+    for label, variable, value in (("record", RECORD_VAR, record), ("tensorboard", TENSORBOARD_VAR, tensorboard)):
+        if value is not None:
+            if not isinstance(value, (str, Path)) or not str(value):
+                raise ConfigurationError(f"simulate({label}=...) must be a non-empty path or None, got {value!r}")
+            recording[variable] = str(value)
     body, argv, path = _body(target, list(args), module)
     token = environ().get("OPENFL_API_TOKEN") or secrets.token_hex(16)
     init_method = f"memory://simulate-{uuid.uuid4().hex[:12]}"
     ranks = [
         _Rank(rank, {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc_per_node),
                      "LOCAL_WORLD_SIZE": str(nproc_per_node), "OPENFL_INIT_METHOD": init_method,
-                     "OPENFL_API_TOKEN": token}, body)
+                     "OPENFL_API_TOKEN": token, **recording}, body)
         for rank in range(nproc_per_node)
     ]
     saved_argv, saved_path = sys.argv, list(sys.path)
@@ -210,6 +224,10 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=float, default=None, help="seconds to wait for all ranks (default: none)")
     parser.add_argument("--grace", type=float, default=30.0,
                         help="seconds the frontends may take once the backend returned (default 30)")
+    parser.add_argument("--record", default=None, metavar="FILE",
+                        help="the backend writes the record of the run (JSON Lines) to FILE")
+    parser.add_argument("--tensorboard", default=None, metavar="DIR",
+                        help="the backend writes TensorBoard event files of the run to DIR")
     parser.add_argument("-m", "--module", action="store_true", help="run the script as a module, like python -m")
     parser.add_argument("script", help="the script (or module with -m) every rank runs")
     parser.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments passed to the script unchanged")
@@ -244,7 +262,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 raise ConfigurationError(f"--{label} must be >= 0 seconds, got {value}")
         simulate(options.script, options.nproc_per_node, options.script_args, module=options.module,
                  timeout=None if options.timeout is None else timedelta(seconds=options.timeout),
-                 grace=timedelta(seconds=options.grace))
+                 grace=timedelta(seconds=options.grace), record=options.record, tensorboard=options.tensorboard)
     except ConfigurationError as exc:
         print(f"{_PREFIX} error: {exc}", file=sys.stderr)
         return 2

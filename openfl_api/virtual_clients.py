@@ -212,6 +212,10 @@ class VirtualClients:
             with ``states``, restored from the client's last round and saved after it.
         states: a :class:`ClientStates` keeping each client's optimizer state between rounds.
         seed: the seed the clients' generators derive from (:func:`client_seed`).
+        evaluate: ``evaluate(client: VirtualClient)`` evaluates ``model`` (the downloaded global
+            model) on the client's held-out data and returns ``(num_samples, {name: number})``;
+            each selected client runs it before training when the version is due for federated
+            evaluation (``api.evaluate``). On the final model the clients evaluate and none trains.
         attack: for simulations: an :class:`~openfl_api.strategies.Attack` (``SignFlip``,
             ``ScaledUpdate``, ``GaussianUpdate``) that replaces the trained model of the clients it
             names before their upload; random attacks draw from a generator seeded by
@@ -227,6 +231,7 @@ class VirtualClients:
         optimizer: Optional[torch.optim.Optimizer] = None,
         states: Optional[ClientStates] = None,
         seed: int = 0,
+        evaluate: Optional[Callable[[VirtualClient], Tuple[int, Mapping[str, float]]]] = None,
         attack: Any = None,
     ) -> None:
         if not isinstance(model, torch.nn.Module):
@@ -242,6 +247,10 @@ class VirtualClients:
             raise ConfigurationError(f"VirtualClients(states=...) must be a ClientStates, got {type(states).__name__}")
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ConfigurationError(f"VirtualClients(seed=...) must be an int >= 0, got {seed!r}")
+        if evaluate is not None and not callable(evaluate):
+            raise ConfigurationError("VirtualClients(evaluate=...) must be callable: evaluate(client) -> "
+                                     "(num_samples, {name: number})")
+        self.evaluate = evaluate
         if attack is not None and not (callable(getattr(attack, "targets", None)) and callable(getattr(attack, "apply_", None))):
             raise ConfigurationError(f"VirtualClients(attack=...) must be an openfl_api.strategies attack such as "
                                      f"SignFlip(clients=[0, 1]), got {type(attack).__name__}")
@@ -266,13 +275,24 @@ class VirtualClients:
         return self.trained
 
     def round(self) -> bool:
-        """Train and upload every selected client of the version just downloaded; False once ended."""
+        """Train and upload every selected client of the version just downloaded; False once ended.
+
+        With ``evaluate``, each client first evaluates the global model when it is due; on the final
+        model every client evaluates, none trains, and the result is False."""
         api = self.api
+        final = api.config.get("final") is not None
         clients = sorted(api.clients, key=client_order)
         self._keep_global()
         for index, client in enumerate(clients):
             if index:
                 self._restore_global()
+            if self.evaluate is not None:
+                context = VirtualClient(id=client, version=api.version,
+                                        generator=torch.Generator().manual_seed(client_seed(self.seed, api.version, client)))
+                if not api.evaluate(lambda: self.evaluate(context), client=client) and not final:
+                    return False
+            if final:
+                continue
             num_samples, metrics = self.train_client(client, api.version)
             if self.attack is not None and self.attack.targets(client):
                 # A generator of its own, so the attack draws the same whatever the training drew.
@@ -281,7 +301,7 @@ class VirtualClients:
             if not api.upload(num_samples=num_samples, metrics=metrics, client=client):
                 return False
             self.trained += 1
-        return True
+        return not final
 
     def train_client(self, client: str, version: int) -> Tuple[int, Dict[str, float]]:
         """Train ``model`` (already holding the global model) for one client; ``(num_samples, metrics)``."""

@@ -8,7 +8,6 @@ papers' formulas written here with numpy.
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import sys
@@ -552,9 +551,9 @@ def test_virtual_clients_with_an_attack_send_the_attacked_model(tmp_path):
 def test_check_config_accepts_json_values_and_names_what_is_wrong():
     assert check_config({"lr": 0.1, "epochs": {"3": 2}, "tags": ("a", None, True)}) == {
         "lr": 0.1, "epochs": {"3": 2}, "tags": ["a", None, True]}
-    with pytest.raises(ConfigurationError, match=r"round_config\['lr'\] holds a Tensor; .* \.item\(\)"):
+    with pytest.raises(ConfigurationError, match=r"api.config\['lr'\] holds a Tensor; .* \.item\(\)"):
         check_config({"lr": torch.tensor(0.1)})
-    with pytest.raises(ConfigurationError, match=r"round_config\['mu'\]: nan is not a finite number"):
+    with pytest.raises(ConfigurationError, match=r"api.config\['mu'\]: nan is not a finite number"):
         check_config({"mu": float("nan")})
     with pytest.raises(ConfigurationError, match="key 3 must be a str"):
         check_config({3: 1})
@@ -580,12 +579,12 @@ def test_a_schedule_step_serves_each_version_its_config_and_frontends_read_it(tm
         with api:
             api.run()
             while api.download():
-                seen.append(api.round_config)
+                seen.append(api.config)
                 if not api.upload():
                     break
                 api.update_version()
         api.finish()
-        return seen if args.rank > 0 else api.round_config
+        return seen if args.rank > 0 else api.config
 
     backend, frontend = simulate(main, nproc_per_node=2, timeout=WAIT)
     assert frontend == [{"lr": 0.1 * 0.5 ** v, "version": v} for v in range(3)]
@@ -594,11 +593,11 @@ def test_a_schedule_step_serves_each_version_its_config_and_frontends_read_it(tm
     assert json.loads(saved["round_config"]) == {"lr": 0.025, "version": 2}
 
 
-def test_round_config_is_set_on_the_backend_only_and_checked_there():
+def test_the_config_is_set_on_the_backend_only_and_checked_there():
     api = ofl.API(frontend=True)
-    assert api.round_config == {}
-    with pytest.raises(RoleError, match="setting round_config belongs to the backend"):
-        api.round_config = {"lr": 0.1}
+    assert api.config == {}
+    with pytest.raises(RoleError, match="setting api.config belongs to the backend"):
+        api.config = {"lr": 0.1}
 
 
 def test_scaffold_serves_its_control_variate_beside_the_model_and_a_missing_upload_extra_is_named(tmp_path):

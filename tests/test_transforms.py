@@ -17,7 +17,7 @@ import openfl_api as ofl
 from openfl_api import aggregate
 from openfl_api import transforms as T
 from openfl_api.errors import ConfigurationError, PayloadError
-from openfl_api.payload import Schema
+from openfl_api.payload import Schema, decode, encode
 from openfl_api.transforms.compress import _pack, _unpack
 from openfl_api.transforms.layout import Layout
 
@@ -46,8 +46,9 @@ def federate(chain: Callable[[], Optional[list]], n: int = 3, rounds: int = 2, a
              asynchronous: Optional[ofl.Asynchronous] = None, count: Optional[int] = None,
              frontend_chain: Optional[Callable[[], Optional[list]]] = None, seed: Optional[int] = None,
              steps: Optional[Callable[[ofl.API], None]] = None, hook: Optional[Callable[[int, ofl.API], None]] = None,
-             backend_kwargs: Optional[dict] = None) -> dict:
-    """A backend and ``n`` frontend threads; each frontend adds ``step_for(rank, version)`` per version."""
+             backend_kwargs: Optional[dict] = None, device: str = "cpu") -> dict:
+    """A backend and ``n`` frontend threads; each frontend adds ``step_for(rank, version)`` per version
+    to its model, which lives on ``device``."""
     name = f"tf-{uuid.uuid4().hex[:8]}"
     backend = fast_api(False, asynchronous=asynchronous, **(backend_kwargs or {}))
     backend.set_aggregate_triggers(ofl.AggregateCount(count=count or n))
@@ -71,7 +72,7 @@ def federate(chain: Callable[[], Optional[list]], n: int = 3, rounds: int = 2, a
             if links is not None:
                 api.set_upload_transforms(*links, seed=seed)
             api.build_connection(address=memory_address(name, rank, world_size=n + 1))
-            local = model()
+            local = model().to(device)
             api.set_aggregator_and_optimizer(aggregator(local.parameters()))
             api.set_state_dict(local.state_dict(keep_vars=True))
             if hook is not None:
@@ -80,7 +81,7 @@ def federate(chain: Callable[[], Optional[list]], n: int = 3, rounds: int = 2, a
                 while api.download():
                     with torch.no_grad():
                         for key, delta in step_for(rank, api.version).items():
-                            getattr(local, key).add_(delta)
+                            getattr(local, key).add_(delta.to(device))
                     if not api.upload(num_samples=10 * rank):
                         break
                     uploads[rank] = uploads.get(rank, 0) + 1
@@ -114,6 +115,17 @@ def fedavg(n: int, rounds: int, weights: Optional[List[float]] = None) -> Dict[s
         for key in state:
             state[key] = state[key] + sum(w * step_for(r, version)[key].double() for r, w in zip(range(1, n + 1), weights)) / total
     return state
+
+
+@pytest.fixture
+def log_lines() -> Any:
+    """The INFO and WARNING lines logged while a test runs."""
+    from loguru import logger
+
+    lines: List[str] = []
+    sink = logger.add(lambda message: lines.append(str(message)), level="INFO", format="{message}")
+    yield lines
+    logger.remove(sink)
 
 
 # ---------------------------------------------------------------------------------------------- the chain's rules
@@ -210,6 +222,35 @@ def test_a_frontend_with_a_chain_the_backend_lacks_is_refused() -> None:
     assert "declares upload transforms and the backend none" in join(None, [T.Cast()])
 
 
+def test_an_upload_whose_header_names_another_chain_is_refused(log_lines: List[str]) -> None:
+    answered = threading.Event()  # the others join once rank 1's upload was answered: it counts before version 1
+
+    def hook(rank: int, api: ofl.API) -> None:
+        if rank != 1:
+            assert answered.wait(WAIT), "rank 1's upload was not answered"
+            return
+        api._frontend_transforms(api._client)
+        side = api._client.transforms
+        original_outgoing, original_answered = side.outgoing, side.answered
+
+        def outgoing(*args: Any, **kwargs: Any):
+            tensors, wire, meta = original_outgoing(*args, **kwargs)
+            return tensors, wire, {**meta, "transforms": "0" * 16}
+
+        def on_answer(accepted: bool) -> None:
+            original_answered(accepted)
+            answered.set()
+
+        side.outgoing, side.answered = outgoing, on_answer
+
+    result = federate(lambda: [T.Cast(torch.float16)], n=3, rounds=1, count=2, hook=hook)
+    assert result["errors"] == [] and result["failure"] is None
+    digest = T.Chain([T.Cast(torch.float16)]).digest
+    refused = [line for line in log_lines if "rejected the upload" in line]
+    assert refused and all(f"its header names upload chain '{'0' * 16}', the backend's is '{digest}'" in line
+                           for line in refused), refused
+
+
 # ---------------------------------------------------------------------------------------------- DP
 def test_noise_zero_without_clipping_is_fedavg_bit_for_bit() -> None:
     plain = federate(lambda: None, rounds=3)
@@ -240,9 +281,11 @@ def test_the_epsilon_reported_is_the_accountants_own_answer() -> None:
     result = federate(links, n=3, rounds=3, aggregator=aggregate.NaiveAggregator)
     assert result["errors"] == []
     noise = result["api"].upload_transforms.noise
+    report = result["api"]._server.exchange.transforms.report
     reference = RDPAccountant()
-    for _ in range(3):
+    for version in (1, 2, 3):  # each version's epsilon, as logged after it
         reference.step(noise_multiplier=1.1, sample_rate=0.3)
+        assert report[version]["epsilon"] == reference.get_epsilon(delta=1e-5), version
     assert noise.steps == 3
     assert noise.epsilon() == reference.get_epsilon(delta=1e-5)
 
@@ -320,6 +363,17 @@ def test_compressors_send_fewer_bytes_for_real(links: list, low: float, high: fl
     schema = mlp_schema()
     wire = T.Chain(links).wire_schema(schema)
     assert low <= schema.nbytes / wire.nbytes <= high
+
+
+def test_each_version_logs_the_bytes_its_uploads_put_on_the_wire(log_lines: List[str]) -> None:
+    result = federate(lambda: [T.Cast(torch.float16)], n=3, rounds=2)
+    assert result["errors"] == []
+    side = result["api"]._server.exchange.transforms
+    each = side.wire_schema.nbytes
+    assert each < side.plain_bytes
+    assert [side.report[version]["upload_bytes"] for version in (1, 2)] == [each, each]
+    for version in (1, 2):
+        assert any(line.startswith(f"version {version}: 3 uploads of {each:,} payload bytes each") for line in log_lines)
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
@@ -442,3 +496,33 @@ def test_secure_aggregation_needs_a_mean_aggregator_and_one_client_per_frontend(
         from openfl_api.frontend import Client
 
         api._frontend_transforms(Client(lambda *a: None, api.timeouts, api.log, clients=["a", "b"]))
+
+
+# ---------------------------------------------------------------------------------------------- CUDA
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@CUDA
+def test_cuda_entries_reach_the_host_through_page_locked_buffers() -> None:
+    tensors = {"w": torch.randn(2, 3, device="cuda"), "steps": torch.ones((), dtype=torch.int64, device="cuda")}
+    schema = Schema.from_tensors(tensors)
+    flat = Layout(schema).flatten(tensors)
+    assert flat.is_pinned() and torch.equal(flat, tensors["w"].cpu().reshape(-1))
+    header, buffer = encode(tensors, schema, kind="update", version=0, sender="f")
+    assert buffer.is_pinned()
+    decoded = decode(header, buffer, schema, kind="update").tensors
+    assert all(torch.equal(decoded[k], v.cpu()) for k, v in tensors.items())
+
+
+@CUDA
+@pytest.mark.parametrize("links", [
+    lambda: None, lambda: [T.GaussianNoise(0.0)], lambda: [T.Clip(0.05)], lambda: [T.Cast(torch.float16)],
+    lambda: [T.QSGD(bits=8, bucket=16)], lambda: [T.TopK(0.5)],
+    lambda: [T.SecAgg(clip_range=0.5, deadline=timedelta(seconds=10))],
+], ids=["plain", "noise 0", "clip", "fp16", "qsgd", "top-k", "secagg"])
+def test_frontend_models_on_cuda_give_the_federation_of_models_on_the_cpu_bit_for_bit(links: Callable[[], Any],
+                                                                                     device: str = "cuda") -> None:
+    on_cpu = federate(links, rounds=2, seed=0)
+    on_device = federate(links, rounds=2, seed=0, device=device)
+    assert on_device["errors"] == [] and on_device["failure"] is None
+    assert all(torch.equal(on_cpu["state"][k], on_device["state"][k]) for k in on_cpu["state"])

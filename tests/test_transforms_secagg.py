@@ -11,7 +11,7 @@ import threading
 import time
 import uuid
 from datetime import timedelta
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Set
 
 import numpy as np
 import pytest
@@ -49,6 +49,36 @@ class TamperedShares(SecAggClient):
         super().unmask(context)
 
 
+_inconsistent = threading.local()
+
+
+class InconsistentSeed(SecAggClient):
+    """Deals shares of its self-mask seed that combine to no 32-byte secret, with matching digests."""
+
+    def _rest(self, *args, **kwargs):  # type: ignore[override]
+        _inconsistent.calls = 0
+        try:
+            return super()._rest(*args, **kwargs)
+        finally:
+            del _inconsistent.calls
+
+
+def split_unless_inconsistent(real):
+    """``crypto.split``, except for an InconsistentSeed's second secret (its seed): shares of PRIME - 1."""
+
+    def split(secret, holders, threshold):
+        calls = getattr(_inconsistent, "calls", None)
+        if calls is None:
+            return real(secret, holders, threshold)
+        _inconsistent.calls = calls + 1
+        if calls == 0:
+            return real(secret, holders, threshold)
+        slope = 12345
+        return {x: ((crypto.PRIME - 1 + slope * x) % crypto.PRIME).to_bytes(crypto.SHARE_BYTES, "big") for x in holders}
+
+    return split
+
+
 def run_round(vectors: Sequence[torch.Tensor], weights: Optional[Sequence[int]] = None, drop: Sequence[int] = (),
               kinds: Optional[Dict[int, type]] = None, neighbours: Optional[int] = None, bits: int = 16,
               threshold: float = 0.5) -> dict:
@@ -57,8 +87,10 @@ def run_round(vectors: Sequence[torch.Tensor], weights: Optional[Sequence[int]] 
     weights = list(weights or [1] * n)
     store = PrefixStore(f"t-{uuid.uuid4().hex[:8]}", HashStore())
     run = uuid.uuid4().hex[:8]
+    # No stage needs its deadline to pass: a dropped client leaves the connected list, as its closed
+    # pipe does in the serve loop. A deadline shorter than a loaded machine's stalls would drop clients.
     transform = SecAgg(clip_range=1.0, bits=bits, threshold=threshold, neighbours=neighbours,
-                       deadline=timedelta(seconds=0.5))
+                       deadline=timedelta(seconds=WAIT / 2))
     coordinator = Coordinator(transform, Board([store], run, TOKEN), run, vectors[0].numel(), 1.0, LOG, False)
     coordinator.open(0)
     names = [f"c{i}" for i in range(n)]
@@ -66,6 +98,7 @@ def run_round(vectors: Sequence[torch.Tensor], weights: Optional[Sequence[int]] 
     sent: Dict[str, np.ndarray] = {}
     levels: Dict[str, np.ndarray] = {}
     errors: List[BaseException] = []
+    gone: Set[str] = set()
 
     def client(i: int) -> None:
         kind = (kinds or {}).get(i, SecAggClient)
@@ -84,7 +117,7 @@ def run_round(vectors: Sequence[torch.Tensor], weights: Optional[Sequence[int]] 
             uploads.put((names[i], words, weights[i]))
             agent.unmask(context)
         except Dropped:
-            pass
+            gone.add(names[i])
         except BaseException as exc:
             errors.append(exc)
 
@@ -102,7 +135,7 @@ def run_round(vectors: Sequence[torch.Tensor], weights: Optional[Sequence[int]] 
             coordinator.admit(name)
             coordinator.deposit(name, torch.from_numpy(words.view(np.int32)), weight)
         try:
-            if coordinator.tick(names, None):
+            if coordinator.tick([name for name in names if name not in gone], None):
                 break
         except SecAggFailure as exc:
             failure = exc
@@ -208,6 +241,14 @@ def test_too_many_tampered_shares_fail_the_round_loudly_and_tell_the_clients() -
     assert outcome["coordinator"].result is None
     board = outcome["coordinator"].board
     assert board.has("0/failed")
+
+
+def test_shares_that_combine_to_no_secret_fail_the_round_with_the_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(crypto, "split", split_unless_inconsistent(crypto.split))
+    outcome = run_round(updates(3, seed=7), kinds={1: InconsistentSeed}, threshold=0.5)
+    assert isinstance(outcome["failure"], SecAggFailure), outcome["failure"]
+    assert "c1's self-mask seed" in str(outcome["failure"]) and "32-byte" in str(outcome["failure"])
+    assert outcome["coordinator"].result is None
 
 
 def test_a_store_value_altered_without_the_token_is_refused() -> None:

@@ -8,6 +8,7 @@ until the version they need exists); uploads are validated, judged by the versio
 
 from __future__ import annotations
 
+import time
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -15,7 +16,7 @@ import torch
 from openfl_api.backend.accumulate import Accumulation
 from openfl_api.backend.model import GlobalModel
 from openfl_api.backend.worker import Worker, end_message
-from openfl_api.errors import PayloadError
+from openfl_api.errors import ConfigurationError, PayloadError
 from openfl_api.payload import decode, describe_differences, dtype_name, encode_header, insert_field, parse_header, validate_meta
 from openfl_api.step import Event, Transfer
 from openfl_api.transport.base import Kind, Message
@@ -48,9 +49,10 @@ class Exchange:
         self._offered = -1
         self._duplicates: Dict[str, int] = {}  # client id -> duplicate discards in a row
         self.started = server.asynchronous is None  # asynchronous mode: the start policy was met
-        #: The round configuration served in every download's header (``api.round_config``).
+        #: The round config served in every download's header (``api.config``); a step's
+        #: ``transfer.config`` entries are added to it for one download.
         self.config: Dict[str, Any] = {}
-        #: The upload chain's backend side (:class:`~openfl_api.transforms.chain.BackendSide`), or None.
+        #: The upload chain's backend side (:class:`~openfl_api.transforms.backend_side.BackendSide`), or None.
         self.transforms: Any = None
 
     # ----------------------------------------------------------------- who takes part
@@ -214,10 +216,12 @@ class Exchange:
         transfer.version = version
         if worker.hosts_many or transfer.clients != list(worker.clients):
             header = insert_field(header, "clients", list(transfer.clients))
-        if self.config:
-            header = insert_field(header, "config", self.config)
+        config = {**self.config, **transfer.config}
+        if config:
+            header = _with_config(header, config)
         if self.transforms is not None:  # the upload chain's round config (clip bound, secure aggregation's run)
             header = insert_field(header, "transforms", self.transforms.fields())
+        transfer.nbytes = len(header) + pieces.nbytes
         worker.reply(Message(Kind.MODEL, header, pieces))
         self.server.ledger.add(worker.label, "downloads")
         self.log.debug(f"served version {version} to {worker.label}")
@@ -269,7 +273,7 @@ class Exchange:
         transfer = Transfer(
             rank=worker.peer.rank, nick_name=worker.peer.nick_name, version=payload.version,
             num_samples=meta["num_samples"], metrics=meta["metrics"], staleness=versions.version - payload.version,
-            client=client,
+            client=client, nbytes=len(message.header) + (0 if message.payload is None else message.payload.numel()),
         )
         server.fire(Event.BEFORE_UPLOAD, transfer)
         judged = transfer.accepted is None
@@ -344,6 +348,7 @@ class Exchange:
 
     def aggregate(self) -> bool:
         """Fold the accepted uploads into a new global version now; False if there were none."""
+        started = time.perf_counter()
         versions = self.versions
         self.accumulation.settle()
         wire = self.transforms
@@ -362,8 +367,18 @@ class Exchange:
         alpha = None if getattr(self.model.aggregator, "steps_server", False) else versions.mixing()
         self.model.step(new, alpha)
         count = versions.advance()
+        self.server.clock.aggregated(started, time.perf_counter())
         self.epoch += 1
         note = "" if alpha is None else f" (asynchronous, mixed with alpha {alpha:.4f})"
         self.log.info(f"version {versions.version}: aggregated {count} uploads{note}")
         self.server.fire(Event.AFTER_AGGREGATE)
         return True
+
+
+def _with_config(header: bytes, config: Dict[str, Any]) -> bytes:
+    """``header`` with the round config a step set in ``before_download`` (a JSON object)."""
+    try:
+        return insert_field(header, "config", config)
+    except (TypeError, ValueError) as exc:
+        raise ConfigurationError(f"transfer.config must be a JSON object of str keys and JSON values (finite "
+                                 f"numbers, str, bool, lists, objects); a step set {str(config)[:120]}: {exc}") from exc

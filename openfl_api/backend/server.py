@@ -26,6 +26,7 @@ from openfl_api.backend.addresses import Addresses
 from openfl_api.backend.members import Members
 from openfl_api.backend.exchange import Exchange
 from openfl_api.backend.model import GlobalModel
+from openfl_api.backend.reports import take_report
 from openfl_api.backend.status import Reporter
 from openfl_api.backend.worker import AddressChange, Joined, Left, Request, Worker, end_message
 from openfl_api.errors import ConfigurationError
@@ -34,6 +35,7 @@ from openfl_api.payload import MAX_HEADER_BYTES
 from openfl_api.state import SharedState
 from openfl_api.step import Event
 from openfl_api.timeouts import Timeouts
+from openfl_api.timing import RoundClock
 from openfl_api.transport.base import REQUESTS, Kind, Limits
 from openfl_api.transport.rendezvous import Peer
 from openfl_api.versions import client_order
@@ -84,6 +86,7 @@ class Server:
         self._aggregate_asked = False
         self._pending_checkpoints: List[Tuple[str, Callable[[], Dict[str, Any]]]] = []
         self.reporter = Reporter(self, needs)
+        self.clock = RoundClock()  # each version's time split (waiting, receiving, aggregating)
 
     # ----------------------------------------------------------------- what steps and the API read
     @property
@@ -227,6 +230,7 @@ class Server:
         if self.exchange.model is None:
             raise ConfigurationError("call set_state_dict(...) and set_aggregator_and_optimizer(...) before run()")
         self.log.info(f"serve loop started at version {self.version}")
+        self.clock.start()
         tick = self.timeouts.tick.total_seconds()
         try:
             while self.stop_reason is None:
@@ -268,10 +272,14 @@ class Server:
         with self._loop_lock:
             if self.ended or self.stop_reason is not None or event.worker.closing:
                 return False
+            upload = event.message.kind is Kind.UPLOAD
+            started = (event.worker.receive_started or time.perf_counter()) if upload else 0.0
             try:
                 # The loop thread's torch modes, whatever the calling thread has set.
                 with torch.inference_mode(False), torch.enable_grad():
                     self._turn(event)
+                if upload:
+                    self.clock.receiving(started, time.perf_counter())
             except BaseException as exc:  # handed to the loop: run() raises it
                 self._failure = exc
                 self.stop(f"{type(exc).__name__} while handling a request of {event.worker.label}: {exc}")
@@ -288,11 +296,13 @@ class Server:
 
     def _handle(self, event: Any) -> None:
         exchange = self.exchange
-        if not (isinstance(event, Request) and event.message.kind is Kind.DOWNLOAD):
-            exchange.accumulation.settle()  # only serving a download may overlap the accumulation of an upload
+        if not (isinstance(event, Request) and event.message.kind in (Kind.DOWNLOAD, Kind.REPORT)):
+            exchange.accumulation.settle()  # only downloads and reports may overlap the accumulation of an upload
         if isinstance(event, Request):
             if event.message.kind is Kind.DOWNLOAD:
                 exchange.download(event.worker, event.message)
+            elif event.message.kind is Kind.REPORT:
+                take_report(exchange, event.worker, event.message)
             else:
                 exchange.upload(event.worker, event.message)
         elif isinstance(event, Joined):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, List, Optional, Tuple
 
@@ -90,6 +91,7 @@ class Worker:
         self.free = threading.Event()
         self.free.set()
         self.scan: Optional[FiniteScan] = None  # the finite check of the upload being received
+        self.receive_started: Optional[float] = None  # perf_counter() at the first payload byte of the upload at hand
         self._answered = False  # the request at hand was answered from within its turn
         self.joined = threading.Event()  # set once the loop has handled this worker's Joined
         self._gone_lock = threading.Lock()
@@ -130,7 +132,9 @@ class Worker:
         while not self.joined.wait(tick):  # the loop sees the join before the first request
             if server.ended or self.closing:
                 break
-        if message.payload is not None:
+        if message.payload is None:
+            self.receive_started = None
+        else:
             self.free.clear()
         if self.closing or not server.handle_now(Request(self, message)):
             self.free.set()
@@ -147,6 +151,7 @@ class Worker:
             self._buffer = torch.zeros(size, dtype=torch.uint8)  # zero padding keeps the finite check on its fast path
         buffer = self._buffer[:size]
         self.scan = FiniteScan(self.server.model.state.upload_schema, buffer)
+        self.receive_started = time.perf_counter()
         return buffer
 
     def _progress(self, end: int) -> None:

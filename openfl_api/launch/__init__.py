@@ -47,6 +47,13 @@ Options
     "Failure modes").
 ``--server_output``
     With ``--logdir``: rank 0's output also goes to the launcher's stdout.
+``--record FILE`` (default: none)
+    The backend writes the record of the run, one JSON line per event, to ``FILE`` (relative to
+    the launcher's folder, which is every rank's), unless the script's ``API(record=...)`` names
+    one; ``python -m openfl_api.plot FILE`` draws it. Handed to every rank as ``OPENFL_RECORD``.
+``--tensorboard DIR`` (default: none)
+    The backend also writes the record's scalars as TensorBoard event files to ``DIR`` (needs the
+    ``tensorboard`` package). Handed to every rank as ``OPENFL_TENSORBOARD``.
 ``--grace SECONDS`` (default 30)
     How long to wait for the other ranks after the backend exited, and between the steps of a
     shutdown (SIGINT, SIGTERM, SIGKILL).
@@ -77,6 +84,12 @@ The launcher's environment, plus:
     The admission token. Kept when the launcher's environment sets it; otherwise one random token
     per run (``secrets.token_hex(16)``), the same for every rank. With ``nnodes > 1`` it must be set,
     to the same value on every node.
+``OPENFL_RECORD``, ``OPENFL_TENSORBOARD``
+    Only with ``--record``, ``--tensorboard``.
+``OPENFL_PROGRESS_FD``
+    Rank 0 only, with ``--logdir``, when the launcher's stderr is a terminal: a file descriptor of
+    that terminal, on which the backend draws its progress line (its own output goes to its log
+    file). Removed otherwise.
 ``OMP_NUM_THREADS``
     ``1`` when ``nproc_per_node > 1`` and the launcher's environment does not set it, as
     ``torchrun`` does: several ranks each running one OpenMP thread per core overload the machine,
@@ -164,6 +177,10 @@ Examples
 Three ranks on this machine (a backend and two frontends), one log file each::
 
     python -m openfl_api.launch --nproc_per_node 3 --logdir logs demo.py
+
+The same, with the record of the run in ``run.jsonl`` and the progress line on the console::
+
+    python -m openfl_api.launch --nproc_per_node 3 --record run.jsonl --logdir logs demo.py
 
 The same, meeting through a shared file instead of a TCP port, with the backend on the console::
 

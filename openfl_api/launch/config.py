@@ -19,10 +19,16 @@ from urllib.parse import urlsplit
 
 from openfl_api.errors import ConfigurationError
 
-__all__ = ["LaunchConfig", "parse_args", "TOKEN_VAR", "INIT_METHOD_VAR"]
+__all__ = ["LaunchConfig", "parse_args", "TOKEN_VAR", "INIT_METHOD_VAR", "RECORD_VAR", "TENSORBOARD_VAR",
+           "PROGRESS_FD_VAR"]
 
 TOKEN_VAR = "OPENFL_API_TOKEN"
 INIT_METHOD_VAR = "OPENFL_INIT_METHOD"
+#: The record and TensorBoard folder of the run (``--record``, ``--tensorboard``), read by the backend's API.
+RECORD_VAR = "OPENFL_RECORD"
+TENSORBOARD_VAR = "OPENFL_TENSORBOARD"
+#: A file descriptor of the launcher's terminal on which the backend draws its progress line.
+PROGRESS_FD_VAR = "OPENFL_PROGRESS_FD"
 
 
 @dataclass(frozen=True)
@@ -47,6 +53,8 @@ class LaunchConfig:
         grace: Wait for the other ranks after the backend exited, and between shutdown steps.
         run_module: Run ``script`` as a module (``python -m``).
         no_python: Run ``script`` as a program of its own.
+        record: The JSON Lines record the backend writes, or None (see :mod:`openfl_api.record`).
+        tensorboard: A folder for the backend's TensorBoard event files, or None.
 
     Raises:
         ConfigurationError: A value is out of range, the script is missing, or the init method
@@ -67,6 +75,8 @@ class LaunchConfig:
     grace: timedelta = timedelta(seconds=30)
     run_module: bool = False
     no_python: bool = False
+    record: Optional[Path] = None
+    tensorboard: Optional[Path] = None
     node_procs: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
@@ -117,6 +127,11 @@ class LaunchConfig:
             )
         if self.init_method is not None:
             _check_init_method(self.init_method, self.world_size)
+        if self.record is not None and not self.record.parent.is_dir():
+            raise ConfigurationError(
+                f"--record {self.record}: the folder {self.record.parent} does not exist; create it or record "
+                "to a file in an existing folder"
+            )
         self._check_script()
 
     @property
@@ -221,6 +236,10 @@ def _build_parser() -> argparse.ArgumentParser:
                         help="write each rank's output to LOGDIR/rank_{RANK}.log")
     parser.add_argument("--server_output", "--server-output", action="store_true",
                         help="with --logdir, also show rank 0's output on the console")
+    parser.add_argument("--record", type=Path, default=None, metavar="FILE",
+                        help="the backend writes the record of the run (JSON Lines) to FILE")
+    parser.add_argument("--tensorboard", type=Path, default=None, metavar="DIR",
+                        help="the backend writes TensorBoard event files of the run to DIR")
     parser.add_argument("--grace", type=float, default=30.0, metavar="SECONDS",
                         help="wait after the backend exited and between shutdown steps (default 30)")
     parser.add_argument("-m", "--module", dest="run_module", action="store_true",
@@ -270,6 +289,8 @@ def _config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> L
         grace=timedelta(seconds=args.grace),
         run_module=args.run_module,
         no_python=args.no_python,
+        record=args.record,
+        tensorboard=args.tensorboard,
     )
 
 

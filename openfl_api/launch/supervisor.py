@@ -18,7 +18,9 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Callable, Optional, Sequence
 
-from openfl_api.launch.config import INIT_METHOD_VAR, TOKEN_VAR, LaunchConfig
+from openfl_api.launch.config import (
+    INIT_METHOD_VAR, PROGRESS_FD_VAR, RECORD_VAR, TENSORBOARD_VAR, TOKEN_VAR, LaunchConfig,
+)
 
 __all__ = ["Supervisor", "say"]
 
@@ -96,6 +98,13 @@ def _parent_death_hook(launcher_pid: int) -> Optional[Callable[[], None]]:
             os.kill(os.getpid(), _PARENT_DEATH_SIGNAL)
 
     return die_with_launcher
+
+
+def _is_terminal(stream: IO[str]) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError, OSError):
+        return False
 
 
 def _tee(source: IO[bytes], log: IO[bytes]) -> None:
@@ -205,6 +214,10 @@ class Supervisor:
             env.pop(INIT_METHOD_VAR, None)
         else:
             env[INIT_METHOD_VAR] = config.init_method
+        for variable, value in ((RECORD_VAR, config.record), (TENSORBOARD_VAR, config.tensorboard)):
+            if value is not None:
+                env[variable] = str(value)
+        env.pop(PROGRESS_FD_VAR, None)
         if config.no_python:
             command = [config.script, *config.script_args]
         elif config.run_module:
@@ -218,6 +231,10 @@ class Supervisor:
             ))
         log = (config.logdir / f"rank_{rank}.log").open("wb")
         tee_to_console = rank == 0 and config.server_output
+        # The backend's output goes to its log; its progress line goes to this terminal, if any.
+        console = os.dup(sys.stderr.fileno()) if rank == 0 and _is_terminal(sys.stderr) else None
+        if console is not None:
+            env[PROGRESS_FD_VAR] = str(console)
         try:
             process = subprocess.Popen(
                 command,
@@ -226,10 +243,14 @@ class Supervisor:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 preexec_fn=die_with_launcher,
+                pass_fds=() if console is None else (console,),
             )
         except BaseException:
             log.close()
             raise
+        finally:
+            if console is not None:
+                os.close(console)
         if not tee_to_console:
             log.close()
             return _Rank(rank, process)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
 
@@ -15,7 +15,7 @@ from openfl_api.payload.header import MAX_NAME_CHARS, _check_identity, _header, 
 from openfl_api.payload.schema import DTYPES, FORMAT, Schema, TensorSpec, _view, dtype_name
 from openfl_api.transport.base import Pieces
 
-__all__ = ["Payload", "encode", "encode_pieces", "PIECE_BYTES", "split", "FiniteScan", "decode"]
+__all__ = ["Payload", "encode", "encode_pieces", "PIECE_BYTES", "split", "FiniteScan", "decode", "on_cuda"]
 
 
 @dataclass
@@ -32,6 +32,13 @@ class Payload:
     meta: Dict[str, Any]
     tensors: Dict[str, torch.Tensor]
     peak: Optional[float] = None
+
+
+def on_cuda(tensors: Iterable[Optional[torch.Tensor]]) -> bool:
+    """Whether one of ``tensors`` is on a CUDA device. A host buffer that gathers them is then
+    allocated page-locked (pinned): a copy from the GPU into it is one DMA transfer, where a copy
+    into pageable memory goes through the driver's bounce buffer."""
+    return any(t is not None and t.device.type == "cuda" for t in tensors)
 
 
 def _source(tensors: Mapping[str, torch.Tensor], spec: TensorSpec) -> torch.Tensor:
@@ -67,12 +74,13 @@ def encode(
         meta: JSON-serialisable metadata (number of samples, metrics, ...).
         out: a zeroed uint8 buffer of at least ``schema.nbytes`` bytes to fill instead of
             allocating; the padding between tensors is never written, so it stays as it was.
+            Allocated here, the buffer is page-locked when a tensor is on CUDA (:func:`on_cuda`).
 
     Returns:
         ``(header_bytes, buffer)``; ``buffer`` is ``out[:schema.nbytes]`` when ``out`` is given.
     """
     _check_identity(kind, version, sender)
-    buffer = _staging(schema, out)
+    buffer = _staging(schema, out, on_cuda(tensors.values()))
     sources = [_source(tensors, spec) for spec in schema.specs]
     # A fresh buffer's views are not cached: they would push out those of reused buffers.
     targets = schema.view_list(buffer, cache=out is not None)
@@ -98,15 +106,15 @@ def encode_pieces(
     """Encode like :func:`encode`, but hand large tensors to the pipe as they are.
 
     A contiguous CPU tensor of at least :data:`PIECE_BYTES` becomes its own piece of the payload
-    (no copy); smaller or non-contiguous ones are copied into ``out`` (zeroed, reused across
-    calls) and neighbouring ones travel as one piece. The receiver gets the same flat buffer as
+    (no copy); smaller, non-contiguous or GPU ones are copied into ``out`` (zeroed, reused across
+    calls; page-locked for CUDA tensors, see :func:`on_cuda`) and neighbouring ones travel as one piece. The receiver gets the same flat buffer as
     from :func:`encode`. The tensors must not change until the pipe has sent them.
 
     Returns:
         ``(header_bytes, pieces)``.
     """
     _check_identity(kind, version, sender)
-    staging = _staging(schema, out)
+    staging = _staging(schema, out, on_cuda(tensors.values()))
     pieces: List[Tuple[int, torch.Tensor]] = []
     run: Optional[List[int]] = None  # [start, end) of the staging bytes gathered since the last own piece
     targets: List[torch.Tensor] = []
@@ -190,9 +198,9 @@ def _run_peak(buffer: torch.Tensor, start: int, stop: int, dtype: torch.dtype) -
     return max(-low, high)
 
 
-def _staging(schema: Schema, out: Optional[torch.Tensor]) -> torch.Tensor:
+def _staging(schema: Schema, out: Optional[torch.Tensor], pinned: bool) -> torch.Tensor:
     if out is None:
-        buffer = torch.empty(schema.nbytes, dtype=torch.uint8)
+        buffer = torch.empty(schema.nbytes, dtype=torch.uint8, pin_memory=pinned)
         for start, end in schema.padding:  # the tensors' bytes are all written next
             buffer[start:end].zero_()
         return buffer

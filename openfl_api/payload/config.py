@@ -1,8 +1,8 @@
 """The round configuration: a small JSON object the backend serves beside the model.
 
-Backend steps set it (``api.round_config = {"lr": 0.05, "mu": 0.01}``); every download carries
+Backend steps set it (``api.config = {"lr": 0.05, "mu": 0.01}``); every download carries
 the current one in its header (field ``config``) and the frontend's loop reads it
-(``api.round_config``). Both sides run :func:`check_config`, so what one side accepts the other
+(``api.config``). Both sides run :func:`check_config`, so what one side accepts the other
 does too.
 """
 
@@ -22,7 +22,7 @@ MAX_CONFIG_BYTES = 64 * 1024
 MAX_CONFIG_DEPTH = 8
 
 
-def check_config(config: Any, error: type = ConfigurationError, where: str = "round_config") -> Dict[str, Any]:
+def check_config(config: Any, error: type = ConfigurationError, where: str = "api.config") -> Dict[str, Any]:
     """Check a round configuration and return a fresh copy of it.
 
     It must be a mapping of str keys to JSON values: None, bool, int, finite float, str, and

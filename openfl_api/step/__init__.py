@@ -20,6 +20,8 @@ frontend's caller), so they never race. They act through the API (``api.aggregat
 - ``after_upload(api, transfer)``: backend, the upload was accepted or discarded
   (``transfer.accepted``, ``transfer.reason``); frontend, the backend acknowledged it.
 - ``after_aggregate(api)``: backend, a new global version exists. Never on a frontend.
+- ``after_evaluate(api, transfer)``: backend, a frontend reported its evaluation of a global
+  model; frontend, ``api.evaluate()`` reported it and the backend answered.
 
 Transfer events are called as ``method(api, transfer)``. After ``api.stop()`` the loop finishes the
 event at hand (its remaining steps still fire), then no further event fires. A step that raises

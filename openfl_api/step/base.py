@@ -28,6 +28,7 @@ class Event(str, enum.Enum):
     BEFORE_UPLOAD = "before_upload"  #: an update is about to be judged (backend) or sent (frontend)
     AFTER_UPLOAD = "after_upload"  #: an update was accepted or discarded
     AFTER_AGGREGATE = "after_aggregate"  #: backend: a new global version exists
+    AFTER_EVALUATE = "after_evaluate"  #: a frontend's evaluation of a global model was reported
 
 
 _ARITY = {
@@ -39,6 +40,7 @@ _ARITY = {
     Event.AFTER_DOWNLOAD: 2,
     Event.BEFORE_UPLOAD: 2,
     Event.AFTER_UPLOAD: 2,
+    Event.AFTER_EVALUATE: 2,
 }
 
 
@@ -63,6 +65,12 @@ class Transfer:
         weight: upload: a factor on the update's aggregation weight (asynchronous mode
             multiplies in the staleness weight after ``before_upload``).
         held: download, backend: a step asked to hold it (see :meth:`hold`).
+        config: download: the round config served in the model's header, a JSON object
+            (backend steps set entries in ``before_download``; a frontend reads it as
+            ``api.config``). Keys in use: ``"evaluate"`` (bool: evaluate this version) and
+            ``"final"`` (str: this is the final model, served for evaluation only; the reason the
+            federation stops).
+        nbytes: backend: the bytes of the message (header and payload) of this transfer.
     """
 
     rank: int
@@ -77,6 +85,8 @@ class Transfer:
     clients: List[str] = field(default_factory=list)
     weight: float = 1.0
     held: bool = False
+    config: Dict[str, Any] = field(default_factory=dict)
+    nbytes: int = 0
 
     def discard(self, reason: str) -> None:
         """Drop this upload (from ``before_upload`` on the backend); it is counted as discarded."""
@@ -128,9 +138,14 @@ class Step(metaclass=_AttachOnBuild):
     A backend step that triggers aggregation may also define ``uploads_needed(api) -> int | None``:
     the uploads it needs to aggregate the current version, which the backend's status line names
     when a version stalls.
+
+    A backend step whose ``defers_stop`` is True keeps a stop asked with ``api.stop(reason)``
+    pending (``api.stopping`` holds the reason, and the loop goes on) until it calls
+    ``api.release_stop(self)``: ``FederatedEvaluation`` evaluates the final model that way.
     """
 
     roles: FrozenSet[str] = frozenset({BACKEND, FRONTEND})
+    defers_stop: bool = False
 
     @property
     def name(self) -> str:
@@ -163,6 +178,11 @@ class Step(metaclass=_AttachOnBuild):
 
     def after_aggregate(self, api: Any) -> None:
         """Backend: a new global version exists."""
+
+    def after_evaluate(self, api: Any, transfer: "Transfer") -> None:
+        """Backend: a frontend reported its evaluation of version ``transfer.version``
+        (``transfer.num_samples``, ``transfer.metrics``, ``transfer.client``); frontend:
+        ``api.evaluate()`` reported and the backend answered."""
 
     def handlers(self) -> Dict[Event, Any]:
         """Return the bound methods this step overrides, checked against each event's signature.

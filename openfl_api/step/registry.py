@@ -61,7 +61,7 @@ class Steps:
             except StepError:
                 raise
             except Exception as exc:
-                self._owner.stop(f"step {step.name} raised at {event.value}")
+                self._owner.stop(f"step {step.name} raised at {event.value}", at_once=True)
                 raise StepError(step.name, event.value, f"{type(exc).__name__}: {exc}") from exc
 
     def _attached(self, event: Event) -> List[Tuple[Step, Any]]:

@@ -20,7 +20,7 @@ class RoundConfig(Step):
         with ofl.StepAt(api):
             strategies.RoundConfig(lambda version: {"lr": 0.1 * 0.5 ** (version // 10), "mu": 0.01})
 
-    Frontends read it with ``api.round_config`` after each ``download()``.
+    Frontends read it with ``api.config`` after each ``download()``.
 
     Args:
         config: a dict of str to JSON values, or a callable returning one for a version.
@@ -48,9 +48,9 @@ class RoundConfig(Step):
         if self._version == api.version:
             return
         if self._function is None:
-            api.round_config = self._fixed
+            api.config = self._fixed
         else:
-            api.round_config = check_config(self._function(api.version),
+            api.config = check_config(self._function(api.version),
                                             where=f"the round configuration RoundConfig made for version {api.version}")
         self._version = api.version
 

@@ -31,7 +31,7 @@ class FedProx:
     Build it right after ``api.download()`` (it keeps the downloaded parameters as ``w_t``), then
     call :meth:`correct_` after each ``backward()`` and before ``optimizer.step()``::
 
-        prox = strategies.FedProx(net, mu=api.round_config.get("mu", 0.01))
+        prox = strategies.FedProx(net, mu=api.config.get("mu", 0.01))
         for x, y in batches:
             optimizer.zero_grad()
             loss_fn(net(x), y).backward()

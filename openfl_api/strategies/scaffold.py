@@ -16,7 +16,7 @@ for bit.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 import torch
 

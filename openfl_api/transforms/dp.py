@@ -248,11 +248,12 @@ def update_noise_multiplier(z: float, count_noise: float) -> float:
 
 
 def add_noise_(tensors: List[torch.Tensor], std: float, generator: torch.Generator) -> None:
-    """Add ``N(0, std**2)`` to every element of each floating tensor, in place."""
+    """Add ``N(0, std**2)`` to every element of each floating tensor, in place (drawn on the CPU
+    from ``generator``, so the noise is the same whatever device a tensor is on)."""
     if std == 0:
         return
     with torch.no_grad():
         for tensor in tensors:
             if tensor.is_floating_point():
                 noise = torch.randn(tensor.shape, generator=generator, dtype=torch.float64) * std
-                tensor.add_(noise.to(tensor.dtype))
+                tensor.add_(noise.to(device=tensor.device, dtype=tensor.dtype))

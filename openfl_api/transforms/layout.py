@@ -14,12 +14,20 @@ from typing import Dict, List, Mapping, Optional
 
 import torch
 
-from openfl_api.payload import Schema, TensorSpec
+from openfl_api.errors import ConfigurationError
+from openfl_api.payload import Schema, TensorSpec, on_cuda
 
-__all__ = ["Layout", "WIRE"]
+__all__ = ["Layout", "WIRE", "check_reserved"]
 
 #: Prefix of the payload entries that transforms add (``wire/values``, ``wire/masked``, ...).
 WIRE = "wire/"
+
+
+def check_reserved(schema: Schema) -> None:
+    """Raise ConfigurationError if an entry of ``schema`` is named like a transform's payload entry."""
+    for spec in schema.specs:
+        if spec.name.startswith(WIRE):
+            raise ConfigurationError(f"state_dict key {spec.name!r} clashes with the prefix {WIRE} of upload transforms")
 
 
 class Layout:
@@ -43,8 +51,10 @@ class Layout:
         self.size = size
 
     def flatten(self, tensors: Mapping[str, torch.Tensor], out: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The floating entries of ``tensors`` as one float32 vector (zeros for a missing entry)."""
-        flat = torch.empty(self.size, dtype=torch.float32) if out is None else out
+        """The floating entries of ``tensors`` as one float32 vector on the CPU (zeros for a missing
+        entry); allocated here, it is page-locked when an entry is on CUDA, so the entries reach the
+        host by DMA."""
+        flat = torch.empty(self.size, dtype=torch.float32, pin_memory=on_cuda(tensors.values())) if out is None else out
         with torch.no_grad():
             for spec, offset, n in zip(self.floating, self.offsets, self.sizes):
                 source = tensors.get(spec.name)

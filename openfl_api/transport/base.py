@@ -6,8 +6,8 @@ a piece table ``int64[pieces, 2]`` of ``(offset, bytes)`` and the pieces, so the
 size before it receives anything and can refuse an oversized message without reading it. A sender
 gives the payload as :class:`Pieces` (spans of the flat buffer that live in separate tensors, such
 as a model's parameters) so it never copies them into one buffer; the receiver always gets the
-flat buffer. Frontends send requests (``DOWNLOAD``, ``UPLOAD``, ``BYE``); the
-backend answers each with one reply (``MODEL``, ``ACK``, ``END``).
+flat buffer. Frontends send requests (``DOWNLOAD``, ``UPLOAD``, ``REPORT``, ``BYE``); the
+backend answers each but ``BYE`` with one reply (``MODEL``, ``ACK``, ``END``).
 
 A pipe that times out or breaks is dead: :class:`~openfl_api.errors.TransportError` is raised and
 the pipe must be closed.
@@ -45,9 +45,10 @@ class Kind(enum.IntEnum):
     ACK = 5  #: backend says whether an upload was accepted
     END = 6  #: backend says the federation has ended
     PING = 7  #: backend checks that a frontend whose request it holds is still there; no reply
+    REPORT = 8  #: frontend reports its evaluation of a global model (header only); answered with ACK
 
 
-REQUESTS = frozenset({Kind.DOWNLOAD, Kind.UPLOAD, Kind.BYE})
+REQUESTS = frozenset({Kind.DOWNLOAD, Kind.UPLOAD, Kind.BYE, Kind.REPORT})
 REPLIES = frozenset({Kind.MODEL, Kind.ACK, Kind.END})
 
 

@@ -126,11 +126,31 @@ def fresh_client(address: Address, store: Store) -> Store:
 
     Used once a pipe broke: the old client's connection may be closed (torch logs a C++ stack
     trace for every request sent over a closed TCPStore connection), and a plain socket tells
-    first, quietly, whether anything listens.
+    first, quietly, whether a live process listens (:func:`_listening`).
     """
     if address.scheme != "tcp":
         return store
-    with socket.create_connection((address.host, address.port), timeout=_ATTEMPT_S):
-        pass
+    _listening(address)
     client = TCPStore(address.host, address.port, None, False, timeout=timedelta(seconds=5), wait_for_workers=False)
     return PrefixStore(f"openfl_api/{address.group_name}", client)
+
+
+_HOLD_S = 0.3  # how long a probe connection must stay open to count as a live listener
+
+
+def _listening(address: Address) -> None:
+    """Raise OSError unless a live process listens at ``address``.
+
+    A process being killed closes its descriptors one by one: its pipes can break while its
+    listening socket still completes handshakes, and torch's client would then retry inside C++
+    for its whole timeout and log a stack per failure. So the probe connection must also stay open
+    for :data:`_HOLD_S` (a store server never speaks first; a listener that dies resets it).
+    """
+    with socket.create_connection((address.host, address.port), timeout=_ATTEMPT_S) as probe:
+        probe.settimeout(_HOLD_S)
+        try:
+            data = probe.recv(1)
+        except socket.timeout:
+            return
+        raise ConnectionResetError(f"the store at {address.host}:{address.port} closed the connection"
+                                   + (" and spoke first" if data else ""))

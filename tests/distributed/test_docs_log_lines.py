@@ -29,7 +29,9 @@ importing torch in eleven processes):
   waits for its upload; stopped with Ctrl-C once the backend and rank 1 have said what they wait
   for and rank 2 has failed;
 - a frontend started with no backend (``connect_timeout`` 2 s);
-- ``python demo.py`` started by hand with no rank, stopped with Ctrl-C once it serves.
+- ``python demo.py`` started by hand with no rank, stopped with Ctrl-C once it serves;
+- ``examples/digits_evaluation.py --rounds 2`` under ``python -m openfl_api.simulate`` (federated
+  and centralized evaluation, the final model's evaluation).
 
 Each quoted line must match a line of the same shape in one of their outputs.
 """
@@ -55,6 +57,7 @@ from test_mistakes import STARTUP, wait_for_line
 
 MISTAKES = Path(__file__).with_name("scripts") / "mistakes.py"
 DEMO = ROOT / "demo.py"
+EVALUATION = ROOT / "examples" / "digits_evaluation.py"
 DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.rst"))]
 RUN_DEADLINE = 90.0  # a scenario that runs to its end
 
@@ -185,6 +188,9 @@ def run_scenarios(base: Path) -> Dict[str, List[Line]]:
         stalled = _launch(processes, base / "stalled", 3, MISTAKES, "--count", "2", "--small_rank", "2",
                           "--status", "1")
         asynchronous = _launch(processes, base / "asynchronous", 3, DEMO, "--asynchronous")
+        evaluation = _start(processes, base / "evaluation", [sys.executable, "-m", "openfl_api.simulate",
+                                                             str(EVALUATION), "--rounds", "2"],
+                            base / "evaluation" / "simulate.log")
         no_rank = _start(processes, ROOT, [sys.executable, "demo.py"], base / "no_rank.log",
                          MASTER_PORT=str(free_port()))
         no_backend = _start(processes, base, [sys.executable, str(MISTAKES), "--connect", "2"], base / "no_backend.log",
@@ -199,6 +205,8 @@ def run_scenarios(base: Path) -> Dict[str, List[Line]]:
         assert _exit(no_backend, STARTUP, "the frontend with no backend") == 1
         assert _exit(demo, RUN_DEADLINE, "the demo") == 0, (base / "demo" / "launcher.log").read_text()
         assert _exit(asynchronous, RUN_DEADLINE, "the asynchronous demo") == 0
+        assert _exit(evaluation, RUN_DEADLINE, "the evaluation example") == 0, (
+            base / "evaluation" / "simulate.log").read_text()[-3000:]
     finally:
         processes.reap()
     outputs: Dict[str, List[Line]] = {}
