@@ -53,7 +53,8 @@ _LAZY = {
     "MetricRules": "openfl_api.metrics",
     "StopAtEpsilon": "openfl_api.transforms.dp",
 }
-_SUBMODULES = ("aggregate", "data", "logger", "parser", "virtual_clients", "utils", "transforms")
+_SUBMODULES = ("aggregate", "data", "logger", "parser", "virtual_clients", "utils", "transforms",
+               "strategies")
 
 __all__ = [
     *_LAZY,

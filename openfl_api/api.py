@@ -26,7 +26,7 @@ from __future__ import annotations
 import functools
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Union
+from typing import Any, Callable, List, Mapping, Optional, Sequence, Set, Union
 
 import torch
 from torch.utils.hooks import RemovableHandle
@@ -436,13 +436,6 @@ class API(Controls):
         return sent and owner.final is None
 
     @property
-    def config(self) -> Dict[str, Any]:
-        """Frontend: the round config served with the model downloaded last (``{}`` if none):
-        ``"evaluate"`` (this version is to be evaluated), ``"final"`` (why the federation stops:
-        the model is the final one, served for evaluation only)."""
-        return dict(self._client.config) if self._client is not None else {}
-
-    @property
     def history(self) -> Optional[History]:
         """Backend: the aggregated metrics and time split per version of this run (what the record
         holds), or None before ``run()`` and with ``API(record=False)``."""
@@ -594,6 +587,10 @@ def _check_aggregator(aggregator: Any, optimizer: Any, server_optimizer: Any) ->
     for label, value in (("optimizer", optimizer), ("server_optimizer", server_optimizer)):
         if value is not None and not isinstance(value, torch.optim.Optimizer):
             raise ConfigurationError(f"{label} must be a torch.optim.Optimizer, got {type(value).__name__}")
+    if server_optimizer is not None and getattr(aggregator, "steps_server", False):
+        raise ConfigurationError(
+            f"{type(aggregator).__name__} applies the updates with a server step of its own; give it its server "
+            "optimizer, e.g. server=aggregate.FedAdam(lr=0.01), instead of server_optimizer=")
 
 
 def _check_clients(clients: Optional[Sequence[Union[int, str]]]) -> Optional[List[str]]:

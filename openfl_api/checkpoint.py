@@ -4,12 +4,14 @@ A checkpoint is a dict saved with ``torch.save`` and read with ``torch.load(path
 weights_only=True)`` (no pickled code). It holds what continuing the federation needs, each part
 given by the object that owns it: the global model and the exchanged optimizer state, the server
 optimizer, the version rules' bookkeeping, the aggregator's accumulation (uploads accepted for the
-version in progress), the steps' state and this process's random generators. Files are written to
+version in progress, and any server state it keeps), the round configuration served with the
+model, the steps' state and this process's random generators. Files are written to
 a temporary name and renamed, so a file that exists is complete.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from pathlib import Path
@@ -65,6 +67,7 @@ def save(path: str, exchange: Any, steps: Dict[str, Any]) -> Path:
         "model": exchange.model.state_dict(),
         "accumulation": exchange.accumulation.state_dict(version),
         "steps": dict(steps),
+        "round_config": json.dumps(exchange.config),
     })
 
 
@@ -79,6 +82,7 @@ def restore(data: Any, source: str, exchange: Any) -> Dict[str, Any]:
     exchange.model.load_state_dict(data["model"], source)
     exchange.versions.load_state_dict(data["versions"])
     exchange.accumulation.load_state_dict(data["accumulation"], exchange.versions.version)
+    exchange.config = json.loads(data.get("round_config", "{}"))
     set_rng_state(data["rng"])
     return dict(data["steps"])
 

@@ -9,11 +9,12 @@ backend they reach the serve loop; on a frontend what applies to it.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Set, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Union
 
 from openfl_api import checkpoint
 from openfl_api.asynchronous import Asynchronous
 from openfl_api.errors import RoleError
+from openfl_api.payload.config import check_config
 from openfl_api.step import BACKEND, Step
 from openfl_api.transport.rendezvous import Peer
 
@@ -87,6 +88,35 @@ class Controls:
     def asynchronous(self) -> Optional[Asynchronous]:
         """The asynchronous settings, or None in synchronous mode."""
         return self._asynchronous
+
+    @property
+    def config(self) -> Dict[str, Any]:
+        """The round config: a small JSON object served beside the model.
+
+        Backend: the config every download carries from now on (``{}`` at first); backend steps
+        set it, e.g. ``api.config = {"lr": 0.1 * 0.5 ** (api.version // 10)}``, and checkpoints
+        keep it; a step may add entries to one download's config in ``before_download``
+        (``transfer.config``). Frontend: the config of the model downloaded last (``{}`` if
+        none), with the keys the library uses: ``"evaluate"`` (this version is to be evaluated),
+        ``"final"`` (why the federation stops: the model is the final one, served for evaluation
+        only). Either way a fresh copy.
+        """
+        if self._server is not None:
+            return check_config(self._server.exchange.config)
+        if self._client is not None:
+            return dict(self._client.config)
+        return {}
+
+    @config.setter
+    def config(self, config: Mapping[str, Any]) -> None:
+        """Backend: serve ``config`` with every download from now on.
+
+        Raises:
+            RoleError: this API is not a connected backend.
+            ConfigurationError: ``config`` is not a dict of str to JSON values of at most 64 KiB.
+        """
+        server = self._require_server("setting api.config")
+        server.exchange.config = check_config(config, where="api.config")
 
     @property
     def stop_reason(self) -> Optional[str]:

@@ -34,6 +34,7 @@ from openfl_api.payload import (
     MAX_HEADER_BYTES, FiniteScan, Schema, decode, dtype_name, encode, encode_header, encode_pieces, on_cuda,
     parse_header, validate_meta,
 )
+from openfl_api.payload.config import check_config
 from openfl_api.reporting import Reporting
 from openfl_api.state import SharedState
 from openfl_api.step import Event, Transfer
@@ -299,7 +300,8 @@ class Client(Reporting):
             payload = decode(header, buffer, state.download_schema, kind="model", scan=self.scan,
                              reused=not self._pipe.queues_sends)
             selected = self._check_selected(header.get("clients"))
-            config = _check_config(header.get("config"))
+            config = check_config(_check_config(header.get("config")), error=PayloadError,
+                                  where="the header field 'config'")
             if self.transforms is not None:  # the reference of the next update, and the chain's round config
                 self.transforms.downloaded(payload.tensors, header.get("transforms"))
         except PayloadError as exc:

@@ -6,7 +6,12 @@ Entry names on the wire:
 - ``optim/<key>/<param name>`` for each optimizer-state key the aggregator asks for
   (``AverageAggregator(params, state_keys=("momentum_buffer",))``), both ways;
 - ``extra/<key>/<param name>`` for each tensor the aggregator needs from frontends
-  (``ElasticAggregator``'s ``sensitivity``), uploads only.
+  (``ElasticAggregator``'s ``sensitivity``), uploads only;
+- named extras, ``extra/<name>``, that an aggregator with an ``extra_layout()`` method declares for
+  either direction (SCAFFOLD's control variates down and their changes up, FedNova's local step
+  count up): the backend serves ``aggregator.download_extras()`` beside the model, a frontend hands
+  what it downloaded to ``aggregator.receive_extras(tensors)`` and uploads what
+  ``aggregator.frontend_extras()`` returns.
 """
 
 from __future__ import annotations
@@ -127,13 +132,19 @@ class SharedState:
                 )
         self.optim_names = [(key, n, f"{OPTIM}/{key}/{n}") for key in state_keys for n in self.params]
         self.extra_names = [f"{EXTRA}/{key}/{n}" for key in upload_keys for n in self.params]
+        down_extras, up_extras = _extra_layout(aggregator, self.extra_names)
+        self.extra_names += list(up_extras)
+        #: Named extras the backend serves beside the model (``aggregator.extra_layout()``).
+        self.down_extra_names = list(down_extras)
         model_specs = [TensorSpec(n, t.dtype, tuple(t.shape)) for n, t in self.model.items()]
         optim_specs = [TensorSpec(w, self.params[n].dtype, tuple(self.params[n].shape)) for _, n, w in self.optim_names]
         extra_specs = [
             TensorSpec(f"{EXTRA}/{key}/{n}", p.dtype, tuple(p.shape)) for key in upload_keys for n, p in self.params.items()
         ]
-        self.download_schema = Schema(model_specs + optim_specs)
-        self.upload_schema = Schema(model_specs + optim_specs + extra_specs)
+        down_specs = [TensorSpec(name, dtype, shape) for name, (dtype, shape) in down_extras.items()]
+        up_specs = [TensorSpec(name, dtype, shape) for name, (dtype, shape) in up_extras.items()]
+        self.download_schema = Schema(model_specs + optim_specs + down_specs)
+        self.upload_schema = Schema(model_specs + optim_specs + extra_specs + up_specs)
 
     def _name_of(self, index: int, param: torch.Tensor) -> str:
         for name, tensor in self.model.items():
@@ -152,6 +163,8 @@ class SharedState:
         """Backend: the tensors of the global model to encode for downloads."""
         tensors = dict(self.model)
         tensors.update(optim_state)
+        if self.down_extra_names:
+            tensors.update(self.aggregator.download_extras())
         return tensors
 
     def upload_tensors(self) -> Dict[str, torch.Tensor]:
@@ -165,6 +178,11 @@ class SharedState:
             unknown = sorted(set(extras) - set(self.extra_names))
             if unknown:
                 raise ConfigurationError(f"aggregator produced unknown extras {unknown[:3]}")
+            missing = [name for name in self.extra_names if name not in extras]
+            if missing:
+                raise ConfigurationError(
+                    f"the upload lacks the extras {missing[:3]} that {type(self.aggregator).__name__} declares; "
+                    "stage them before api.upload() (each client-side helper says how)")
             tensors.update(extras)
         return tensors
 
@@ -178,7 +196,39 @@ class SharedState:
                     state[key].copy_(tensors[wire])
                 else:
                     state[key] = tensors[wire].clone()
+        if self.down_extra_names:
+            self.aggregator.receive_extras({name: tensors[name] for name in self.down_extra_names})
 
     def model_names(self) -> List[str]:
         """The state_dict keys, in order."""
         return list(self.model)
+
+
+def _extra_layout(aggregator: Any, taken: Sequence[str]) -> tuple:
+    """The named extras ``aggregator.extra_layout()`` declares: ``(download, upload)``, each a dict
+    ``"extra/<name>" -> (dtype, shape)``; two empty dicts for an aggregator without the method.
+
+    Raises:
+        ConfigurationError: the layout is malformed, or a name is used twice.
+    """
+    layout = getattr(aggregator, "extra_layout", None)
+    if not callable(layout):
+        return {}, {}
+    declared = layout()
+    if not isinstance(declared, tuple) or len(declared) != 2:
+        raise ConfigurationError(f"{type(aggregator).__name__}.extra_layout() must return (download, upload), "
+                                 "two dicts of 'extra/<name>' -> (dtype, shape)")
+    seen = set(taken)
+    checked = []
+    for direction, specs in zip(("download", "upload"), declared):
+        clean = {}
+        for name, spec in dict(specs).items():
+            if not isinstance(name, str) or not name.startswith(f"{EXTRA}/") or name in seen:
+                raise ConfigurationError(f"{type(aggregator).__name__}.extra_layout() declares {direction} extra "
+                                         f"{name!r}; names must be distinct and start with '{EXTRA}/'")
+            dtype, shape = spec
+            dtype_name(dtype)
+            clean[name] = (dtype, tuple(int(s) for s in shape))
+            seen.add(name)
+        checked.append(clean)
+    return checked[0], checked[1]

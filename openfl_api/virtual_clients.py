@@ -186,6 +186,7 @@ class ClientStates:
 
 
 _MISSING = object()
+_ATTACK_SALT = 0x5EED_A77AC  # separates an attack's random stream from the client's training stream
 
 
 def _clone(value: Any) -> Any:
@@ -215,6 +216,10 @@ class VirtualClients:
             model) on the client's held-out data and returns ``(num_samples, {name: number})``;
             each selected client runs it before training when the version is due for federated
             evaluation (``api.evaluate``). On the final model the clients evaluate and none trains.
+        attack: for simulations: an :class:`~openfl_api.strategies.Attack` (``SignFlip``,
+            ``ScaledUpdate``, ``GaussianUpdate``) that replaces the trained model of the clients it
+            names before their upload; random attacks draw from a generator seeded by
+            ``(seed, version, client id)`` too.
     """
 
     def __init__(
@@ -227,6 +232,7 @@ class VirtualClients:
         states: Optional[ClientStates] = None,
         seed: int = 0,
         evaluate: Optional[Callable[[VirtualClient], Tuple[int, Mapping[str, float]]]] = None,
+        attack: Any = None,
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise ConfigurationError(f"VirtualClients(model=...) must be a torch.nn.Module, got {type(model).__name__}")
@@ -245,6 +251,10 @@ class VirtualClients:
             raise ConfigurationError("VirtualClients(evaluate=...) must be callable: evaluate(client) -> "
                                      "(num_samples, {name: number})")
         self.evaluate = evaluate
+        if attack is not None and not (callable(getattr(attack, "targets", None)) and callable(getattr(attack, "apply_", None))):
+            raise ConfigurationError(f"VirtualClients(attack=...) must be an openfl_api.strategies attack such as "
+                                     f"SignFlip(clients=[0, 1]), got {type(attack).__name__}")
+        self.attack = attack
         self.api, self.model, self.train = api, model, train
         self.optimizer, self.states, self.seed = optimizer, states, seed
         self._tensors = list(model.state_dict(keep_vars=True).values())
@@ -284,6 +294,10 @@ class VirtualClients:
             if final:
                 continue
             num_samples, metrics = self.train_client(client, api.version)
+            if self.attack is not None and self.attack.targets(client):
+                # A generator of its own, so the attack draws the same whatever the training drew.
+                generator = torch.Generator().manual_seed(client_seed(self.seed, api.version, client) ^ _ATTACK_SALT)
+                self.attack.apply_(self._tensors, self._global, generator)
             if not api.upload(num_samples=num_samples, metrics=metrics, client=client):
                 return False
             self.trained += 1

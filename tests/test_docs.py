@@ -8,6 +8,8 @@ table of events in docs/steps.rst against :class:`openfl_api.step.Event`.
 from __future__ import annotations
 
 import re
+import shlex
+import sys
 from pathlib import Path
 
 import pytest
@@ -56,3 +58,30 @@ def test_the_table_of_events_in_the_steps_page_lists_every_event_once():
     table = text[text.index("   * - event (method)"):text.index("Order within a request")]
     listed = re.findall(r"^   \* - ``(\w+)\(", table, flags=re.M)
     assert listed == [event.value for event in Event]
+
+
+def strategies_commands() -> list:
+    """The arguments of every examples/strategies_federation.py command in docs/strategies.rst."""
+    text = (ROOT / "docs" / "strategies.rst").read_text(encoding="utf-8").replace("\\\n", " ")
+    variables, commands = {}, []
+    for line in (line.strip() for line in text.splitlines()):
+        assignment = re.fullmatch(r'(\w+)="(.*)"', line)
+        if assignment:
+            variables[assignment.group(1)] = assignment.group(2)
+            continue
+        line = re.sub(r"\$(\w+)", lambda m: variables[m.group(1)], line)
+        if line.startswith("python -m openfl_api.") and "strategies_federation.py" in line:
+            words = shlex.split(line)
+            commands.append(words[words.index("examples/strategies_federation.py") + 1:])
+    return commands
+
+
+def test_the_strategies_page_gives_a_command_for_every_algorithm_and_each_parses():
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import strategies_federation
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+    parser = strategies_federation.build_parser()
+    algorithms = [parser.parse_args(argv).algorithm for argv in strategies_commands()]
+    assert sorted(set(algorithms)) == sorted(strategies_federation.ALGORITHMS)

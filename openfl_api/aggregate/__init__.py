@@ -1,5 +1,7 @@
-"""Aggregation of uploads on the backend: FedAvg, the plain mean, Elastic Aggregation, and the
-staleness weighting and mixing of asynchronous FL (FedAsync, FedBuff).
+"""Aggregation of uploads on the backend: FedAvg, the plain mean, Elastic Aggregation, the
+staleness weighting and mixing of asynchronous FL (FedAsync, FedBuff), server optimizers on the
+pseudo-gradient (FedAvgM, FedAdagrad, FedAdam, FedYogi), norm clipping of updates, and robust
+rules (Median, TrimmedMean, Krum, Multi-Krum, Bulyan).
 
 The classes hold the running state (one sum buffer per entry, reused across rounds); the
 formulas live as pure functions in :mod:`openfl_api.aggregate.functional`.
@@ -19,7 +21,10 @@ from openfl_api.aggregate.functional import (
     momentum_update_,
     normalized_sensitivity,
 )
+from openfl_api.aggregate.robust import Bulyan, Krum, Median, MultiKrum, RobustAggregator, TrimmedMean
+from openfl_api.aggregate.server_opt import FedAdagrad, FedAdam, FedAvgM, FedYogi, ServerOptimizer
 from openfl_api.aggregate.staleness import Constant, Hinge, Polynomial, Staleness, constant, hinge, polynomial
+from openfl_api.aggregate.updates import Mean, UpdateAggregator
 
 __all__ = [
     "Aggregator",
@@ -40,4 +45,17 @@ __all__ = [
     "constant",
     "polynomial",
     "hinge",
+    "UpdateAggregator",
+    "Mean",
+    "ServerOptimizer",
+    "FedAvgM",
+    "FedAdagrad",
+    "FedAdam",
+    "FedYogi",
+    "RobustAggregator",
+    "Median",
+    "TrimmedMean",
+    "Krum",
+    "MultiKrum",
+    "Bulyan",
 ]

@@ -181,10 +181,10 @@ class Aggregator(abc.ABC):
         # The names are checked once per layout: a backend adds uploads of one layout all along.
         names = (tuple(tensors), self._param_names, self.state_keys, self.upload_keys)
         if names != self._names_checked or not all(isinstance(x, torch.Tensor) for x in tensors.values()):
-            _check_names(self, tensors)
+            self._check_names(tensors)
             self._names_checked = names
         if self._count:
-            _check_layout(self, tensors)
+            check_layout(self, tensors)
         else:
             self._allocate(tensors)
         effective = float(self.effective_weight(num_samples, weight))
@@ -308,6 +308,11 @@ class Aggregator(abc.ABC):
         value = self._values[name]
         return torch.view_as_complex(value) if dtype.is_complex else value
 
+    def _check_names(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Raises ConfigurationError unless ``tensors`` has all required and only known entries
+        (:func:`check_names`; an aggregator with entries of its own checks them first)."""
+        check_names(self, tensors)
+
     def _allocate(self, tensors: Mapping[str, torch.Tensor]) -> None:
         """Makes the exact sum for the layout of ``tensors``, reusing the one that still fits."""
         shapes = {name: tuple(x.shape) for name, x in tensors.items()}
@@ -320,7 +325,7 @@ class Aggregator(abc.ABC):
         self._dtypes = dtypes
 
 
-def _check_names(aggregator: Aggregator, tensors: Mapping[str, torch.Tensor]) -> None:
+def check_names(aggregator: Aggregator, tensors: Mapping[str, torch.Tensor]) -> None:
     """Raises ConfigurationError unless ``tensors`` has all required and only known entries."""
     param_names = aggregator.param_names
     known_keys = {OPTIM_PREFIX: aggregator.state_keys, EXTRA_PREFIX: aggregator.upload_keys}
@@ -350,7 +355,7 @@ def _check_names(aggregator: Aggregator, tensors: Mapping[str, torch.Tensor]) ->
         )
 
 
-def _check_layout(aggregator: Aggregator, tensors: Mapping[str, torch.Tensor]) -> None:
+def check_layout(aggregator: Aggregator, tensors: Mapping[str, torch.Tensor]) -> None:
     """Raises ConfigurationError unless ``tensors`` has the round's names, shapes and dtypes."""
     unknown = [name for name in tensors if name not in aggregator._shapes]
     if unknown:

@@ -143,8 +143,9 @@ class ExactSum:
         self._work = torch.empty(size, dtype=torch.float64)
         self._magic = self._work.numpy().view(np.int64)
         self._magic_one = torch.tensor([_MAGIC], dtype=torch.float64)
+        # A 0-dim entry's view has shape (1,), the shape of magic + x.
         self._views = {i: self._work[self._offsets[i]:self._offsets[i] + self._sizes[i]]
-                       .view(*self.shapes[i], *((2,) if self.complex[i] else ())) for i in self._float}
+                       .view((*self.shapes[i], *((2,) if self.complex[i] else ())) or (1,)) for i in self._float}
         self._levels = _Levels(size)
         self._singles = {i: _Levels(self._sizes[i]) for i in self._other}
 

@@ -37,6 +37,17 @@ def _takes_peak(aggregator: Any) -> bool:
 _PEAK: Dict[type, bool] = {}
 
 
+def _takes_context(aggregator: Any) -> bool:
+    """Whether ``aggregator.add`` takes the upload's ``context`` (client, versions)."""
+    known = _CONTEXT.get(type(aggregator))
+    if known is None:
+        known = _CONTEXT[type(aggregator)] = "context" in inspect.signature(aggregator.add).parameters
+    return known
+
+
+_CONTEXT: Dict[type, bool] = {}
+
+
 class Accumulation:
     """Adds accepted uploads to the aggregator; remembers the clients a version expects.
 
@@ -65,8 +76,11 @@ class Accumulation:
         self._expected = (version, order)
 
     def add(self, worker: Any, tensors: Dict[str, torch.Tensor], num_samples: int, weight: float,
-            nbytes: int, peak: Optional[float] = None) -> None:
+            nbytes: int, peak: Optional[float] = None, context: Optional[Dict[str, Any]] = None) -> None:
         """Add an accepted upload; large ones on the accumulation thread.
+
+        ``context`` (the client, the version it was trained from, its staleness) is passed on to an
+        aggregator whose ``add`` takes it.
 
         The upload was answered already (its ACK goes out within the turn, before this), so the
         frontend goes on meanwhile. ``tensors`` view the worker's receive buffer: ``worker.free`` is
@@ -76,10 +90,12 @@ class Accumulation:
 
         def run() -> None:
             try:
+                extra: Dict[str, Any] = {}
                 if peak is not None and _takes_peak(self.aggregator):
-                    self.aggregator.add(tensors, num_samples, weight, peak=peak)
-                else:
-                    self.aggregator.add(tensors, num_samples, weight)
+                    extra["peak"] = peak
+                if context is not None and _takes_context(self.aggregator):
+                    extra["context"] = context
+                self.aggregator.add(tensors, num_samples, weight, **extra)
             finally:
                 worker.free.set()
 

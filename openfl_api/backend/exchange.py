@@ -49,6 +49,9 @@ class Exchange:
         self._offered = -1
         self._duplicates: Dict[str, int] = {}  # client id -> duplicate discards in a row
         self.started = server.asynchronous is None  # asynchronous mode: the start policy was met
+        #: The round config served in every download's header (``api.config``); a step's
+        #: ``transfer.config`` entries are added to it for one download.
+        self.config: Dict[str, Any] = {}
         #: The upload chain's backend side (:class:`~openfl_api.transforms.backend_side.BackendSide`), or None.
         self.transforms: Any = None
 
@@ -213,8 +216,9 @@ class Exchange:
         transfer.version = version
         if worker.hosts_many or transfer.clients != list(worker.clients):
             header = insert_field(header, "clients", list(transfer.clients))
-        if transfer.config:
-            header = _with_config(header, transfer.config)
+        config = {**self.config, **transfer.config}
+        if config:
+            header = _with_config(header, config)
         if self.transforms is not None:  # the upload chain's round config (clip bound, secure aggregation's run)
             header = insert_field(header, "transforms", self.transforms.fields())
         transfer.nbytes = len(header) + pieces.nbytes
@@ -299,9 +303,19 @@ class Exchange:
             peak = payload.peak if tensors is not None and schema is self.model.state.upload_schema else None
             handed = tensors is not None
         if handed:
-            self.accumulation.add(worker, tensors, transfer.num_samples, transfer.weight, schema.nbytes, peak)
+            self.accumulation.add(worker, tensors, transfer.num_samples, transfer.weight, schema.nbytes, peak,
+                                  context=self._context(transfer))
         server.fire(Event.AFTER_UPLOAD, transfer)
         return handed
+
+    def _context(self, transfer: Transfer) -> Dict[str, Any]:
+        """What an aggregator's ``add(..., context=...)`` learns of an accepted upload besides its
+        tensors: the client, the version it was trained from, its staleness, and whether the
+        backend runs asynchronously (with its ``max_staleness``)."""
+        asynchronous = self.server.asynchronous
+        return {"client": transfer.client, "version": transfer.version, "staleness": transfer.staleness,
+                "asynchronous": asynchronous is not None,
+                "max_staleness": 0 if asynchronous is None else asynchronous.max_staleness}
 
     def _judge(self, transfer: Transfer) -> None:
         verdict = self.versions.judge(transfer.version, transfer.client)
@@ -349,7 +363,8 @@ class Exchange:
         new = self.model.aggregator.aggregate(self.model.current())
         if wire is not None:
             new = wire.after_aggregate(new, versions.accepted)
-        alpha = versions.mixing()
+        # An aggregator that applies each update with a server step of its own is not mixed too.
+        alpha = None if getattr(self.model.aggregator, "steps_server", False) else versions.mixing()
         self.model.step(new, alpha)
         count = versions.advance()
         self.server.clock.aggregated(started, time.perf_counter())
