@@ -158,3 +158,30 @@ def test_with_the_uploads_peak_every_order_gives_the_same_bits() -> None:
             total.add_(tensors, 2.0 + index, peak=max(float(t.abs().max()) for t in tensors))
         results.add(b"".join(_bits(v) for v in total.value()))
     assert len(results) == 1
+
+
+def test_the_memory_of_a_sum_does_not_grow_with_the_number_of_uploads() -> None:
+    generator = torch.Generator().manual_seed(3)
+    total = _one(torch.zeros(1000))
+
+    def held_bytes() -> int:  # what the sum keeps between uploads is what its state_dict holds
+        return sum(t.numel() * t.element_size() for t in _flat(total.state_dict()) if torch.is_tensor(t))
+
+    for _ in range(3):
+        total.add_([torch.randn(1000, generator=generator)], 1.0)
+    after_three = held_bytes()
+    assert after_three > 0
+    for _ in range(300):
+        total.add_([torch.randn(1000, generator=generator)], 1.0)
+    assert held_bytes() == after_three
+
+
+def _flat(state):
+    if isinstance(state, dict):
+        for value in state.values():
+            yield from _flat(value)
+    elif isinstance(state, (list, tuple)):
+        for value in state:
+            yield from _flat(value)
+    else:
+        yield state
