@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 from openfl_api.address import Address
 from openfl_api.backend.addresses import CHANGED, REMOVED, Addresses

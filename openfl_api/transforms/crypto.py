@@ -31,7 +31,7 @@ def require() -> None:
     try:
         import cryptography  # noqa: F401
     except ImportError:  # pragma: no cover - depends on the environment
-        raise ConfigurationError("SecAgg needs the cryptography package: pip install 'openfl_api[privacy]'") from None
+        raise ConfigurationError("SecAgg needs the cryptography package: pip install 'cryptography>=41' (a requirement of openfl_api)") from None
 
 
 class KeyPair:

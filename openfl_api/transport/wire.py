@@ -34,13 +34,13 @@ import socket
 import threading
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Callable, Iterator, List, Optional, Tuple, Union
+from typing import Callable, Iterator, Optional, Tuple, Union
 
 import torch
 
 from openfl_api.address import Address
 from openfl_api.errors import ProtocolError, WireError
-from openfl_api.transport.base import Kind, Limits, Message, Pieces, Pipe, Stream, payload_size
+from openfl_api.transport.base import Limits, Message, Pieces, Pipe, Stream, payload_size
 
 __all__ = ["CHUNK", "PROTECTED", "PLAIN", "WireKeys", "KeyExchange", "SealedPipe", "protected_by_default"]
 
