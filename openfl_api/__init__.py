@@ -52,6 +52,8 @@ _LAZY = {
     "CentralizedEvaluation": "openfl_api.evaluation",
     "MetricRules": "openfl_api.metrics",
     "StopAtEpsilon": "openfl_api.transforms.dp",
+    "Edge": "openfl_api.hierarchy",
+    "Topology": "openfl_api.hierarchy",
 }
 _SUBMODULES = ("aggregate", "data", "logger", "parser", "virtual_clients", "utils", "transforms",
                "strategies")

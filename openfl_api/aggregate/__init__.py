@@ -21,6 +21,7 @@ from openfl_api.aggregate.functional import (
     momentum_update_,
     normalized_sensitivity,
 )
+from openfl_api.aggregate.partial import PartialSums
 from openfl_api.aggregate.robust import Bulyan, Krum, Median, MultiKrum, RobustAggregator, TrimmedMean
 from openfl_api.aggregate.server_opt import FedAdagrad, FedAdam, FedAvgM, FedYogi, ServerOptimizer
 from openfl_api.aggregate.staleness import Constant, Hinge, Polynomial, Staleness, constant, hinge, polynomial
@@ -32,6 +33,7 @@ __all__ = [
     "NaiveAggregator",
     "ElasticAggregator",
     "ExactSum",
+    "PartialSums",
     "accumulation_dtype",
     "elastic_update",
     "finish_mean",

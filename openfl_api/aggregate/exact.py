@@ -68,6 +68,13 @@ def _peak(x: torch.Tensor) -> float:
     return max(-float(low), float(high))
 
 
+def _offset(terms: int) -> np.int64:
+    """What ``terms`` deposits add to each element besides their integers: ``terms`` magic numbers'
+    bits, modulo ``2**64`` as int64 addition wraps."""
+    offset = (terms * _MAGIC_BITS) % (1 << 64)
+    return np.int64(offset - (1 << 64) if offset >= 1 << 63 else offset)
+
+
 class _Levels:
     """The int64 sums of one flat layout, one per level in use, and how many terms each took."""
 
@@ -98,10 +105,32 @@ class _Levels:
             terms = self.terms.get(level, 0)
             if not terms:
                 continue
-            offset = (terms * _MAGIC_BITS) % (1 << 64)
-            exact = np.subtract(self.sums[level], np.int64(offset - (1 << 64) if offset >= 1 << 63 else offset))
+            exact = np.subtract(self.sums[level], _offset(terms))
             out += exact.astype(np.float64) * math.ldexp(1.0, LEVEL_BITS * level - GRID_BITS)
         return out
+
+    def exact(self) -> Dict[int, Tuple[np.ndarray, int]]:
+        """Each level in use: ``(its integer sum without the magic offsets, its term count)``."""
+        out = {}
+        for level in sorted(self.sums):
+            terms = self.terms.get(level, 0)
+            if terms:
+                out[level] = (np.subtract(self.sums[level], _offset(terms)), terms)
+        return out
+
+    def merge(self, level: int, exact: np.ndarray, terms: int) -> None:
+        """Add another sum's level (:meth:`exact`): the same bits as adding its terms here."""
+        held = self.terms.get(level, 0)
+        if held + terms > MAX_TERMS:
+            raise OverflowError(f"an exact sum takes at most {MAX_TERMS} terms of one magnitude; aggregate sooner")
+        total = self.sums.get(level)
+        if total is None:
+            total = self.sums[level] = np.zeros(self.size, dtype=np.int64)
+        elif held == 0:
+            total.fill(0)
+        np.add(total, exact, out=total)
+        np.add(total, _offset(terms), out=total)  # wraps, as the deposits of those terms would
+        self.terms[level] = held + terms
 
     def state_dict(self) -> Dict[str, Any]:
         used = [level for level in sorted(self.sums) if self.terms.get(level, 0)]
@@ -211,6 +240,31 @@ class ExactSum:
             out.append(torch.from_numpy(values.copy()).reshape(*shape, 2) if is_complex
                        else torch.from_numpy(values.copy()).reshape(shape))
         return out
+
+    def segments(self) -> List[Dict[int, Tuple[np.ndarray, int]]]:
+        """The exact integer sums, segment by segment: first the floating tensors (one flat
+        buffer), then each integer or bool tensor; per segment ``{level: (int64 sums, terms)}``.
+        :meth:`merge_` of them into an empty sum of the same shapes gives the same bits as the
+        adds that made them (:mod:`openfl_api.aggregate.partial` sends them between backends)."""
+        return [self._levels.exact(), *(self._singles[i].exact() for i in self._other)]
+
+    @property
+    def segment_sizes(self) -> List[int]:
+        """The number of int64 elements of each segment of :meth:`segments`."""
+        return [self._levels.size, *(self._sizes[i] for i in self._other)]
+
+    def merge_(self, segments: Sequence[Dict[int, Tuple[np.ndarray, int]]]) -> "ExactSum":
+        """Add the exact sums of another :class:`ExactSum` of the same shapes (its :meth:`segments`):
+        every integer addition is exact, so this equals adding that sum's terms here, in any order."""
+        parts = [self._levels, *(self._singles[i] for i in self._other)]
+        if len(segments) != len(parts):
+            raise ValueError(f"merge_ needs {len(parts)} segments (this sum's layout), got {len(segments)}")
+        for part, levels in zip(parts, segments):
+            for level, (exact, terms) in levels.items():
+                if exact.shape != (part.size,):
+                    raise ValueError(f"a merged level holds {exact.shape[0]} elements where this sum has {part.size}")
+                part.merge(int(level), exact, int(terms))
+        return self
 
     def state_dict(self) -> Dict[str, Any]:
         """The level sums (int64 tensors) and term counts, for a checkpoint."""

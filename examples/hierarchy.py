@@ -1,0 +1,86 @@
+"""A federation of any depth from one script: the root, middle nodes (edges) and leaves.
+
+    python -m openfl_api.launch --nproc_per_node 7 --logdir logs examples/hierarchy.py --fanout 2 2
+    python -m openfl_api.simulate --nproc_per_node 7 examples/hierarchy.py --fanout 2 2
+    python -m openfl_api.simulate --nproc_per_node 5 examples/hierarchy.py --fanout 4
+
+``--fanout 2 2``: rank 0 is the root, ranks 1 and 2 are edges, ranks 3 .. 6 the leaves (two per
+edge). Every edge uploads its two children's exact sum each time both have uploaded, and the root
+aggregates its two edges; the final weights are the flat federation's (``--fanout 4``), bit for
+bit. ``--out FILE`` makes the root save its final state_dict there.
+"""
+
+import argparse
+from datetime import timedelta
+
+import torch
+
+import openfl_api as ofl
+from openfl_api import aggregate
+
+ofl.logger.log_level("INFO")
+parser = ofl.parser.build_parser()
+parser.add_argument("--fanout", type=int, nargs="+", default=[2, 2], help="children per node, level by level")
+parser.add_argument("--rounds", type=int, default=3, help="versions the root aggregates")
+parser.add_argument("--out", default=None, help="root: save the final state_dict here")
+args = parser.parse_args()
+
+topology = ofl.Topology.tree(args.fanout)
+up, down = topology.addresses(ofl.Address(args=args))
+role = topology.role(args.rank)
+leaves = [r for r in range(topology.world_size) if topology.role(r) == "leaf"]
+timeouts = dict(connect_timeout=timedelta(seconds=60), timeout=timedelta(seconds=120))
+
+
+def build() -> torch.nn.Module:
+    """The same initial model on every rank, from a generator of its own (simulate's threads share torch's)."""
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.5)
+    return net
+
+
+net = build()
+state = net.state_dict(keep_vars=True)
+if role == "edge":
+    edge = ofl.Edge(parent=ofl.API(frontend=True, **timeouts), children=ofl.API(frontend=False, **timeouts))
+    with ofl.StepAt(edge.children):
+        ofl.AggregateCount(count=len(topology.children(args.rank)))
+    edge.build_connection(parent=up, children=down)
+    edge.set_state_dict(state, topology.aggregator(args.rank, aggregate.AverageAggregator(net.parameters()), state))
+    with edge:
+        edge.run()
+    edge.finish()
+    raise SystemExit(0)
+
+api = ofl.API(frontend=role == "leaf", **timeouts)
+with ofl.StepAt(api):
+    ofl.AggregateCount(count=len(topology.children(0)))
+    ofl.StopAtVersion(max_version=args.rounds)
+api.build_connection(address=down if role == "root" else up)
+node = 0 if role == "root" else topology.parent(args.rank)
+api.set_aggregator_and_optimizer(topology.aggregator(node, aggregate.AverageAggregator(net.parameters()), state))
+api.set_state_dict(state)
+
+if role == "leaf":
+    leaf = leaves.index(args.rank)  # the same leaf in every tree: its data and its sample count
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.05)
+    samples = 16 + 8 * leaf
+with api:
+    api.run()
+    while api.download():
+        generator = torch.Generator().manual_seed(1000 * leaf + api.version)
+        inputs = torch.randn(samples, 4, generator=generator)
+        targets = inputs.sum(dim=1, keepdim=True) * (1 + leaf)
+        optimizer.zero_grad()
+        torch.nn.functional.mse_loss(net(inputs), targets).backward()
+        optimizer.step()
+        if not api.upload(num_samples=samples):
+            break
+        api.update_version()
+api.finish()
+if role == "root" and args.out:
+    torch.save({name: t.detach().clone() for name, t in state.items()}, args.out)
+print(f"rank {args.rank} ({role}) finished at version {api.version}")

@@ -1,0 +1,308 @@
+"""Hierarchical federations: middle nodes (edges) between the root and the leaves.
+
+An :class:`Edge` is a frontend toward its parent and a backend toward its children. Its children
+see an ordinary backend (versions, steps, discards, checkpoints); when the edge's steps aggregate
+(``AggregateCount(2)``: every two uploads), it uploads its children's *exact* weighted sum to the
+parent (:mod:`openfl_api.aggregate.partial`), waits for the parent's next model and serves that as
+its own next version. The root merges the partial sums in integers, so a federation of any depth
+gives the same weights, bit for bit, as the flat federation of the same leaves.
+
+A :class:`Topology` says who is whose parent; every rank of one launch reads it to learn its role
+and its addresses, so ``python -m openfl_api.launch`` (or ``simulate``) starts every node of the
+tree from one script.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+
+import torch
+
+from openfl_api.address import Address
+from openfl_api.aggregate.average import NaiveAggregator
+from openfl_api.aggregate.base import Aggregator
+from openfl_api.aggregate.partial import PartialSums
+from openfl_api.api import API
+from openfl_api.errors import ConfigurationError, RoleError
+
+__all__ = ["Edge", "Topology"]
+
+
+class Topology:
+    """A tree of ranks: rank 0 is the root, every other rank names its parent.
+
+    Args:
+        parents: each rank but 0 mapped to its parent's rank.
+        hosts: optional host name or address of a middle node's machine, for the ``tcp://``
+            address it serves its children on (default: the host of the root's address).
+
+    Raises:
+        ConfigurationError: the ranks are not ``1 .. n``, or the parents do not form a tree under 0.
+    """
+
+    def __init__(self, parents: Mapping[int, int], hosts: Optional[Mapping[int, str]] = None) -> None:
+        try:
+            self.parents = {int(rank): int(parent) for rank, parent in parents.items()}
+        except (TypeError, ValueError, AttributeError):
+            raise ConfigurationError(f"Topology(parents=...) must map ranks to parent ranks (ints), got {parents!r}"[:200]) from None
+        self.hosts = {int(rank): str(host) for rank, host in (hosts or {}).items()}
+        if sorted(self.parents) != list(range(1, len(self.parents) + 1)):
+            raise ConfigurationError(f"Topology needs a parent for each rank 1 .. n and none for rank 0, got ranks "
+                                     f"{sorted(self.parents)}; rank 0 is the root")
+        for rank in self.parents:
+            seen, node = {rank}, self.parents[rank]
+            while node != 0:
+                if node not in self.parents or node in seen:
+                    raise ConfigurationError(f"rank {rank}'s parents do not lead to the root (rank 0): "
+                                             f"{node} is {'unknown' if node not in self.parents else 'on a loop'}")
+                seen.add(node)
+                node = self.parents[node]
+
+    @classmethod
+    def tree(cls, fanout: List[int]) -> "Topology":
+        """A full tree: ``fanout[d]`` children per node at depth ``d``, ranks numbered level by level
+        (``tree([2, 2])``: root 0, edges 1 and 2, leaves 3 and 4 under 1, 5 and 6 under 2)."""
+        if not fanout or any(isinstance(f, bool) or not isinstance(f, int) or f < 1 for f in fanout):
+            raise ConfigurationError(f"Topology.tree(fanout) needs a list of ints >= 1, got {fanout!r}")
+        parents: Dict[int, int] = {}
+        level, rank = [0], 1
+        for count in fanout:
+            below = []
+            for node in level:
+                for _ in range(count):
+                    parents[rank] = node
+                    below.append(rank)
+                    rank += 1
+            level = below
+        return cls(parents)
+
+    @classmethod
+    def load(cls, path: Union[str, Path]) -> "Topology":
+        """Read a topology file: ``{"parents": {"1": 0, "2": 0, "3": 1, ...}, "hosts": {"1": "10.0.0.2"}}``."""
+        try:
+            data = json.loads(Path(path).read_text())
+            return cls(data["parents"], data.get("hosts"))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ConfigurationError(f"topology file {str(path)!r} must be JSON with a 'parents' object of rank -> "
+                                     f"parent rank: {exc}") from None
+
+    @property
+    def world_size(self) -> int:
+        """Every node of the tree: the ranks a launch must start."""
+        return len(self.parents) + 1
+
+    def children(self, rank: int) -> List[int]:
+        """The ranks whose parent is ``rank``, in rank order."""
+        return sorted(r for r, parent in self.parents.items() if parent == rank)
+
+    def parent(self, rank: int) -> int:
+        """The parent of ``rank`` (not the root)."""
+        self.role(rank)
+        if rank == 0:
+            raise ConfigurationError("the root (rank 0) has no parent")
+        return self.parents[rank]
+
+    def aggregator(self, node: int, aggregator: Aggregator, state_dict: Mapping[str, torch.Tensor], planes: int = 4,
+                   pieces: int = 8) -> Any:
+        """The aggregator every member of the federation served by ``node`` builds: ``aggregator``,
+        wrapped in :class:`~openfl_api.aggregate.partial.PartialSums` when one of those members
+        is a middle node (so its uploads are exact partial sums)."""
+        if any(self.children(child) for child in self.children(node)):
+            return PartialSums(aggregator, state_dict, planes, pieces)
+        return aggregator
+
+    def role(self, rank: int) -> str:
+        """``"root"``, ``"edge"`` (a middle node) or ``"leaf"``."""
+        if rank == 0:
+            return "root"
+        if rank not in self.parents:
+            raise ConfigurationError(f"rank {rank} is not in the topology (ranks 0 .. {len(self.parents)}); launch "
+                                     f"{self.world_size} ranks for it")
+        return "edge" if self.children(rank) else "leaf"
+
+    def addresses(self, address: Address) -> Tuple[Optional[Address], Optional[Address]]:
+        """``(toward the parent, toward the children)`` of ``address.rank``, either None where there
+        is none: the root serves ``address`` itself; middle node ``n`` serves its children on the
+        root's address with ``+ n`` added to a ``tcp://`` port (on ``hosts[n]`` if given), or
+        ``.n`` added to a ``memory://`` name or ``file://`` path."""
+        if address.world_size != self.world_size:
+            raise ConfigurationError(f"the topology has {self.world_size} ranks but the launch has world_size "
+                                     f"{address.world_size}; start {self.world_size} ranks")
+        rank = address.rank
+        role = self.role(rank)
+        up = None
+        if role != "root":
+            parent = self.parents[rank]
+            up = self._address(address, parent, self.children(parent).index(rank) + 1)
+        down = self._address(address, rank, 0) if role != "leaf" else None
+        return up, down
+
+    def _address(self, base: Address, node: int, rank: int) -> Address:
+        init_method = base.init_method
+        if node:
+            if init_method.startswith("tcp://"):
+                host, _, port = init_method[len("tcp://"):].rpartition(":")
+                init_method = f"tcp://{self.hosts.get(node, host)}:{int(port) + node}"
+            else:
+                init_method = f"{init_method}.{node}"
+        return Address(init_method=init_method, world_size=len(self.children(node)) + 1, rank=rank,
+                       group_name=base.group_name)
+
+
+class _Forward:
+    """The aggregator of an edge's children-facing backend: sums the children's uploads exactly
+    (the wrapped aggregator's :class:`ExactSum`) and, when the edge's steps aggregate, hands that
+    sum to the edge, which uploads it to the parent and returns the parent's next model."""
+
+    steps_server = True  # the new version is the parent's model: never mixed with the edge's own
+
+    def __init__(self, inner: Aggregator, edge: "Edge") -> None:
+        self.inner, self.edge = inner, edge
+        self.samples = 0
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("inner", "__setstate__"):
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def add(self, tensors: Mapping[str, torch.Tensor], num_samples: int, weight: float = 1.0,
+            peak: Optional[float] = None) -> None:
+        self.inner.add(tensors, num_samples, weight, peak)
+        self.samples += num_samples
+
+    def aggregate(self, current: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        inner = self.inner
+        if not inner.count:
+            raise ConfigurationError("an edge aggregates once at least one child's upload was added")
+        segments, weights, samples = inner._sum.segments(), list(inner._weights), self.samples
+        self.reset()
+        return self.edge._forward(segments, weights, samples, list(inner._shapes))
+
+    def reset(self) -> None:
+        self.inner.reset()
+        self.samples = 0
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"sum": self.inner.state_dict(), "samples": self.samples}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.inner.load_state_dict(state["sum"])
+        self.samples = int(state["samples"])
+
+
+class Edge:
+    """A middle node: a frontend toward its parent, a backend toward its children.
+
+    Build the two APIs as for a frontend and a backend (steps, ``asynchronous=``, ``resume=`` on
+    ``children``, which aggregates with the steps attached to it), then::
+
+        edge = ofl.Edge(parent=ofl.API(frontend=True), children=ofl.API(frontend=False))
+        with ofl.StepAt(edge.children):
+            ofl.AggregateCount(count=2)            # upload to the parent every 2 children's uploads
+        up, down = topology.addresses(ofl.Address(args=args))
+        edge.build_connection(parent=up, children=down)
+        edge.set_state_dict(net.state_dict(keep_vars=True), aggregate.AverageAggregator(net.parameters()))
+        edge.run()                                 # until the parent ends the federation
+        edge.finish()
+
+    The parent must aggregate with :class:`~openfl_api.aggregate.partial.PartialSums` (an edge of
+    a deeper tree does so already), built with the same ``planes`` and ``pieces``.
+
+    Args:
+        parent: a frontend API (``frontend=True``) toward the parent.
+        children: a backend API (``frontend=False``) toward the children.
+    """
+
+    def __init__(self, parent: API, children: API) -> None:
+        if not isinstance(parent, API) or not isinstance(children, API):
+            raise ConfigurationError("Edge(parent=..., children=...) takes two openfl_api.API objects")
+        if parent._frontend is not True or children._frontend is not False:
+            raise RoleError("an Edge needs parent=API(frontend=True) and children=API(frontend=False)")
+        self.parent, self.children = parent, children
+        self._model: Dict[str, torch.Tensor] = {}
+        self._up: Dict[str, torch.Tensor] = {}
+        self._sums: Optional[PartialSums] = None
+
+    @property
+    def log(self) -> Any:
+        """The children's backend's logger (bound to its rank once connected)."""
+        server = self.children._server
+        return server.log if server is not None else self.children.log
+
+    def build_connection(self, parent: Address, children: Address) -> None:
+        """Join the parent at ``parent`` and serve the children at ``children``."""
+        self.children.build_connection(address=children)
+        self.parent.build_connection(address=parent)
+
+    def set_state_dict(self, state_dict: Mapping[str, torch.Tensor], aggregator: Aggregator, planes: int = 4,
+                       pieces: int = 8) -> None:
+        """The model served to the children and the aggregator that sums their uploads.
+
+        Args:
+            state_dict: ``net.state_dict(keep_vars=True)``; each parent model is copied into it.
+            aggregator: a plain aggregator over ``net.parameters()`` (how children are weighted).
+            planes, pieces: as the parent's :class:`~openfl_api.aggregate.partial.PartialSums`.
+        """
+        self._model = dict(state_dict)
+        self._up = {name: t.detach().clone() for name, t in state_dict.items()}
+        names = [next((n for n, t in self._model.items() if _same(t, p)), None) for p in aggregator.params]
+        if None in names:
+            raise ConfigurationError("the aggregator's parameters must be tensors of state_dict; build it from "
+                                     "the same model's parameters")
+        self._sums = PartialSums(NaiveAggregator([self._up[n] for n in names]), self._up, planes, pieces)
+        PartialSums(aggregator, state_dict, planes, pieces)  # the same checks on the children's aggregator
+        self.children.set_state_dict(state_dict)
+        self.children.set_aggregator_and_optimizer(_Forward(aggregator, self))
+        self.parent.set_state_dict(self._up)
+        self.parent.set_aggregator_and_optimizer(self._sums)
+
+    def run(self) -> None:
+        """Download the parent's model, then serve the children until the parent ends the federation."""
+        if self._sums is None:
+            raise RoleError("call edge.set_state_dict(state_dict, aggregator) before run()")
+        if not self.parent.download():
+            self.log.info(f"the parent ended the federation before the first model: {self.parent.stop_reason}")
+            return
+        self._copy_down()
+        self.log.info(f"edge: serving the parent's version {self.parent.version}")
+        self.children.run()
+
+    def _copy_down(self) -> None:
+        with torch.no_grad():
+            for name, tensor in self._model.items():
+                tensor.copy_(self._up[name])
+
+    def _forward(self, segments: List[Any], weights: List[float], samples: int,
+                 names: List[str]) -> Dict[str, torch.Tensor]:
+        """On the children's serve loop: upload the exact sum, wait for the parent's next model."""
+        self._sums.stage(segments, weights)
+        ended = not self.parent.upload(num_samples=samples)
+        if not ended:
+            self.parent.update_version()
+            ended = not self.parent.download()
+        if ended:
+            self.children.stop(f"the parent ended the federation: {self.parent.stop_reason}")
+        else:
+            self.log.info(f"edge: uploaded {len(weights)} children's exact sum; serving the parent's version "
+                          f"{self.parent.version}")
+        return {name: self._up[name].detach().clone() for name in names}
+
+    def finish(self) -> None:
+        """Finish the children's side (its serve loop ended), then the parent's."""
+        try:
+            self.children.finish()
+        finally:
+            self.parent.finish()
+
+    def __enter__(self) -> "Edge":
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, traceback: Any) -> None:
+        self.children.__exit__(exc_type, exc, traceback)
+        self.parent.__exit__(exc_type, exc, traceback)
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a is b or (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.dtype == b.dtype)
