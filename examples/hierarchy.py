@@ -23,6 +23,10 @@ parser = ofl.parser.build_parser()
 parser.add_argument("--fanout", type=int, nargs="+", default=[2, 2], help="children per node, level by level")
 parser.add_argument("--rounds", type=int, default=3, help="versions the root aggregates")
 parser.add_argument("--out", default=None, help="root: save the final state_dict here")
+parser.add_argument("--asynchronous", choices=["none", "root", "edges"], default="none",
+                    help="which level serves its children asynchronously (the other stays synchronous)")
+parser.add_argument("--checkpoint", default=None, help="folder: the root and every edge checkpoint each version "
+                    "there (rank<N>.<version>) and resume from it when started again")
 args = parser.parse_args()
 
 topology = ofl.Topology.tree(args.fanout)
@@ -30,6 +34,15 @@ up, down = topology.addresses(ofl.Address(args=args))
 role = topology.role(args.rank)
 leaves = [r for r in range(topology.world_size) if topology.role(r) == "leaf"]
 timeouts = dict(connect_timeout=timedelta(seconds=60), timeout=timedelta(seconds=120))
+checkpoint = None if args.checkpoint is None else f"{args.checkpoint}/rank{args.rank}"
+asynchronous = {"root": "root", "edges": "edge"}.get(args.asynchronous)
+
+
+def serving(this_role: str) -> dict:
+    """The options of a backend API: asynchronous at the chosen level, resuming from its checkpoints."""
+    mode = ofl.Asynchronous(min_frontends=len(topology.children(args.rank))) if asynchronous == this_role else None
+    return dict(asynchronous=mode, resume=checkpoint, **timeouts)
+
 
 
 def build() -> torch.nn.Module:
@@ -45,9 +58,9 @@ def build() -> torch.nn.Module:
 net = build()
 state = net.state_dict(keep_vars=True)
 if role == "edge":
-    edge = ofl.Edge(parent=ofl.API(frontend=True, **timeouts), children=ofl.API(frontend=False, **timeouts))
+    edge = ofl.Edge(parent=ofl.API(frontend=True, **timeouts), children=ofl.API(frontend=False, **serving("edge")))
     with ofl.StepAt(edge.children):
-        ofl.AggregateCount(count=len(topology.children(args.rank)))
+        ofl.AggregateCount(count=len(topology.children(args.rank)), checkpoint=checkpoint)
     edge.build_connection(parent=up, children=down)
     edge.set_state_dict(state, topology.aggregator(args.rank, aggregate.AverageAggregator(net.parameters()), state))
     with edge:
@@ -55,9 +68,9 @@ if role == "edge":
     edge.finish()
     raise SystemExit(0)
 
-api = ofl.API(frontend=role == "leaf", **timeouts)
+api = ofl.API(frontend=True, **timeouts) if role == "leaf" else ofl.API(frontend=False, **serving("root"))
 with ofl.StepAt(api):
-    ofl.AggregateCount(count=len(topology.children(0)))
+    ofl.AggregateCount(count=len(topology.children(0)), checkpoint=checkpoint)
     ofl.StopAtVersion(max_version=args.rounds)
 api.build_connection(address=down if role == "root" else up)
 node = 0 if role == "root" else topology.parent(args.rank)

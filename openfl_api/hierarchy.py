@@ -224,6 +224,7 @@ class Edge:
         self._model: Dict[str, torch.Tensor] = {}
         self._up: Dict[str, torch.Tensor] = {}
         self._sums: Optional[PartialSums] = None
+        self._down: Optional[Address] = None
 
     @property
     def log(self) -> Any:
@@ -232,9 +233,13 @@ class Edge:
         return server.log if server is not None else self.children.log
 
     def build_connection(self, parent: Address, children: Address) -> None:
-        """Join the parent at ``parent`` and serve the children at ``children``."""
-        self.children.build_connection(address=children)
+        """Join the parent at ``parent`` now; serve the children at ``children`` once :meth:`run`
+        has the parent's first model (children wait to be admitted until then, within their
+        ``connect_timeout``, rather than joining a serve loop that does not run yet)."""
+        if not isinstance(children, Address):
+            raise ConfigurationError(f"Edge.build_connection(children=...) must be an Address, got {type(children).__name__}")
         self.parent.build_connection(address=parent)
+        self._down = children
 
     def set_state_dict(self, state_dict: Mapping[str, torch.Tensor], aggregator: Aggregator, planes: int = 4,
                        pieces: int = 8) -> None:
@@ -242,7 +247,9 @@ class Edge:
 
         Args:
             state_dict: ``net.state_dict(keep_vars=True)``; each parent model is copied into it.
-            aggregator: a plain aggregator over ``net.parameters()`` (how children are weighted).
+            aggregator: a plain aggregator over ``net.parameters()`` (how children are weighted),
+                in :class:`~openfl_api.aggregate.partial.PartialSums` when children are edges
+                (:meth:`Topology.aggregator` decides).
             planes, pieces: as the parent's :class:`~openfl_api.aggregate.partial.PartialSums`.
         """
         self._model = dict(state_dict)
@@ -252,7 +259,8 @@ class Edge:
             raise ConfigurationError("the aggregator's parameters must be tensors of state_dict; build it from "
                                      "the same model's parameters")
         self._sums = PartialSums(NaiveAggregator([self._up[n] for n in names]), self._up, planes, pieces)
-        PartialSums(aggregator, state_dict, planes, pieces)  # the same checks on the children's aggregator
+        if not isinstance(aggregator, PartialSums):  # children that are edges upload partial sums already
+            PartialSums(aggregator, state_dict, planes, pieces)  # the checks a partial sum of the children needs
         self.children.set_state_dict(state_dict)
         self.children.set_aggregator_and_optimizer(_Forward(aggregator, self))
         self.parent.set_state_dict(self._up)
@@ -260,19 +268,25 @@ class Edge:
 
     def run(self) -> None:
         """Download the parent's model, then serve the children until the parent ends the federation."""
-        if self._sums is None:
-            raise RoleError("call edge.set_state_dict(state_dict, aggregator) before run()")
+        if self._sums is None or self._down is None:
+            raise RoleError("call edge.build_connection(...) and edge.set_state_dict(state_dict, aggregator) before run()")
         if not self.parent.download():
             self.log.info(f"the parent ended the federation before the first model: {self.parent.stop_reason}")
             return
-        self._copy_down()
-        self.log.info(f"edge: serving the parent's version {self.parent.version}")
-        self.children.run()
-
-    def _copy_down(self) -> None:
-        with torch.no_grad():
-            for name, tensor in self._model.items():
-                tensor.copy_(self._up[name])
+        self.children.build_connection(address=self._down)
+        api = self.children
+        server = api._require_server("run()")
+        if api._ran:
+            raise RoleError("the edge's serve loop runs once; run() was called already")
+        api._ran = True
+        api._prepare_backend(server)  # resumes the edge's checkpoint, if one is given
+        with server._loop_lock:  # the parent's model wins over a resumed one, before any download is served
+            with torch.no_grad():
+                for name, tensor in self._model.items():
+                    tensor.copy_(self._up[name])
+            server.exchange.model._cache = None
+        self.log.info(f"edge: serving the parent's version {self.parent.version} as version {server.version}")
+        server.run()
 
     def _forward(self, segments: List[Any], weights: List[float], samples: int,
                  names: List[str]) -> Dict[str, torch.Tensor]:

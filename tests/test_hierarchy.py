@@ -159,3 +159,33 @@ def test_root_two_edges_four_leaves_give_the_flat_federations_weights_bit_for_bi
     assert list(flat) == list(tree)
     assert all(torch.equal(flat[k], tree[k]) for k in flat), [k for k in flat if not torch.equal(flat[k], tree[k])]
     assert int(flat["1.num_batches_tracked"]) > 0  # the leaves trained: the model moved
+
+
+def run_tree(fanout, out: Path, *extra: str) -> dict:
+    ranks = 1 + sum(math.prod(fanout[:d + 1]) for d in range(len(fanout)))
+    simulate(str(SCRIPT), ranks, args=["--fanout", *map(str, fanout), "--out", str(out), *extra],
+             timeout=timedelta(seconds=120))
+    return torch.load(out, weights_only=True)
+
+
+def same(a: dict, b: dict) -> bool:
+    return list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_three_levels_give_the_flat_federations_weights_bit_for_bit(tmp_path):
+    assert same(run_tree([8], tmp_path / "flat.pt"), run_tree([2, 2, 2], tmp_path / "tree.pt"))
+
+
+@pytest.mark.parametrize("level", ["edges", "root"])
+def test_one_level_asynchronous_and_the_other_synchronous_finish_every_version(tmp_path, level):
+    final = run_tree([2, 2], tmp_path / "out.pt", "--asynchronous", level)
+    assert int(final["1.num_batches_tracked"]) > 0
+
+
+def test_root_and_edges_resume_from_their_checkpoints_to_the_uninterrupted_weights(tmp_path):
+    checkpoints = tmp_path / "checkpoints"
+    checkpoints.mkdir()
+    run_tree([2, 2], tmp_path / "two.pt", "--rounds", "2", "--checkpoint", str(checkpoints))
+    assert {p.name for p in checkpoints.iterdir()} >= {"rank0.2", "rank1.2", "rank2.2"}
+    resumed = run_tree([2, 2], tmp_path / "resumed.pt", "--rounds", "3", "--checkpoint", str(checkpoints))
+    assert same(run_tree([4], tmp_path / "flat.pt"), resumed)
