@@ -7,7 +7,7 @@
 ``--fanout 2 2``: rank 0 is the root, ranks 1 and 2 are edges, ranks 3 .. 6 the leaves (two per
 edge). Every edge uploads its two children's exact sum each time both have uploaded, and the root
 aggregates its two edges; the final weights are the flat federation's (``--fanout 4``), bit for
-bit. ``--out FILE`` makes the root save its final state_dict there.
+bit. ``--topology FILE`` reads the tree from a topology file instead. ``--out FILE`` makes the root save its final state_dict there.
 """
 
 import argparse
@@ -21,6 +21,7 @@ from openfl_api import aggregate
 ofl.logger.log_level("INFO")
 parser = ofl.parser.build_parser()
 parser.add_argument("--fanout", type=int, nargs="+", default=[2, 2], help="children per node, level by level")
+parser.add_argument("--topology", default=None, help="a topology file (JSON), instead of --fanout")
 parser.add_argument("--rounds", type=int, default=3, help="versions the root aggregates")
 parser.add_argument("--out", default=None, help="root: save the final state_dict here")
 parser.add_argument("--asynchronous", choices=["none", "root", "edges"], default="none",
@@ -29,7 +30,7 @@ parser.add_argument("--checkpoint", default=None, help="folder: the root and eve
                     "there (rank<N>.<version>) and resume from it when started again")
 args = parser.parse_args()
 
-topology = ofl.Topology.tree(args.fanout)
+topology = ofl.Topology.load(args.topology) if args.topology else ofl.Topology.tree(args.fanout)
 up, down = topology.addresses(ofl.Address(args=args))
 role = topology.role(args.rank)
 leaves = [r for r in range(topology.world_size) if topology.role(r) == "leaf"]

@@ -170,3 +170,29 @@ def test_an_address_file_entry_changed_while_running_keeps_the_federation_going(
         frontend = rank_log(tmp_path, rank, rank).read_text()
         assert "says: this address's entry changed in the address file; join again; joining again" in frontend
         assert frontend.count(f"as rank {rank}") == 2, frontend[-3000:]
+
+
+def test_a_two_level_federation_over_three_hosts_gives_the_flat_federations_weights(processes, tmp_path):
+    """Root alone on h0; an edge and its two leaves on each of h1 and h2 (ranks 1-3 and 4-6)."""
+    import subprocess
+
+    import torch
+
+    topology = tmp_path / "topology.json"
+    with netns.hosts(3) as hosts:
+        topology.write_text(json.dumps({"parents": {"1": 0, "2": 1, "3": 1, "4": 0, "5": 4, "6": 4},
+                                        "hosts": {"1": hosts.addresses[1], "4": hosts.addresses[2]}}))
+        args = ("--topology", str(topology), "--out", str(tmp_path / "tree.pt"))
+        nodes = [launcher(processes, hosts, i, tmp_path, 3, "1,3,3", *args, script=ROOT / "examples" / "hierarchy.py")
+                 for i in range(3)]
+        for i, node in enumerate(nodes):
+            assert node.wait(timeout=DEADLINE) == 0, (tmp_path / f"launcher{i}.log").read_text()[-3000:]
+    assert f"joined backend at tcp://{hosts.addresses[1]}:{int(PORT) + 1} as rank 2" in rank_log(tmp_path, 1, 3).read_text()
+    assert "serving the parent's version 2" in rank_log(tmp_path, 2, 4).read_text()
+    flat = subprocess.run([sys.executable, "-m", "openfl_api.simulate", "--nproc_per_node", "5", "--timeout", "100",
+                           str(ROOT / "examples" / "hierarchy.py"), "--fanout", "4", "--out", str(tmp_path / "flat.pt")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=DEADLINE,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert flat.returncode == 0, flat.stdout[-3000:] + flat.stderr[-3000:]
+    tree, flat = (torch.load(tmp_path / f"{name}.pt", weights_only=True) for name in ("tree", "flat"))
+    assert list(tree) == list(flat) and all(torch.equal(tree[k], flat[k]) for k in tree)
