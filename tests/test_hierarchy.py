@@ -189,3 +189,26 @@ def test_root_and_edges_resume_from_their_checkpoints_to_the_uninterrupted_weigh
     assert {p.name for p in checkpoints.iterdir()} >= {"rank0.2", "rank1.2", "rank2.2"}
     resumed = run_tree([2, 2], tmp_path / "resumed.pt", "--rounds", "3", "--checkpoint", str(checkpoints))
     assert same(run_tree([4], tmp_path / "flat.pt"), resumed)
+
+
+def test_a_partial_sum_that_does_not_hold_is_left_out_and_the_model_stays():
+    params = [torch.zeros(2)]
+    state = {"p": params[0]}
+    edge = aggregate.AverageAggregator(params)
+    edge.bind(["p"])
+    edge.add({"p": torch.tensor([1.0, 2.0])}, 3, 1.0, 2.0)
+    sender = PartialSums(aggregate.NaiveAggregator(params), state)
+    root = PartialSums(aggregate.AverageAggregator(params), state)
+    root.bind(["p"])
+    for name, change in ((LEVELS, lambda t: t.__setitem__((0, 0, 0), 10**6)),        # no float64 has that level
+                         (PLANES, lambda t: t.__setitem__((0, 0), 2**62)),            # beyond its terms
+                         (WEIGHTS, lambda t: t.__setitem__(0, float("nan")))):
+        sender.stage(edge._sum.segments(), edge._weights)
+        extras = sender.frontend_extras()
+        change(extras[name])
+        root.add({"p": torch.zeros(2), **extras}, 3)
+    assert root.refused == 3 and root.count == 0
+    assert torch.equal(root.aggregate(state)["p"], torch.zeros(2))
+    sender.stage(edge._sum.segments(), edge._weights)
+    root.add({"p": torch.zeros(2), **sender.frontend_extras()}, 3)
+    assert torch.equal(root.aggregate(state)["p"], torch.tensor([1.0, 2.0]))

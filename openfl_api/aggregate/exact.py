@@ -259,10 +259,14 @@ class ExactSum:
         parts = [self._levels, *(self._singles[i] for i in self._other)]
         if len(segments) != len(parts):
             raise ValueError(f"merge_ needs {len(parts)} segments (this sum's layout), got {len(segments)}")
-        for part, levels in zip(parts, segments):
+        for part, levels in zip(parts, segments):  # all checked before anything is added
             for level, (exact, terms) in levels.items():
                 if exact.shape != (part.size,):
                     raise ValueError(f"a merged level holds {exact.shape[0]} elements where this sum has {part.size}")
+                if part.terms.get(int(level), 0) + int(terms) > MAX_TERMS:
+                    raise OverflowError(f"an exact sum takes at most {MAX_TERMS} terms of one magnitude; aggregate sooner")
+        for part, levels in zip(parts, segments):
+            for level, (exact, terms) in levels.items():
                 part.merge(int(level), exact, int(terms))
         return self
 

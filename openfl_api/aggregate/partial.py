@@ -34,7 +34,13 @@ import numpy as np
 import torch
 
 from openfl_api.aggregate.base import Aggregator, check_layout
+from openfl_api.aggregate.exact import GRID_BITS, MAX_TERMS, ExactSum
 from openfl_api.errors import ConfigurationError
+from openfl_api.logger import bind
+
+_log = bind("backend")
+#: The levels a finite float64 term can have (its largest magnitude lies in [2**-1074, 2**1024)).
+_LEVELS = (-1074 // 8, 1024 // 8)
 
 __all__ = ["PartialSums", "weight_pieces", "PLANES", "LEVELS", "WEIGHTS"]
 
@@ -102,6 +108,9 @@ class PartialSums:
         self.segment_sizes = [floating, *(_size(t) for t in self._layout.values()
                                           if not (t.is_floating_point() or t.is_complex()))]
         self._staged: Optional[Dict[str, torch.Tensor]] = None
+        #: Partial sums left out because they did not hold (logged as errors).
+        self.refused = 0
+        self._left_out = False
 
     # ----------------------------------------------------------------- what the API reads
     def __getattr__(self, name: str) -> Any:
@@ -130,7 +139,7 @@ class PartialSums:
             ConfigurationError: the sum has another layout, uses more levels than ``planes`` in a
                 segment, or its weight needs more than ``pieces`` pieces.
         """
-        if [len(s) for s in segments] and len(segments) != len(self.segment_sizes):
+        if len(segments) != len(self.segment_sizes):
             raise ConfigurationError(f"the partial sum has {len(segments)} segments, the model {len(self.segment_sizes)}")
         planes = torch.zeros(self.planes, sum(self.segment_sizes), dtype=torch.int64)
         levels = torch.zeros(self.planes, len(self.segment_sizes), 2, dtype=torch.int64)
@@ -167,10 +176,12 @@ class PartialSums:
         if not bool((levels[..., 1] > 0).any()):
             self.inner.add(model, num_samples, weight, peak)
             return
-        segments = self._segments(tensors[PLANES], levels)
-        pieces = [float(w) for w in tensors[WEIGHTS].tolist() if w != 0.0]
-        if any(not (math.isfinite(w) and w > 0) for w in pieces):
-            raise ConfigurationError(f"a partial sum's weight pieces must be finite and > 0, got {pieces[:4]}")
+        try:
+            segments = self._segments(tensors[PLANES], levels)
+            pieces = self._pieces(tensors[WEIGHTS])
+        except ValueError as exc:  # nothing of it is merged: the global model stays as the valid uploads make it
+            self._refuse(f"left out a partial sum that does not hold: {exc}")
+            return
         inner = self.inner
         if weight != 1.0:
             self._add_mean(segments, pieces, num_samples, weight)
@@ -180,11 +191,40 @@ class PartialSums:
         else:
             inner._allocate(self._layout)
             inner._sum.zero_()
-        inner._sum.merge_(segments)
-        inner._count += len(pieces) or 1
-        inner._weights.extend(pieces or [0.0])
+        try:
+            inner._sum.merge_(segments)
+        except OverflowError as exc:
+            self._refuse(f"left out a partial sum: {exc}")
+            return
+        inner._count += len(pieces)
+        inner._weights.extend(pieces)
+
+    def _refuse(self, reason: str) -> None:
+        _log.error(reason)
+        self.refused += 1
+        self._left_out = True
+
+    def aggregate(self, current: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """The wrapped aggregator's result; the current model when every upload of the version was
+        a partial sum left out (the version then keeps its model)."""
+        left_out, self._left_out = self._left_out, False
+        if not self.inner.count and left_out:
+            _log.error("every upload of this version was a partial sum that was left out; the model stays as it was")
+            return {name: current[name].detach().clone() for name in self._layout}
+        return self.inner.aggregate(current)
+
+    def reset(self) -> None:
+        self._left_out = False
+        self.inner.reset()
 
     def _segments(self, planes: torch.Tensor, levels: torch.Tensor) -> List[Dict[int, Tuple[np.ndarray, int]]]:
+        """The exact sums of an upload's planes, checked: levels a float64 term can have, at most
+        :data:`MAX_TERMS` terms, each level once per segment, unused planes zero, and every integer
+        within what its terms can sum to (``2**42`` each), so no merge can overflow.
+
+        Raises:
+            ValueError: the planes do not hold.
+        """
         segments: List[Dict[int, Tuple[np.ndarray, int]]] = []
         start = 0
         table = levels.tolist()
@@ -192,19 +232,28 @@ class PartialSums:
             used: Dict[int, Tuple[np.ndarray, int]] = {}
             for p in range(self.planes):
                 level, terms = table[p][s]
-                if terms < 0:
-                    raise ConfigurationError(f"a partial sum's plane {p} of segment {s} counts {terms} terms")
+                plane = planes[p, start:start + size]
+                if not 0 <= terms <= MAX_TERMS or not _LEVELS[0] <= level <= _LEVELS[1] or level in used:
+                    raise ValueError(f"plane {p} of segment {s} has level {level} and {terms} terms; levels lie in "
+                                     f"{list(_LEVELS)}, once per segment, with 0 to {MAX_TERMS} terms")
+                bound = terms << GRID_BITS
+                if bool((plane.abs() > bound).any()) or bool((plane == torch.iinfo(torch.int64).min).any()):
+                    raise ValueError(f"plane {p} of segment {s} holds integers beyond {terms} terms of at most 2**{GRID_BITS}")
                 if terms:
-                    used[level] = (planes[p, start:start + size].numpy().copy(), terms)
+                    used[level] = (plane.numpy().copy(), terms)
             segments.append(used)
             start += size
         return segments
 
+    def _pieces(self, weights: torch.Tensor) -> List[float]:
+        pieces = [float(w) for w in weights.tolist()]
+        if not all(math.isfinite(w) and w >= 0 for w in pieces) or not math.fsum(pieces) > 0:
+            raise ValueError(f"its weight pieces must be finite, >= 0 and sum to more than 0, got {pieces[:4]}")
+        return [w for w in pieces if w]
+
     def _add_mean(self, segments: List[Dict[int, Tuple[np.ndarray, int]]], pieces: List[float], num_samples: int,
                   weight: float) -> None:
         """A partial sum weighted by another factor: its mean, added as one upload."""
-        from openfl_api.aggregate.exact import ExactSum
-
         shapes = [tuple(t.shape) for t in self._layout.values()]
         floating = [t.is_floating_point() or t.is_complex() for t in self._layout.values()]
         complex_ = [t.is_complex() for t in self._layout.values()]
