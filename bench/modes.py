@@ -2,6 +2,7 @@
 the launcher with 1, 2 and 4 frontend processes.
 
     python bench/modes.py [--repeats 2] [--rounds 8] [--config K:FRACTION ...] [--modes plain,simulate,launch2]
+    python bench/modes.py --baseline /path/to/other/checkout [--baseline-modes simulate,launch2]
 
 Workload (the same in every mode): MLP 784-200-200-10, 100 samples per client of FedProx's
 Synthetic(0.5, 0.5) drawn from ``(seed, client id)`` before the first round, one local epoch,
@@ -26,6 +27,10 @@ loop and so every frontend), and the parent lets one mode run one round while th
 the order rotating every round. This machine's speed drifts within minutes; rounds of different
 modes a few tenths of a second apart see the same drift. A round is the time from the parent's go
 to the next aggregation; round 1 (joins, first download) runs unpaced and is left out.
+
+``--baseline DIR`` adds, for each of ``--baseline-modes``, the same mode run with the
+``openfl_api`` of another checkout (``MODE@base``), in the same lockstep: a before/after
+comparison within one run.
 
 Printed per configuration and mode: the steady round (median of rounds 2..N over all repeats,
 with the range of the per-repeat medians), the ratio to the plain loop (median of the paired
@@ -249,12 +254,14 @@ class Mode:
 
     def __init__(self, mode: str, options: argparse.Namespace, clients: int, fraction: float) -> None:
         self.mode = mode
+        mode, _, base = mode.partition("@")
+        root = Path(options.baseline).resolve() if base else ROOT
         self.listener = socket.socket()
         self.listener.bind(("127.0.0.1", 0))
         self.listener.listen(1)
         self.listener.settimeout(600)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "OPENFL_", "MASTER_"))}
-        env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+        env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
         env[GATE_VAR] = f"127.0.0.1:{self.listener.getsockname()[1]}"
         env["OMP_NUM_THREADS"] = "1"
         shared = ["--clients", str(clients), "--fraction", str(fraction), "--rounds", str(options.rounds),
@@ -266,8 +273,8 @@ class Mode:
         else:
             command = [sys.executable, "-m", "openfl_api.launch", "--nproc_per_node", str(int(mode[6:]) + 1),
                        __file__, "--api", *shared]
-        self.log = open(Path(options.logs) / f"{mode}-{clients}-{fraction}.log", "w")
-        self.process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
+        self.log = open(Path(options.logs) / f"{self.mode}-{clients}-{fraction}.log", "w")
+        self.process = subprocess.Popen(command, env=env, cwd=root, stdout=self.log, stderr=subprocess.STDOUT,
                                         start_new_session=True)
         self.file: Any = None
         self.peak = 0.0
@@ -305,7 +312,7 @@ class Mode:
 
 
 def lockstep(options: argparse.Namespace, clients: int, fraction: float) -> Dict[str, Any]:
-    modes = {mode: Mode(mode, options, clients, fraction) for mode in options.modes}
+    modes = {mode: Mode(mode, options, clients, fraction) for mode in all_modes(options)}
     try:
         rounds: Dict[str, List[float]] = {mode: [] for mode in modes}
         for mode in modes.values():
@@ -328,10 +335,16 @@ def lockstep(options: argparse.Namespace, clients: int, fraction: float) -> Dict
                 mode.process.wait(timeout=30)
 
 
+def all_modes(options: argparse.Namespace) -> List[str]:
+    """The modes to run: ``--modes``, then ``MODE@base`` for each baseline mode."""
+    extra = [f"{mode}@base" for mode in options.baseline_modes if mode != "plain"] if options.baseline else []
+    return list(options.modes) + extra
+
+
 def parent(options: argparse.Namespace) -> None:
     Path(options.logs).mkdir(parents=True, exist_ok=True)
     print(f"bench/modes.py: {options.repeats} repeats x {options.rounds} rounds in lockstep, modes "
-          f"{', '.join(options.modes)}; load average at start {os.getloadavg()[0]:.1f}")
+          f"{', '.join(all_modes(options))}; load average at start {os.getloadavg()[0]:.1f}")
     results = {}
     for clients, fraction in options.config or CONFIGS:
         results[(clients, fraction)] = [lockstep(options, clients, fraction) for _ in range(options.repeats)]
@@ -342,7 +355,7 @@ def parent(options: argparse.Namespace) -> None:
     print("| K | fraction | mode | steady s/round | / plain | peak PSS MB | checksum |")
     print("|--:|--:|---|--:|--:|--:|---|")
     for (clients, fraction), repeats in results.items():
-        for mode in options.modes:
+        for mode in all_modes(options):
             runs = [run[mode]["rounds"][1:] for run in repeats]
             flat = [x for run in runs for x in run]
             medians = [statistics.median(run) for run in runs]
@@ -389,6 +402,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--config", type=config, action="append",
                         help="K:FRACTION, e.g. 100:1.0; repeatable (default: 10:1.0, 100:1.0, 100:0.1)")
     parser.add_argument("--modes", type=modes, default=list(MODES), help=f"comma-separated subset of {','.join(MODES)}")
+    parser.add_argument("--baseline", default=None, help="another checkout to run --baseline-modes from as MODE@base")
+    parser.add_argument("--baseline-modes", type=modes, default=["simulate", "launch2"],
+                        help="modes to run from --baseline too (default simulate,launch2)")
     parser.add_argument("--logs", default="/tmp/openfl-bench-modes", help="folder for each mode's output")
     parser.add_argument("--child", choices=("plain",), help=argparse.SUPPRESS)
     parser.add_argument("--clients", type=int, help=argparse.SUPPRESS)
