@@ -34,7 +34,9 @@ comparison within one run.
 
 Printed per configuration and mode: the steady round (median of rounds 2..N over all repeats,
 with the range of the per-repeat medians), the ratio to the plain loop (median of the paired
-per-round ratios, with the per-repeat range), the peak PSS of all the mode's processes together
+per-round ratios, with the per-repeat range), the CPU seconds of all the mode's processes per
+round and its ratio to the plain loop's (on a loaded machine the scheduler gives a mode of many
+threads more of the cores than a one-thread loop, so wall-clock ratios flatter it there), the peak PSS of all the mode's processes together
 (sampled every 50 ms) and the SHA-256 of the final weights (first 12 hex digits).
 """
 
@@ -235,6 +237,22 @@ def tree(pid: int) -> List[int]:
     return found
 
 
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` and every process below it (live ones)."""
+    total = 0
+    for member in tree(pid):
+        try:
+            with open(f"/proc/{member}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except (OSError, IndexError):
+            pass
+    return total / TICK
+
+
 def pss_mb(pid: int) -> float:
     total = 0
     for member in tree(pid):
@@ -315,18 +333,21 @@ def lockstep(options: argparse.Namespace, clients: int, fraction: float) -> Dict
     modes = {mode: Mode(mode, options, clients, fraction) for mode in all_modes(options)}
     try:
         rounds: Dict[str, List[float]] = {mode: [] for mode in modes}
+        cpu: Dict[str, List[float]] = {mode: [0.0] for mode in modes}
         for mode in modes.values():
             rounds[mode.mode].append(mode.line()["wall"])  # round 1, unpaced
         names = list(modes)
         for number in range(1, options.rounds):
             for name in names[number % len(names):] + names[:number % len(names)]:
+                before = cpu_seconds(modes[name].process.pid)
                 modes[name].go()
                 rounds[name].append(modes[name].line()["wall"])
+                cpu[name].append(cpu_seconds(modes[name].process.pid) - before)
         result = {}
         for name, mode in modes.items():
             final = mode.line()
             mode.close()
-            result[name] = {"rounds": rounds[name], "pss_mb": mode.peak, "checksum": final["checksum"]}
+            result[name] = {"rounds": rounds[name], "cpu": cpu[name], "pss_mb": mode.peak, "checksum": final["checksum"]}
         return result
     finally:
         for mode in modes.values():
@@ -351,23 +372,30 @@ def parent(options: argparse.Namespace) -> None:
     print(f"load average at end {os.getloadavg()[0]:.1f}\n")
     print("Steady seconds per round: median of rounds 2..N over all repeats (range of per-repeat medians); "
           "/ plain: median of paired per-round ratios (range of per-repeat medians); peak PSS of all the "
-          "mode's processes; SHA-256 of the final weights.\n")
-    print("| K | fraction | mode | steady s/round | / plain | peak PSS MB | checksum |")
-    print("|--:|--:|---|--:|--:|--:|---|")
+          "mode's processes; CPU: user + system seconds of all its processes per round; SHA-256 of the final weights.\n")
+    print("| K | fraction | mode | steady s/round | / plain | CPU s/round | CPU / plain | peak PSS MB | checksum |")
+    print("|--:|--:|---|--:|--:|--:|--:|--:|---|")
     for (clients, fraction), repeats in results.items():
         for mode in all_modes(options):
             runs = [run[mode]["rounds"][1:] for run in repeats]
             flat = [x for run in runs for x in run]
             medians = [statistics.median(run) for run in runs]
-            ratio = "-"
+            ratio = cpu_ratio = "-"
             if "plain" in options.modes and mode != "plain":
-                pairs = [[a / b for a, b in zip(run[mode]["rounds"][1:], run["plain"]["rounds"][1:])] for run in repeats]
-                per = [statistics.median(p) for p in pairs]
-                ratio = f"{statistics.median(x for p in pairs for x in p):.2f} ({min(per):.2f}-{max(per):.2f})"
+                ratio = paired(repeats, mode, "rounds")
+                cpu_ratio = paired(repeats, mode, "cpu")
+            cpu = statistics.median(x for run in repeats for x in run[mode]["cpu"][1:])
             sums = sorted({run[mode]["checksum"] for run in repeats})
             print(f"| {clients} | {fraction} | {mode} | {statistics.median(flat):.3f} ({min(medians):.3f}-"
-                  f"{max(medians):.3f}) | {ratio} | {max(run[mode]['pss_mb'] for run in repeats):.0f} | "
-                  f"{' '.join(sums)} |")
+                  f"{max(medians):.3f}) | {ratio} | {cpu:.3f} | {cpu_ratio} | "
+                  f"{max(run[mode]['pss_mb'] for run in repeats):.0f} | {' '.join(sums)} |")
+
+
+def paired(repeats: List[Dict[str, Any]], mode: str, key: str) -> str:
+    """Median of the per-round ratios ``mode / plain`` of ``key`` (rounds 2..N), with the per-repeat range."""
+    pairs = [[a / b if b else float("nan") for a, b in zip(run[mode][key][1:], run["plain"][key][1:])] for run in repeats]
+    per = [statistics.median(p) for p in pairs]
+    return f"{statistics.median(x for p in pairs for x in p):.2f} ({min(per):.2f}-{max(per):.2f})"
 
 
 def config(text: str) -> Tuple[int, float]:
