@@ -23,10 +23,9 @@ for it (:mod:`openfl_api.evaluation`); ``API(record="run.jsonl")`` writes the re
 
 from __future__ import annotations
 
-import functools
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, List, Mapping, Optional, Sequence, Set, Union
+from typing import Any, List, Mapping, Optional, Sequence, Set, Union
 
 import torch
 from torch.utils.hooks import RemovableHandle
@@ -37,36 +36,21 @@ from openfl_api.asynchronous import Asynchronous
 from openfl_api.backend import Server
 from openfl_api.controls import Controls
 from openfl_api.errors import ConfigurationError, RoleError
-from openfl_api.evaluation import check_every, run_evaluation
-from openfl_api.frontend import Client, check_upload_meta
+from openfl_api.frontend import Client
 from openfl_api.logger import bind
-from openfl_api.metrics import History
 from openfl_api.parser import environ
-from openfl_api.record import Record, Recorder, check_log_metrics
+from openfl_api.record import Record, Recorder
 from openfl_api.state import SharedState
 from openfl_api.step import BACKEND, FRONTEND, Event, Step, Steps, StopAtVersion
 from openfl_api.timeouts import Timeouts
+from openfl_api.training import Training
 from openfl_api.transport.rendezvous import token_from
+from openfl_api.waiting import exits_fast_when_interrupted
 
 __all__ = ["API"]
 
 
-def _exits_fast_when_interrupted(method: Any) -> Any:
-    """A blocking API method that Ctrl-C interrupts makes the process end at once by SIGINT once
-    the interrupt has been printed (see :func:`openfl_api.waiting.exit_fast_after_interrupt`)."""
-
-    @functools.wraps(method)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return method(*args, **kwargs)
-        except KeyboardInterrupt:
-            waiting.exit_fast_after_interrupt()
-            raise
-
-    return wrapper
-
-
-class API(Controls):
+class API(Training, Controls):
     """The federation seen from one process: backend (aggregator) or frontend (client).
 
     Args:
@@ -210,7 +194,7 @@ class API(Controls):
         self._steps.fire(FRONTEND if self._frontend else BACKEND, event, *args)
 
     # ----------------------------------------------------------------- set-up
-    @_exits_fast_when_interrupted
+    @exits_fast_when_interrupted
     def build_connection(
         self,
         address: Union[Address, Sequence[Address], None] = None,
@@ -286,53 +270,8 @@ class API(Controls):
         return self._state
 
     # ----------------------------------------------------------------- upload transforms
-    def set_upload_transforms(self, *transforms: Any, seed: Optional[int] = None) -> Any:
-        """Declare the upload chain: transforms applied to each update on the frontend before
-        upload and undone on the backend before aggregation (clipping, compression, secure
-        aggregation, noise; see ``docs/privacy.rst``). Call it with the same transforms on every rank,
-        before ``run()``/``download()``; a frontend with another chain is refused when it joins.
-
-        Args:
-            transforms: ``openfl_api.transforms`` objects in the order clip, compress, mask, noise.
-            seed: seeds the frontends' stochastic rounding per version and client; None: fresh.
-
-        Returns:
-            The :class:`~openfl_api.transforms.Chain`.
-
-        Raises:
-            ConfigurationError: a transform is unknown, out of order, or combined with one it cannot go with.
-            RoleError: called twice, or after the federation started.
-        """
-        from openfl_api.transforms.backend_side import ChainStep
-        from openfl_api.transforms.chain import Chain
-
-        if self._transforms is not None:
-            raise RoleError("set_upload_transforms(...) was called already on this API; a chain is declared once")
-        if self._ran or (self._client is not None and self._client.transforms is not None):
-            raise RoleError("set_upload_transforms(...) must come before run(), start(), download() and upload()")
-        chain = Chain(transforms, seed=seed)
-        self._transforms = chain
-        self._chain_step = ChainStep()
-        self.register_step(self._chain_step)
-        return chain
-
-    @property
-    def upload_transforms(self) -> Any:
-        """The upload chain declared with :meth:`set_upload_transforms`, or None."""
-        return self._transforms
-
-    def _frontend_transforms(self, client: Client) -> None:
-        """Give the frontend its side of the upload chain, built for the current shared state."""
-        if self._transforms is None:
-            return
-        state = self._shared_state()
-        if client.transforms is None or client.transforms.state is not state:
-            from openfl_api.transforms.frontend_side import FrontendSide
-
-            client.transforms = FrontendSide(self._transforms, state, self.log, self._hosted, self.timeouts, self._token)
-
     # ----------------------------------------------------------------- running
-    @_exits_fast_when_interrupted
+    @exits_fast_when_interrupted
     def run(self) -> None:
         """Backend: serve until a stop step fires (blocking). Frontend: return at once."""
         if self._frontend:
@@ -344,7 +283,7 @@ class API(Controls):
         self._prepare_backend(server)
         server.run()
 
-    @_exits_fast_when_interrupted
+    @exits_fast_when_interrupted
     def start(self) -> None:
         """Backend: run the serve loop in a background thread; :meth:`finish` waits for it."""
         if self._frontend:
@@ -355,124 +294,6 @@ class API(Controls):
         self._ran = True
         self._prepare_backend(server)
         server.start()
-
-    @_exits_fast_when_interrupted
-    def download(self) -> bool:
-        """Frontend: load a global model of version >= the local one in place. False once ended.
-
-        The backend returns False at once, so the same loop runs on every rank.
-        """
-        if not self._frontend:
-            return False
-        client = self._require_client("download()")
-        self._frontend_transforms(client)
-        return client.download(self._shared_state(), self.rank, self.nick_name)
-
-    @_exits_fast_when_interrupted
-    def upload(
-        self, num_samples: int = 1, metrics: Optional[Mapping[str, float]] = None,
-        client: Union[int, str, None] = None,
-    ) -> bool:
-        """Frontend: send the local state tagged with the local version. False once ended.
-
-        Args:
-            num_samples: samples behind this update (FedAvg's weight).
-            metrics: scalar metrics to report, e.g. ``{"loss": 0.3}``.
-            client: with ``API(clients=[...])``: the virtual client this update belongs to.
-        """
-        if not self._frontend:
-            return False
-        meta = check_upload_meta(num_samples, {} if metrics is None else metrics)
-        owner = self._require_client("upload()")
-        self._frontend_transforms(owner)
-        return owner.upload(self._shared_state(), self.rank, self.nick_name, meta["num_samples"], meta["metrics"],
-                            client=None if client is None else str(client))
-
-    def evaluate(self, fn: Callable[[], Any], *, client: Union[int, str, None] = None,
-                 every: Optional[int] = None) -> bool:
-        """Frontend: evaluate the downloaded global model with ``fn`` when it is due, and report it.
-
-        It is due when the backend asks for it (:class:`~openfl_api.evaluation.FederatedEvaluation`)
-        or when ``every`` divides its version. ``fn()`` runs under ``torch.no_grad()`` and returns
-        ``(num_samples, {name: number})``, on this client's held-out data.
-
-        Args:
-            fn: the evaluation function.
-            client: with ``API(clients=[...])``: the virtual client evaluating.
-            every: also evaluate every ``every``-th version, whatever the backend asks.
-
-        Returns:
-            False once the federation has ended, and after the final model was evaluated (train
-            no more); True otherwise. The backend returns False at once.
-
-        Raises:
-            ConfigurationError: ``fn`` is not callable or returned something else; a bad ``every``
-                or ``client``; no model was downloaded yet.
-        """
-        if not self._frontend:
-            return False
-        if not callable(fn):
-            raise ConfigurationError("api.evaluate(fn) needs a function returning (num_samples, {name: number})")
-        if every is not None:
-            check_every(every, "api.evaluate")
-        owner = self._require_client("evaluate()")
-        if owner.ended and owner.final is None:
-            return False
-        if owner.downloaded is None:
-            raise ConfigurationError("api.evaluate() evaluates the downloaded global model: call it after "
-                                     "api.download() has returned True")
-        config = owner.config
-        due = (owner.final is not None or bool(config.get("evaluate"))
-               or (every is not None and owner.downloaded % every == 0))
-        if not due:
-            if every is None and "evaluate" not in config and not self._warned_evaluate:
-                self._warned_evaluate = True
-                self.log.warning("api.evaluate(...) evaluates nothing: the backend asks for no federated evaluation "
-                                 "(attach ofl.FederatedEvaluation(every=k) to the backend) and no every=k was given")
-            return True
-        num_samples, metrics = run_evaluation(fn, "api.evaluate")
-        sent = owner.report(self._shared_state(), self.rank, self.nick_name, num_samples, metrics,
-                            client=None if client is None else str(client))
-        return sent and owner.final is None
-
-    @property
-    def history(self) -> Optional[History]:
-        """Backend: the aggregated metrics and time split per version of this run (what the record
-        holds), or None before ``run()`` and with ``API(record=False)``."""
-        return self._recorder.history if self._recorder is not None else None
-
-    def log_metrics(self, kind: str, metrics: Mapping[str, float], *, version: Optional[int] = None,
-                    num_samples: Optional[int] = None) -> None:
-        """Backend: record metrics of one's own for a version, e.g. a centralized evaluation.
-
-        Args:
-            kind: the record's kind for them, an identifier (``"centralized"``, ``"test"``); not
-                ``"train"`` or ``"federated"``, which the backend fills itself.
-            metrics: ``{name: finite number}``.
-            version: the version they describe; default the current one.
-            num_samples: the samples behind them, if any.
-
-        Raises:
-            ConfigurationError: an argument that does not fit.
-            RoleError: called on a frontend.
-        """
-        server = self._require_server("log_metrics()")
-        version = server.version if version is None else version
-        checked = check_log_metrics(kind, metrics, version, num_samples)
-        if self._recorder is not None:
-            self._recorder.log_metrics(kind, checked, version, num_samples)
-
-    def update_version(self, version: Optional[int] = None) -> None:
-        """Frontend: advance the local version by one, or set it to ``version``."""
-        if not self._frontend:
-            raise RoleError("update_version() is a frontend method: the backend's version moves only by aggregation")
-        client = self._require_client("update_version()")
-        if version is None:
-            client.version += 1
-        elif isinstance(version, int) and not isinstance(version, bool) and version >= 0:
-            client.version = version
-        else:
-            raise ConfigurationError(f"update_version(version=...) must be an integer >= 0 or None, got {version!r}")
 
     def _require_client(self, what: str) -> Client:
         if self._client is None:

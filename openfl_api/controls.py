@@ -14,7 +14,9 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Union
 from openfl_api import checkpoint
 from openfl_api.asynchronous import Asynchronous
 from openfl_api.errors import RoleError
+from openfl_api.metrics import History
 from openfl_api.payload.config import check_config
+from openfl_api.record import check_log_metrics
 from openfl_api.step import BACKEND, Step
 from openfl_api.transport.rendezvous import Peer
 
@@ -189,3 +191,30 @@ class Controls:
         if self._recorder is not None:
             states["record"] = self._recorder.state_dict()
         return states
+
+    @property
+    def history(self) -> Optional[History]:
+        """Backend: the aggregated metrics and time split per version of this run (what the record
+        holds), or None before ``run()`` and with ``API(record=False)``."""
+        return self._recorder.history if self._recorder is not None else None
+
+    def log_metrics(self, kind: str, metrics: Mapping[str, float], *, version: Optional[int] = None,
+                    num_samples: Optional[int] = None) -> None:
+        """Backend: record metrics of one's own for a version, e.g. a centralized evaluation.
+
+        Args:
+            kind: the record's kind for them, an identifier (``"centralized"``, ``"test"``); not
+                ``"train"`` or ``"federated"``, which the backend fills itself.
+            metrics: ``{name: finite number}``.
+            version: the version they describe; default the current one.
+            num_samples: the samples behind them, if any.
+
+        Raises:
+            ConfigurationError: an argument that does not fit.
+            RoleError: called on a frontend.
+        """
+        server = self._require_server("log_metrics()")
+        version = server.version if version is None else version
+        checked = check_log_metrics(kind, metrics, version, num_samples)
+        if self._recorder is not None:
+            self._recorder.log_metrics(kind, checked, version, num_samples)

@@ -8,49 +8,37 @@ a frontend whose model differs from the backend's gets a :class:`ConfigurationEr
 first differences, one refused for another reason an :class:`AdmissionError`.
 
 The first request registers the frontend: it carries the layout of its model (``schema``) and,
-with virtual clients, the ids it hosts. While a reply takes long, a line every ``status`` interval
-says what the frontend waits for and what the backend last said of its version. On the main
-thread the pipe's blocking waits run on a helper thread, so Ctrl-C is never held up.
-
-Between requests a :class:`~openfl_api.transport.heartbeat.Beat` sends heartbeats that the backend
-echoes; while a reply is awaited the backend pings. When the backend falls silent for the link
-timeout the link counts as lost: the frontend says so at once, and its next request joins again
-(for up to ``reconnect``) and is repeated.
+with virtual clients, the ids it hosts. The pipe, its waits, heartbeats and joining again are the
+:class:`~openfl_api.link.Link` half of the client.
 """
 
 from __future__ import annotations
 
-import contextlib
-import time
 from datetime import timedelta
 from typing import Any, Callable, Dict, List, Mapping, Optional, Union
 
 import torch
 
 from openfl_api.address import Address
-from openfl_api.errors import AdmissionError, ConfigurationError, PayloadError, TransportError, WireError
+from openfl_api.errors import ConfigurationError, PayloadError
 from openfl_api.ledger import Ledger
 from openfl_api.payload import (
     MAX_HEADER_BYTES, FiniteScan, Schema, decode, dtype_name, encode, encode_header, encode_pieces, on_cuda,
     parse_header, validate_meta,
 )
 from openfl_api.payload.config import check_config
+from openfl_api.link import Link, header_or_empty
 from openfl_api.reporting import Reporting
 from openfl_api.state import SharedState
 from openfl_api.step import Event, Transfer
 from openfl_api.timeouts import Timeouts
-from openfl_api.transport.base import Kind, Limits, Message, Pieces, Pipe, Silence
+from openfl_api.transport.base import Kind, Limits, Message, Pieces, Pipe
 from openfl_api.transport.heartbeat import Beat
-from openfl_api.transport.rendezvous import join
-from openfl_api.transport.store import open_store
-from openfl_api.waiting import Helper, interruptible, logged
+from openfl_api.waiting import Helper
 
 __all__ = ["Client", "check_upload_meta"]
 
-MAX_REJOINS = 3  # joins again per request before a broken pipe is reported
-
-
-class Client(Reporting):
+class Client(Link, Reporting):
     """The frontend of one API: one pipe to the backend and a local version.
 
     Args:
@@ -98,179 +86,6 @@ class Client(Reporting):
         self._schema: Optional[List[List[Any]]] = None  # the model's layout, sent when registering
         #: The upload chain's frontend side (:class:`~openfl_api.transforms.frontend_side.FrontendSide`), or None.
         self.transforms: Any = None
-
-    def connect(self, address: Address, token: bytes, nick_name: str, timeout: Optional[timedelta] = None) -> None:
-        """Join the backend at ``address``; blocks until admitted."""
-        timeout = timeout or self.timeouts.connect
-        self._store = open_store(address, backend=False, timeout=timeout, log=self.log)
-        self._pipe, self.backend_name, self._ended_on_store = join(
-            address, self._store, token, nick_name, timeout, log=self.log, status=self.timeouts.status,
-            protect_wire=self.protect_wire)
-        self.address, self._token, self._nick_name = address, token, nick_name
-        self._registered = False
-        if self._pipe.heartbeats:
-            self._pipe.link = self.timeouts.link
-            self._beat = Beat(self._pipe, self.timeouts.heartbeat, self.timeouts.link, self._link_lost)
-        self.log.info(f"joined {self.backend_name} at {address.init_method} as rank {address.rank}")
-
-    def _link_lost(self, reason: Exception) -> None:
-        """From the heartbeat's thread: say at once that the backend fell silent."""
-        self.log.warning(f"lost the link to {self.backend_name} at {self.address.init_method}: {reason}; "
-                         f"the next request joins again (for up to reconnect={self.reconnect})")
-
-    def _drop_pipe(self) -> None:
-        if self._beat is not None:
-            self._beat.stop()
-            self._beat = None
-        if self._pipe is not None:
-            self._pipe.close()
-            self._pipe = None
-
-    def _rejoin(self, cause: TransportError, moved: bool = False) -> bool:
-        """Join a restarted backend again, with back-off, for up to ``reconnect`` (``moved``: the
-        backend asked for it, for at least ``connect_timeout``); True if joined."""
-        patience = max(self.reconnect, self.timeouts.connect) if moved else self.reconnect
-        deadline = time.monotonic() + patience.total_seconds()
-        delay = 0.2
-        if moved:
-            self.log.info(f"the backend at {self.address.init_method} says: {cause}; joining again")
-        else:
-            self.log.warning(f"lost the backend at {self.address.init_method} ({cause}); "
-                             f"trying to join again for up to {self.reconnect}")
-        self._drop_pipe()
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            try:
-                self.connect(self.address, self._token, self._nick_name,
-                             timeout=timedelta(seconds=max(0.5, min(left, self.timeouts.connect.total_seconds()))))
-                return True
-            except AdmissionError as exc:
-                # After a lost link the backend may not have dropped this rank's old pipe yet.
-                if getattr(exc, "code", None) != "duplicate":
-                    raise
-                self.log.debug(f"join again refused: {exc}; the backend still holds the old pipe")
-            except (TransportError, RuntimeError) as exc:
-                self.log.debug(f"join again failed: {exc}")
-            time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-            delay = min(2 * delay, 5.0)
-
-    def _alloc(self, size: int) -> torch.Tensor:
-        if self._rx.numel() < size:
-            self._rx = torch.zeros(size, dtype=torch.uint8)  # zero padding keeps the finite check on its fast path
-        buffer = self._rx[:size]
-        if self._scan_schema is not None:
-            self.scan = FiniteScan(self._scan_schema, buffer)
-        return buffer
-
-    def _progress(self, end: int) -> None:
-        if self.scan is not None:
-            self.scan.progress(end)
-
-    def _exchange(self, request: Union[Message, Callable[[], Message]], limits: Limits,
-                  schema: Optional[Schema] = None, what: str = "the backend's answer") -> Optional[Message]:
-        """Send a request (or build it: ``request()``) and receive its reply; None once ended.
-
-        A broken pipe with no end recorded on the store means the backend went away (or dropped
-        this frontend): join again for up to ``reconnect`` and repeat the request. ``what`` names
-        the reply in the lines logged while it takes long. ``schema``: the layout of the reply's
-        payload, checked for finite values while it arrives (``self.scan``).
-
-        Raises:
-            ConfigurationError: the backend refused this frontend's model.
-            AdmissionError: the backend refused this frontend for another reason.
-        """
-        self._scan_schema, self.scan = schema, None
-        if isinstance(request, Message):
-            request = (lambda message: lambda: message)(request)
-        rejoins = 0
-        limits = Limits(limits.kinds | {Kind.PING}, limits.max_header, limits.max_payload)
-        while True:
-            try:
-                with logged(self.log, self.timeouts.status, lambda: self._waiting_for(what)):
-                    reply = self._round_trip(request(), limits)
-                if reply.kind is Kind.END and _header_or_empty(reply.header).get("code") == "changed":
-                    # The backend's address-file entry changed: it serves it again; join its new session.
-                    reason = str(_header_or_empty(reply.header).get("reason", ""))[:500]
-                    if rejoins < MAX_REJOINS and self._rejoin(TransportError(reason), moved=True):
-                        rejoins += 1
-                        continue
-                    raise TransportError(f"could not join {self.address.init_method} again after the backend "
-                                         f"changed it: {reason}")
-                break
-            except TransportError as exc:
-                if isinstance(exc, WireError):
-                    self.ledger.refuse_on_wire(exc.reason)
-                    self.log.warning(f"refused a message from {self.backend_name}: {exc}")
-                if isinstance(exc, Silence):
-                    self._link_lost(exc)
-                ended = self._ended_on_store()
-                if ended:
-                    self._end(f"the backend closed the pipe ({exc})")
-                    return None
-                if self.reconnect > timedelta(0) and rejoins < MAX_REJOINS and self._rejoin(exc):
-                    rejoins += 1  # a request the backend keeps dropping is not repeated forever
-                    self._report_again(request)  # a restarted backend may have lost them
-                    continue
-                if ended is None:
-                    self._end(f"lost the backend at {self.address.init_method} and could not reach it again "
-                              f"within reconnect={self.reconnect}: {exc}")
-                    return None
-                raise TransportError(
-                    f"lost the backend at {self.address.init_method}, which did not record an end: {exc}"
-                ) from exc
-        if reply.kind is Kind.END:
-            fields = _header_or_empty(reply.header)
-            reason = str(fields.get("reason", "the federation ended"))[:2000]
-            code = fields.get("code")
-            if code in ("refused", "mismatch"):
-                self._end(reason, quiet=True)
-                self.log.error(f"the backend {reason}")
-                raise (ConfigurationError if code == "mismatch" else AdmissionError)(f"the backend {reason}")
-            self._end(reason)
-            return None
-        return reply
-
-    def _round_trip(self, message: Message, limits: Limits) -> Message:
-        """Send ``message`` and receive the reply, skipping the backend's pings (remembering their status)."""
-        pipe, beat = self._pipe, self._beat
-        if pipe is None:
-            raise TransportError("the pipe to the backend was closed after an earlier failure")
-        if pipe.queues_sends:  # in-process: the backend answers on this thread, nothing blocks long
-            pipe.send(message, self.timeouts.transfer)
-            return self._receive(pipe, limits)
-        if self._io is None:
-            self._io = Helper("openfl-frontend-io")
-
-        def call() -> Message:
-            with beat.request() if beat is not None else contextlib.nullcontext():
-                pipe.send(message, self.timeouts.transfer)
-                return self._receive(pipe, limits)
-
-        return interruptible(call, self._io)
-
-    def _receive(self, pipe: Pipe, limits: Limits) -> Message:
-        # The backend pings while it handles or holds the request: silence means a cut link.
-        idle = self.timeouts.link if pipe.heartbeats else self.timeouts.idle
-        limits = Limits(limits.kinds | {Kind.HEARTBEAT}, limits.max_header, limits.max_payload)
-        reply = pipe.recv(limits, idle, self.timeouts.transfer, self._alloc, self._progress)
-        while reply.kind in (Kind.PING, Kind.HEARTBEAT):  # the backend checks on us while it works
-            status = _header_or_empty(reply.header).get("status")
-            if isinstance(status, str):
-                self._backend_said = status[:500]
-            reply = pipe.recv(limits, idle, self.timeouts.transfer, self._alloc, self._progress)
-        return reply
-
-    def _waiting_for(self, what: str) -> str:
-        said = f"; the backend says: {self._backend_said}" if self._backend_said else ""
-        return f"{what} from {self.backend_name or 'the backend'} at {self.address.init_method}{said}"
-
-    def _end(self, reason: str, quiet: bool = False) -> None:
-        self.ended = True
-        self.end_reason = reason
-        if not quiet:
-            self.log.info(f"federation over: {reason}")
 
     def download(self, state: SharedState, rank: int, nick_name: str) -> bool:
         """Load a global model whose version is >= the local one; False once it has ended."""
@@ -416,7 +231,7 @@ class Client(Reporting):
             return False
         self._registered = True
         self._uploaded_from = self.version
-        ack = _header_or_empty(reply.header)
+        ack = header_or_empty(reply.header)
         transfer.accepted = bool(ack.get("accepted"))
         transfer.reason = str(ack.get("reason", ""))[:500]
         if self.transforms is not None:  # bytes on the wire; secure aggregation's unmask shares
@@ -430,32 +245,6 @@ class Client(Reporting):
             self.log.warning(f"the backend discarded this upload: {transfer.reason}")
         self._fire(Event.AFTER_UPLOAD, transfer)
         return True
-
-    def finish(self, interrupted: bool = False) -> None:
-        """Say goodbye to the backend and release the pipe; ``interrupted``: at once, no goodbye
-        (a wait of the pipe may still be blocked on the helper thread)."""
-        if self._pipe is None:
-            return
-        beat, self._beat = self._beat, None
-        if beat is not None:
-            beat.stop()
-        if not interrupted:
-            try:
-                with beat.request() if beat is not None else contextlib.nullcontext():
-                    self._pipe.send(Message(Kind.BYE), self.timeouts.transfer)
-            except TransportError:
-                pass
-            self._pipe.close()
-        self._pipe = None
-        self._store = None
-
-
-def _header_or_empty(raw: bytes) -> Dict[str, Any]:
-    try:
-        return parse_header(raw)
-    except PayloadError:
-        return {}
-
 
 def _check_config(config: Any) -> Dict[str, Any]:
     """The round config of a served model: absent, or a JSON object whose ``final`` is a str."""

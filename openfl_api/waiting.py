@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import itertools
 import os
 import signal
@@ -31,7 +32,7 @@ from concurrent.futures import TimeoutError as _FutureTimeout
 from datetime import timedelta
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, TypeVar, Union
 
-__all__ = ["logged", "interruptible", "Helper", "seconds", "exit_fast_after_interrupt"]
+__all__ = ["logged", "interruptible", "Helper", "seconds", "exit_fast_after_interrupt", "exits_fast_when_interrupted"]
 
 T = TypeVar("T")
 _POLL_S = 0.5  # how late a status line may be; the watchdog wakes at most this often
@@ -206,3 +207,18 @@ def _end_interrupted_process() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     os.kill(os.getpid(), signal.SIGINT)
     os._exit(128 + signal.SIGINT)
+
+
+def exits_fast_when_interrupted(method: Any) -> Any:
+    """Decorate a blocking API method: when Ctrl-C interrupts it, the process ends at once by
+    SIGINT once the interrupt has been printed (see :func:`exit_fast_after_interrupt`)."""
+
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(*args, **kwargs)
+        except KeyboardInterrupt:
+            exit_fast_after_interrupt()
+            raise
+
+    return wrapper

@@ -33,3 +33,11 @@ def test_the_transfer_bench_runs_its_three_phases_in_lockstep_and_prints_the_rat
 def test_the_transforms_bench_times_each_transform_and_secure_aggregations_round():
     out = run("transforms.py", "--repeats", "1", "--rounds", "2", "--models", "mlp")
     assert "| QSGD 8 bits |" in out and "ratio SecAgg / plain" in out
+
+
+def test_the_modes_bench_runs_plain_simulate_and_launched_frontends_in_lockstep_with_one_checksum(tmp_path):
+    out = run("modes.py", "--repeats", "1", "--rounds", "3", "--config", "6:0.5", "--modes", "plain,simulate,launch2",
+              "--logs", str(tmp_path))
+    rows = {line.split("|")[3].strip(): line.split("|")[9].strip() for line in out.splitlines() if line.startswith("| 6 |")}
+    assert set(rows) == {"plain", "simulate", "launch2"}
+    assert rows["simulate"] == rows["launch2"]  # the same weights, bit for bit, in one process and in three
