@@ -10,7 +10,7 @@ aggregates its two edges; the final weights are the flat federation's (``--fanou
 bit. ``--topology FILE`` reads the tree from a topology file instead. ``--out FILE`` makes the root save its final state_dict there.
 """
 
-import argparse
+import time
 from datetime import timedelta
 
 import torch
@@ -21,6 +21,7 @@ from openfl_api import aggregate
 ofl.logger.log_level("INFO")
 parser = ofl.parser.build_parser()
 parser.add_argument("--fanout", type=int, nargs="+", default=[2, 2], help="children per node, level by level")
+parser.add_argument("--slow", type=float, default=0.0, help="seconds the last leaf sleeps per round")
 parser.add_argument("--topology", default=None, help="a topology file (JSON), instead of --fanout")
 parser.add_argument("--rounds", type=int, default=3, help="versions the root aggregates")
 parser.add_argument("--out", default=None, help="root: save the final state_dict here")
@@ -91,6 +92,8 @@ with api:
         optimizer.zero_grad()
         torch.nn.functional.mse_loss(net(inputs), targets).backward()
         optimizer.step()
+        if leaf == len(leaves) - 1:
+            time.sleep(args.slow)  # a slow leaf: the other edge waits for the root meanwhile
         if not api.upload(num_samples=samples):
             break
         api.update_version()

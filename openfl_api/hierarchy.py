@@ -15,6 +15,7 @@ tree from one script.
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
@@ -26,6 +27,7 @@ from openfl_api.aggregate.base import Aggregator
 from openfl_api.aggregate.partial import PartialSums
 from openfl_api.api import API
 from openfl_api.errors import ConfigurationError, RoleError
+from openfl_api.step import Step
 
 __all__ = ["Edge", "Topology"]
 
@@ -192,6 +194,37 @@ class _Forward:
         self.samples = int(state["samples"])
 
 
+class _OnLoopThread(Step):
+    """Runs the edge's aggregations on its serve loop's own thread (at the next ``at_loop``).
+
+    An aggregation waits for the parent's next model, which may take long. A turn that handles an
+    upload runs on that child's pipe thread; waiting there, the pipe would neither echo the
+    child's heartbeats nor take its next request, and the child would count the link as cut. On
+    the loop's thread the pipe threads stay free: a child's request waits for the loop, and the
+    backend pings the child meanwhile.
+    """
+
+    def __init__(self, edge: "Edge", aggregate: Any) -> None:
+        self.edge, self._aggregate = edge, aggregate
+        self.due = False
+        self.loop_thread: Optional[threading.Thread] = None
+
+    def ask(self) -> bool:
+        """What a step's ``api.aggregate()`` calls on the edge: aggregate now on the loop's thread,
+        else at its next ``at_loop`` (woken at once)."""
+        if threading.current_thread() is self.loop_thread:
+            return self._aggregate()
+        self.due = True
+        server = self.edge.children._server
+        server.post(None)  # a turn on the loop's thread, now rather than at the next tick
+        return server.accepted > 0
+
+    def at_loop(self, api: Any) -> None:
+        if self.due and threading.current_thread() is self.loop_thread:
+            self.due = False
+            self._aggregate()
+
+
 class Edge:
     """A middle node: a frontend toward its parent, a backend toward its children.
 
@@ -280,6 +313,10 @@ class Edge:
             raise RoleError("the edge's serve loop runs once; run() was called already")
         api._ran = True
         api._prepare_backend(server)  # resumes the edge's checkpoint, if one is given
+        on_loop = _OnLoopThread(self, server.aggregate)
+        on_loop.loop_thread = threading.current_thread()  # server.run() below runs the loop here
+        server.aggregate = on_loop.ask
+        api.register_step(on_loop)
         with server._loop_lock:  # the parent's model wins over a resumed one, before any download is served
             with torch.no_grad():
                 for name, tensor in self._model.items():
