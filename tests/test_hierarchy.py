@@ -5,6 +5,7 @@ The same comparison with launched processes is in tests/distributed/test_hierarc
 from __future__ import annotations
 
 import math
+import threading
 from datetime import timedelta
 from pathlib import Path
 
@@ -212,3 +213,71 @@ def test_a_partial_sum_that_does_not_hold_is_left_out_and_the_model_stays():
     sender.stage(edge._sum.segments(), edge._weights)
     root.add({"p": torch.zeros(2), **sender.frontend_extras()}, 3)
     assert torch.equal(root.aggregate(state)["p"], torch.tensor([1.0, 2.0]))
+
+
+def test_an_edge_judges_its_childrens_uploads_by_its_own_version_and_discards_a_stale_one():
+    from conftest import WAIT, Model, fast_api
+
+    topology = ofl.Topology({1: 0, 2: 1, 3: 1})
+    base = f"memory://edge-{id(topology)}"
+    address = {r: ofl.Address(init_method=base, world_size=4, rank=r) for r in range(4)}
+    root = fast_api(False)
+    with ofl.StepAt(root):
+        ofl.AggregateCount(count=1)
+        ofl.StopAtVersion(max_version=2)
+    root.build_connection(address=topology.addresses(address[0])[1])
+    net = Model(0.0)
+    state = net.state_dict(keep_vars=True)
+    root.set_aggregator_and_optimizer(topology.aggregator(0, aggregate.AverageAggregator(net.parameters()), state))
+    root.set_state_dict(state)
+    root.start()
+    edge = ofl.Edge(parent=fast_api(True), children=fast_api(False))
+    errors, edges = [], []
+
+    def run_edge():
+        try:
+            with ofl.StepAt(edge.children):
+                ofl.AggregateCount(count=2)
+            edge.build_connection(*topology.addresses(address[1]))
+            model = Model(0.0)
+            sd = model.state_dict(keep_vars=True)
+            edge.set_state_dict(sd, topology.aggregator(1, aggregate.AverageAggregator(model.parameters()), sd))
+            edge.run()
+            edges.append(edge.children._server.ledger.count("discard"))
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            edge.finish()
+
+    def run_leaf(rank: int):
+        api = fast_api(True)
+        try:
+            api.build_connection(address=topology.addresses(address[rank])[0])
+            model = Model(float(rank))
+            api.set_aggregator_and_optimizer(aggregate.AverageAggregator(model.parameters()))
+            api.set_state_dict(model.state_dict(keep_vars=True))
+            stale = rank == 2
+            while api.download():
+                with torch.no_grad():
+                    model.weight.add_(rank)
+                if stale:  # one upload tagged with a version the edge is not at
+                    version, stale = api.version, False
+                    api.update_version(version + 5)
+                    assert api.upload(num_samples=rank)
+                    api.update_version(version)
+                if not api.upload(num_samples=rank):
+                    break
+                api.update_version()
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            api.finish()
+
+    threads = [threading.Thread(target=run_edge)] + [threading.Thread(target=run_leaf, args=(r,)) for r in (2, 3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(WAIT)
+    root.finish()
+    assert not errors and not any(t.is_alive() for t in threads), errors
+    assert root.version == 2 and edges == [1]
