@@ -53,7 +53,7 @@ _LAZY = {
     "MetricRules": "openfl_api.metrics",
     "StopAtEpsilon": "openfl_api.transforms.dp",
     "Edge": "openfl_api.hierarchy",
-    "Topology": "openfl_api.hierarchy",
+    "Topology": "openfl_api.topology",
 }
 _SUBMODULES = ("aggregate", "data", "logger", "parser", "virtual_clients", "utils", "transforms",
                "strategies")
