@@ -75,6 +75,7 @@ class Line:
 
     key: Tuple[str, ...]
     message: str
+    at: str = ""  # a log line's source line number ("..." in a quote: any)
 
 
 def parse(text: str) -> Optional[Line]:
@@ -82,7 +83,7 @@ def parse(text: str) -> Optional[Line]:
     text = text.strip()
     found = LOG_LINE.match(text)
     if found:
-        return Line(("log", found["level"], found["who"], found["module"]), found["message"])
+        return Line(("log", found["level"], found["who"], found["module"]), found["message"], found["line"])
     found = LAUNCHER_LINE.match(text)
     if found:
         return Line(("launcher",), found["message"])
@@ -116,7 +117,8 @@ class Quoted:
     line: Line
 
     def matches(self, real: Line) -> bool:
-        return real.key == self.line.key and pattern(self.line.message).fullmatch(real.message) is not None
+        return (real.key == self.line.key and self.line.at in ("...", real.at)
+                and pattern(self.line.message).fullmatch(real.message) is not None)
 
 
 def quoted_lines() -> List[Quoted]:
@@ -245,13 +247,14 @@ def test_a_quoted_line_is_printed_by_a_real_run(real, quoted):
     for lines in real.values():
         if any(quoted.matches(line) for line in lines):
             return
-    shown = {f"{' '.join(line.key[1:])} - {line.message}" for lines in real.values() for line in lines
-             if line.key[0] == quoted.line.key[0]}
-    close = difflib.get_close_matches(f"{' '.join(quoted.line.key[1:])} - {quoted.line.message}", sorted(shown),
-                                      n=3, cutoff=0.3)
+    def shown(line: Line) -> str:
+        return f"{' '.join(line.key[1:])}{':' + line.at if line.at else ''} - {line.message}"
+
+    real_shown = {shown(line) for lines in real.values() for line in lines if line.key[0] == quoted.line.key[0]}
+    close = difflib.get_close_matches(shown(quoted.line), sorted(real_shown), n=3, cutoff=0.3)
     raise AssertionError(
-        f"{quoted.where} quotes a line that no real run printed:\n  {' '.join(quoted.line.key[1:])} - "
-        f"{quoted.line.message}\nclosest real lines of that shape:\n" + "\n".join(f"  {c}" for c in close or ["(none)"])
+        f"{quoted.where} quotes a line that no real run printed (module, line number and message):\n  "
+        f"{shown(quoted.line)}\nclosest real lines of that shape:\n" + "\n".join(f"  {c}" for c in close or ["(none)"])
     )
 
 
@@ -264,14 +267,17 @@ def test_a_line_altered_by_one_word_matches_no_real_line(real):
         assert not any(altered.matches(line) for line in everything), f"{quoted.where}: altered, it still matches"
 
 
-def test_numbers_and_ellipses_are_the_only_placeholders():
+def test_numbers_and_ellipses_are_the_only_placeholders_and_the_source_line_must_match():
     line = parse("... | INFO     | backend:0 | openfl_api.backend.exchange:321 - version 1: aggregated 2 uploads")
-    real = parse("2026-01-01 10:00:00.000 | INFO     | backend:0 | openfl_api.backend.exchange:99 - "
+    real = parse("2026-01-01 10:00:00.000 | INFO     | backend:0 | openfl_api.backend.exchange:321 - "
                  "version 12: aggregated 3 uploads")
     assert Quoted("x", line).matches(real)
-    assert not Quoted("x", Line(line.key, "version 1: aggregated 2 upload")).matches(real)
-    assert not Quoted("x", Line(("log", "WARNING", "backend:0", "openfl_api.backend.exchange"), line.message)).matches(real)
-    assert Quoted("x", Line(line.key, "version 1: ...")).matches(real)
+    assert not Quoted("x", Line(line.key, "version 1: aggregated 2 upload", "321")).matches(real)
+    assert not Quoted("x", Line(("log", "WARNING", "backend:0", "openfl_api.backend.exchange"), line.message,
+                                "321")).matches(real)
+    assert Quoted("x", Line(line.key, "version 1: ...", "321")).matches(real)
+    assert not Quoted("x", Line(line.key, line.message, "99")).matches(real)  # the source line is checked too
+    assert Quoted("x", Line(line.key, line.message, "...")).matches(real)
     assert parse("[openfl_api.launch] no rank failed") == Line(("launcher",), "no rank failed")
     assert parse("openfl_api.errors.TransportError: no backend") == Line(("error", "openfl_api.errors.TransportError"),
                                                                          "no backend")
