@@ -19,10 +19,10 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from openfl_api import checkpoint
 from openfl_api.address import Address
 from openfl_api.asynchronous import Asynchronous
 from openfl_api.backend.addresses import Addresses
+from openfl_api.backend.checkpoints import Checkpoints
 from openfl_api.backend.members import Members
 from openfl_api.backend.exchange import Exchange
 from openfl_api.backend.model import GlobalModel
@@ -45,7 +45,7 @@ from openfl_api.waiting import logged
 __all__ = ["Server"]
 
 
-class Server:
+class Server(Checkpoints):
     """The backend of one API: addresses, pipes, versions, aggregation and the serve loop.
 
     Args:
@@ -194,36 +194,6 @@ class Server:
                 self._aggregate_asked = True
                 return self.accepted > 0
             return self.exchange.aggregate()
-
-    # ----------------------------------------------------------------- checkpoints
-    def checkpoint(self, path: str, steps: Callable[[], Dict[str, Any]]) -> None:
-        """Save a checkpoint now, or, when asked by a step, once every step has seen the event at
-        hand (so the saved step state includes the whole event)."""
-        if self._firing:
-            self._pending_checkpoints.append((path, steps))
-        else:
-            self.save_checkpoint(path, steps())
-
-    def save_checkpoint(self, path: str, steps: Optional[Dict[str, Any]] = None) -> None:
-        """Write everything needed to continue to ``path`` (see :mod:`openfl_api.checkpoint`)."""
-        target = checkpoint.save(path, self.exchange, steps or {})
-        self.log.info(f"checkpoint of version {self.version} written to {target}")
-
-    def load_checkpoint(self, data: Dict[str, Any], source: str) -> Dict[str, Any]:
-        """Continue from a checkpoint written by :meth:`save_checkpoint`; returns the steps' state.
-
-        Raises:
-            ConfigurationError: the checkpoint does not fit this model, aggregator or optimizer.
-        """
-        steps = checkpoint.restore(data, source, self.exchange)
-        self.exchange.epoch += 1
-        self.log.info(f"resumed from {source}: version {self.version}, {self.accepted} uploads accepted")
-        return steps
-
-    def _write_pending_checkpoints(self) -> None:
-        while self._pending_checkpoints:
-            path, steps = self._pending_checkpoints.pop(0)
-            self.save_checkpoint(path, steps())
 
     def stop(self, reason: str) -> None:
         """Ask the loop to stop after the event at hand."""
