@@ -263,7 +263,9 @@ def test_an_asynchronous_federation_evaluates_and_records_too(tmp_path):
     assert entries[0]["synchronous"] is False
     assert [e["version"] for e in by_event(entries, "version")] == [1, 2, 3, 4]
     evaluated = [e["version"] for e in by_event(entries, "evaluation")]
-    assert evaluated[-1] == 4 and evaluated == sorted(set(evaluated))
+    # asynchronous frontends may report an older version's evaluation after a newer one's; each
+    # version is recorded once, and the final model's evaluation comes last
+    assert evaluated[-1] == 4 and len(evaluated) == len(set(evaluated))
     assert {r["reason"] for r in fed.results.values()} == {"version 4 reached max_version=4"}
 
 
