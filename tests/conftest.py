@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
 import uuid
 from datetime import timedelta
@@ -122,3 +124,23 @@ def train_loop(rounds_seen: List[int]) -> Callable:
         return api.version
 
     return body
+
+
+# The exit status of the session, set once it finished (see pytest_unconfigure).
+_EXIT_STATUS: List[int] = []
+
+
+def pytest_sessionfinish(session: Any, exitstatus: int) -> None:
+    _EXIT_STATUS.append(int(exitstatus))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config: Any) -> None:
+    """End the test process with the session's status once pytest is done, skipping the
+    interpreter's teardown: a C++ thread of torch.distributed left joinable by one of the
+    in-process federations aborts the interpreter's exit ("terminate called without an active
+    exception") after every test has passed; NOTES.md tracks finding which one."""
+    if _EXIT_STATUS:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(_EXIT_STATUS[-1])
