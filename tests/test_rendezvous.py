@@ -17,6 +17,7 @@ import torch
 
 from openfl_api.address import Address
 from openfl_api.errors import AdmissionError, TransportError
+from openfl_api.logger import bind
 from openfl_api.transport import rendezvous
 from openfl_api.transport.base import REPLIES, REQUESTS, Kind, Limits, Message, Pipe
 from openfl_api.transport.rendezvous import Lobby, Peer, join, token_from
@@ -177,6 +178,39 @@ def test_two_frontends_are_admitted_with_their_own_pipes(harness: Harness) -> No
         pipes[rank].send(Message(Kind.UPLOAD, f'"from {rank}"'.encode()), TIMEOUT)
     headers = {rank: backend_pipes[rank].recv(Limits(REQUESTS, 64, 0), TIMEOUT, TIMEOUT, alloc).header for rank in (1, 2)}
     assert headers == {1: b'"from 1"', 2: b'"from 2"'}
+
+
+def test_a_frontend_waiting_before_the_backend_serves_finds_its_lobby_registered(harness: Harness,
+                                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    # The backend serves an address while a frontend already waits for it: the frontend is admitted
+    # at once, and on_admit must find the lobby in the backend's registry (a missing one closes the
+    # pipe and keeps the rank taken: the frontend's every join again is refused as a duplicate).
+    from openfl_api.backend.addresses import Addresses
+
+    class SlowSet(set):
+        def add(self, item: Any) -> None:  # a moment on the serving thread after the lobby exists
+            super().add(item)
+            threading.Event().wait(1.0)
+
+    monkeypatch.setattr(rendezvous, "_live_lobbies", SlowSet())
+    found: "queue.Queue[bool]" = queue.Queue()
+    addresses: List[Addresses] = []
+    address = Address(init_method=f"memory://{harness.name}", world_size=2, rank=0, group_name=GROUP)
+
+    def on_admit(pipe: Pipe, peer: Peer) -> None:
+        found.put(addresses[0].lobby(peer.address) is not None)
+        harness.pipes.append(pipe)
+
+    addresses.append(Addresses(TOKEN, TIMEOUT, "the-backend", bind("backend", 0), on_admit=on_admit,
+                               on_refuse=lambda rank, reason: None))
+    joined: "queue.Queue[Any]" = queue.Queue()
+    threading.Thread(target=lambda: joined.put(harness.join(rank=1, world_size=2)), daemon=True).start()
+    try:
+        addresses[0].serve(address)
+        assert found.get(timeout=WAIT) is True
+        assert joined.get(timeout=WAIT)
+    finally:
+        addresses[0].close()
 
 
 # --- refusals ----------------------------------------------------------------------------------

@@ -66,13 +66,15 @@ class Addresses:
             raise ConfigurationError(f"{address} is served already")
         if store is None:
             store = open_store(address, backend=True, timeout=self._connect)
-        self.lobbies[address.key] = Lobby(address, store, self._token, self._connect, on_admit=self._on_admit,
-                                          on_refuse=self._on_refuse, nick_name=self._nick_name, log=self.log,
-                                          protect_wire=self._protect_wire)
+        # Registered before it opens: a frontend admitted at once must find its lobby (on_admit).
+        lobby = self.lobbies[address.key] = Lobby(
+            address, store, self._token, self._connect, on_admit=self._on_admit, on_refuse=self._on_refuse,
+            nick_name=self._nick_name, log=self.log, protect_wire=self._protect_wire, start=False)
+        lobby.start()
         if address.scheme == "file":
             self._files.append(Path(address.path))
         self.log.info(f"serving {address.init_method} (group {address.group_name!r}, world_size {address.world_size}, "
-                      f"wire {self.lobbies[address.key].wire})")
+                      f"wire {lobby.wire})")
 
     def watch(self, path: str, on_change: Callable[..., None]) -> None:
         """Serve every address in the file ``path`` and call ``on_change(added, removed, changed)``

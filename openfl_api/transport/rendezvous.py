@@ -147,6 +147,8 @@ class Lobby:
         nick_name: the backend's name, told to frontends.
         protect_wire: whether the pipes' messages are sealed (:mod:`openfl_api.transport.wire`);
             None: unless the address stays on this machine.
+        start: open the lobby at once; False: once :meth:`start` is called (a caller that must
+            find the lobby registered in ``on_admit`` registers it first).
     """
 
     def __init__(
@@ -160,6 +162,7 @@ class Lobby:
         nick_name: str,
         log: Any = None,
         protect_wire: Optional[bool] = None,
+        start: bool = True,
     ) -> None:
         self.address = address
         protected = protected_by_default(address) if protect_wire is None else protect_wire
@@ -177,10 +180,15 @@ class Lobby:
         self._stop = threading.Event()
         self._warn_if_short_of_descriptors()
         self.session = secrets.token_hex(8)
-        self.store.set("session", self.session)
         self._thread = threading.Thread(target=self._run, name=f"openfl-lobby-{address.group_name}", daemon=True)
-        self._thread.start()
+        if start:
+            self.start()
+
+    def start(self) -> None:
+        """Open the lobby: publish the session that frontends wait for and start admitting."""
         _live_lobbies.add(self)
+        self.store.set("session", self.session)
+        self._thread.start()
 
     def _warn_if_short_of_descriptors(self) -> None:
         per_pipe = _PIPE_DESCRIPTORS.get(self.address.scheme, 0)
@@ -226,7 +234,8 @@ class Lobby:
     def close(self) -> None:
         """Stop admitting frontends."""
         self._stop.set()
-        self._thread.join(timeout=2 * _POLL.total_seconds() + 1)
+        if self._thread.ident is not None:
+            self._thread.join(timeout=2 * _POLL.total_seconds() + 1)
 
     def _run(self) -> None:
         index = 1
