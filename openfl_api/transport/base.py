@@ -33,7 +33,7 @@ __all__ = [
     "check_frame", "check_pieces", "frame_of", "payload_size",
 ]
 
-MAGIC = 0x0F1A_0002  # 0x0F1A_0001: the first wire format, one payload message and no piece table
+MAGIC = 0x0F1A_0003  # changes with the framing, so that peers of two framings fail at the first frame
 FRAME = 5  # int64 words in a frame
 MAX_PIECES = 1 << 16
 
