@@ -96,12 +96,15 @@ class Stream:
     it travel (the protected wire encrypts a chunk while the previous one is sent).
 
     ``rows`` gives each piece's ``(offset, bytes)`` in advance, for the piece table; ``make()``
-    yields the pieces in order, 1-D uint8 tensors of those sizes.
+    yields the pieces in order, 1-D uint8 tensors of those sizes. ``window``: when above 0, at most
+    that many pieces are on their way at once: a pipe asks for piece ``i`` only once piece
+    ``i - window`` has left, so the maker may reuse a few buffers in turn.
     """
 
     nbytes: int
     rows: Tuple[Tuple[int, int], ...]
     make: Callable[[], Iterator[torch.Tensor]]
+    window: int = 0
 
     def table(self) -> torch.Tensor:
         """The piece table as sent: ``int64[len(rows), 2]`` of ``(offset, bytes)``."""

@@ -7,6 +7,7 @@ that times out closes the pair, which is why a pipe that timed out is dead.
 
 from __future__ import annotations
 
+import itertools
 import re
 import threading
 import time
@@ -215,19 +216,35 @@ class GlooPipe(Pipe):
         if len(control) > INLINE:
             tensors.append(torch.frombuffer(bytearray(control[INLINE:]), dtype=torch.uint8))
         works = [self._post(True, tensor, "sending a message") for tensor in tensors]
-        for piece in pieces:  # a Stream makes each piece while the ones posted before it travel
+        controls, waited = len(works), 0  # works[:waited] are through
+        deadline = time.monotonic() + timeout.total_seconds()
+
+        def through(end: int) -> None:
+            nonlocal waited
+            if waited == 0 and self.link is not None and self.link < timeout:
+                # The peer takes a message's start at once when it is there: waiting longer is a cut link.
+                # (Each work is waited once: a second wait of a gloo send waits for another send.)
+                try:
+                    works[0].wait(self.link)
+                except RuntimeError as exc:
+                    raise Silence(f"pipe failed: the peer took no message for {seconds(self.link.total_seconds())} "
+                                  "(the link is cut, or the peer hangs)") from exc
+                waited = 1
+            if end > waited:
+                self._wait(works[waited:end], timedelta(seconds=max(0.001, deadline - time.monotonic())),
+                           "sending a message")
+                waited = end
+
+        window = payload.window if isinstance(payload, Stream) else 0
+        for index in itertools.count():
+            if window and index >= window:
+                through(controls + index - window + 1)  # piece ``index - window`` is through
+            piece = next(pieces, None)  # a Stream makes each piece while the ones posted before it travel
+            if piece is None:
+                break
             tensors.append(piece)
             works.append(self._post(True, piece, "sending a message"))
-        if self.link is not None and self.link < timeout:
-            # The peer takes a message's start at once when it is there: waiting longer is a cut link.
-            # (Each work is waited once: a second wait of a gloo send waits for another send.)
-            try:
-                works[0].wait(self.link)
-            except RuntimeError as exc:
-                raise Silence(f"pipe failed: the peer took no message for {seconds(self.link.total_seconds())} "
-                              "(the link is cut, or the peer hangs)") from exc
-            works = works[1:]
-        self._wait(works, timeout, "sending a message")
+        through(len(works))
 
     def recv(
         self,

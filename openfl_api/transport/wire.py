@@ -138,6 +138,8 @@ def sealed_rows(nbytes: int) -> Tuple[Tuple[int, int], ...]:
     return tuple((i * (CHUNK + TAG), min(CHUNK, nbytes - i * CHUNK) + TAG) for i in range(count))
 
 
+#: Sealed chunks of one payload on their way at once (see :class:`~openfl_api.transport.base.Stream`).
+_WINDOW = 4
 _ZEROS = memoryview(bytes(CHUNK))  # the padding between pieces, as sealed
 
 
@@ -232,6 +234,10 @@ class SealedPipe(Pipe):
         self._next_send = 0
         self._next_recv = 0
         self._sealed = torch.empty(0, dtype=torch.uint8)
+        # The sealed chunks of a payload of several, in turn: at most _WINDOW + 2 are in use (the
+        # pipe's window, ending with the chunk it took last, and two the sealing thread makes
+        # past that one: see _ahead); one more is spare.
+        self._ring: List[torch.Tensor] = []
         self._into = hasattr(self._seal_with, "encrypt_into")
 
     @property
@@ -264,6 +270,9 @@ class SealedPipe(Pipe):
         from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
         rows = sealed_rows(nbytes)
+        if len(rows) > 1 and not self._ring:
+            self._ring = [torch.empty(CHUNK + TAG, dtype=torch.uint8) for _ in range(_WINDOW + 3)]
+        ring = self._ring if len(rows) > 1 else []
         window, seal, into, key = _Window(message.payload), self._seal_with, self._into, self._send_key
 
         def sealed(chunk: int) -> torch.Tensor:
@@ -273,7 +282,7 @@ class SealedPipe(Pipe):
             if not into:
                 plain = spans[0] if len(spans) == 1 else b"".join(spans)
                 return torch.frombuffer(bytearray(seal.encrypt(nonce, plain, None)), dtype=torch.uint8)
-            out = torch.empty(rows[chunk][1], dtype=torch.uint8)
+            out = ring[chunk % len(ring)][: rows[chunk][1]] if ring else torch.empty(rows[chunk][1], dtype=torch.uint8)
             view = memoryview(out.numpy())
             if len(spans) == 1:
                 seal.encrypt_into(nonce, spans[0], None, view)
@@ -288,13 +297,10 @@ class SealedPipe(Pipe):
             view[at:] = encryptor.tag
             return out
 
-        def make() -> Iterator[torch.Tensor]:
-            if len(rows) == 1:
-                yield sealed(0)
-                return
-            yield from _ahead(sealed, len(rows))
-
-        return Message(message.kind, header, Stream(rows[-1][0] + rows[-1][1], rows, make))
+        if len(rows) == 1:
+            return Message(message.kind, header, Stream(rows[0][1], rows, lambda: iter([sealed(0)])))
+        return Message(message.kind, header, Stream(rows[-1][0] + rows[-1][1], rows,
+                                                    lambda: _ahead(sealed, len(rows)), _WINDOW))
 
     # ----------------------------------------------------------------- receiving
     def recv(
