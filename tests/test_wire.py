@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from openfl_api.address import Address
-from openfl_api.errors import WireError
+from openfl_api.errors import TransportError, WireError
 from openfl_api.transport.base import REPLIES, REQUESTS, Kind, Limits, Message, Pieces
 from openfl_api.transport.wire import CHUNK, KeyExchange, SealedPipe, WireKeys, protected_by_default
 from test_transport import TIMEOUT, pipes, zeros  # noqa: F401 - pipes is a fixture
@@ -111,6 +111,15 @@ def test_payloads_of_many_chunks_arrive_whole_though_the_sender_seals_them_into_
         received = backend.recv(Limits(REQUESTS, 64, 12 * CHUNK), TIMEOUT, TIMEOUT, zeros)
         sender.join(TIMEOUT.total_seconds())
         assert torch.equal(received.payload, payload.flat())
+
+
+def test_a_send_that_fails_midway_stops_its_sealing_thread(sealed) -> None:
+    backend, frontend, _ = sealed
+    backend.close()
+    with pytest.raises(TransportError) as caught:
+        frontend.send(Message(Kind.UPLOAD, b"{}", torch.ones(12 * CHUNK, dtype=torch.uint8)), timedelta(seconds=1))
+    # Stopped by the failed send itself, not later by the collection of its frames (which ``caught`` keeps).
+    assert caught.traceback and not [thread for thread in threading.enumerate() if thread.name == "openfl-seal"]
 
 
 def test_a_changed_byte_of_a_payload_is_refused(sealed) -> None:

@@ -236,14 +236,17 @@ class GlooPipe(Pipe):
                 waited = end
 
         window = payload.window if isinstance(payload, Stream) else 0
-        for index in itertools.count():
-            if window and index >= window:
-                through(controls + index - window + 1)  # piece ``index - window`` is through
-            piece = next(pieces, None)  # a Stream makes each piece while the ones posted before it travel
-            if piece is None:
-                break
-            tensors.append(piece)
-            works.append(self._post(True, piece, "sending a message"))
+        try:
+            for index in itertools.count():
+                if window and index >= window:
+                    through(controls + index - window + 1)  # piece ``index - window`` is through
+                piece = next(pieces, None)  # a Stream makes each piece while the ones posted before it travel
+                if piece is None:
+                    break
+                tensors.append(piece)
+                works.append(self._post(True, piece, "sending a message"))
+        finally:
+            getattr(pieces, "close", lambda: None)()  # a Stream's maker stops when the send fails
         through(len(works))
 
     def recv(
