@@ -125,8 +125,8 @@ def main() -> None:
         rows[name] = {"median_s": median, "MB_per_s": size / median / 1e6, "min_s": min(times), "max_s": max(times),
                       "cpu_s": cpu}
         print(f"{name:7s} {median * 1e3:8.1f} ms  {size / median / 1e6:8.1f} MB/s  "
-              f"(min {min(times) * 1e3:.1f}, max {max(times) * 1e3:.1f} ms, {len(times)} uploads of {size / 1e6:.1f} MB); "
-              f"CPU {cpu * 1e3:.1f} ms per upload, both sides")
+              f"(min {min(times) * 1e3:.1f}, max {max(times) * 1e3:.1f} ms, {len(times)} uploads of "
+              f"{size / 1e6:.1f} MB); CPU {cpu * 1e3:.1f} ms per upload, both sides")
     ratio = rows["plain"]["median_s"] / rows["sealed"]["median_s"]
     cpu_ratio = rows["plain"]["cpu_s"] / rows["sealed"]["cpu_s"]
     print(f"sealed / plain throughput: {ratio:.2f} (goal >= 0.8); plain / sealed CPU time: {cpu_ratio:.2f}")

@@ -13,10 +13,11 @@ payload travels in chunks of :data:`CHUNK` bytes, each sealed on its own with th
 ``(seq, chunk)``. A sender seals each chunk on a thread of its own while its own thread writes the
 chunk before to the socket (AES-GCM in ``cryptography`` holds the GIL, gloo's send releases it); a
 chunk that spans several pieces of the payload is encrypted span by span, straight from the pieces.
-A receiver decrypts each chunk while gloo's thread reads the ones after it. A receiver takes only the next ``seq``; an older one is a replay, a
-newer one a lost message, and a message that fails authentication (a changed byte, a wrong key)
-is refused. Each is a :class:`~openfl_api.errors.WireError` and the pipe is closed: the stream
-can no longer be trusted. A frontend then joins again, with fresh keys.
+A receiver decrypts each chunk while gloo's thread reads the ones after it. A receiver takes only
+the next ``seq``; an older one is a replay, a newer one a lost message, and a message that fails
+authentication (a changed byte, a wrong key) is refused. Each is a
+:class:`~openfl_api.errors.WireError` and the pipe is closed: the stream can no longer be trusted.
+A frontend then joins again, with fresh keys.
 
 A receiver decrypts each chunk straight into the buffer it was given; when a chunk fails, that
 buffer may hold its unauthenticated bytes and the message is refused, as when a pipe breaks in the
@@ -177,9 +178,9 @@ class _Window:
 
 
 def _ahead(make: Callable[[int], torch.Tensor], count: int) -> Iterator[torch.Tensor]:
-    """``make(0)``, ..., ``make(count - 1)``, each made on a thread of its own one ahead of the one
-    the caller takes: AES-GCM holds the GIL, gloo's send does not, so a chunk is sealed while the
-    caller writes the one before it to the socket."""
+    """``make(0)``, ..., ``make(count - 1)``, made on a thread of their own at most two past the one
+    the caller took last (one waiting in the queue, one being made): AES-GCM holds the GIL, gloo's
+    send does not, so a chunk is sealed while the caller writes the one before it to the socket."""
     ready: "queue.Queue[object]" = queue.Queue(maxsize=1)  # full: the sealing thread waits without the GIL
     stop = threading.Event()
 
