@@ -41,6 +41,7 @@ LEVEL_BITS = 8  # levels are 2**8 apart
 GRID_BITS = 42  # a term is rounded to 2**-42 of its level's bound: |q| <= 2**42
 MAX_TERMS = 1 << 20  # terms per level before an int64 sum could overflow (2**42 * 2**20 < 2**63)
 _MAGIC = 1.5 * 2.0**52
+_CHUNK = 1 << 16  # elements per step of a pass over a level sum (512 KiB of int64)
 _MAGIC_BITS = int(np.array(_MAGIC, dtype=np.float64).view(np.int64))
 
 
@@ -100,13 +101,29 @@ class _Levels:
         self.terms[level] = terms + 1
 
     def value(self) -> np.ndarray:
-        out = np.zeros(self.size, dtype=np.float64)
-        for level in sorted(self.sums):
-            terms = self.terms.get(level, 0)
-            if not terms:
-                continue
-            exact = np.subtract(self.sums[level], _offset(terms))
-            out += exact.astype(np.float64) * math.ldexp(1.0, LEVEL_BITS * level - GRID_BITS)
+        """The sum as a fresh float64 array: per element, the levels' values added from the lowest
+        level up (the first one written, not added to 0.0: the same bits)."""
+        used = [(level, _offset(self.terms[level]), math.ldexp(1.0, LEVEL_BITS * level - GRID_BITS))
+                for level in sorted(self.sums) if self.terms.get(level, 0)]
+        if not used:
+            return np.zeros(self.size, dtype=np.float64)
+        out = np.empty(self.size, dtype=np.float64)
+        # Chunk by chunk, so that the integer and float scratch stay in the cache: one pass over
+        # the sums and one over the result instead of a pass per step.
+        chunk = min(_CHUNK, self.size)
+        exact = np.empty(chunk, dtype=np.int64)
+        scaled = np.empty(chunk, dtype=np.float64) if len(used) > 1 else None
+        for start in range(0, self.size, chunk):
+            end = min(start + chunk, self.size)
+            n = end - start
+            target = out[start:end]
+            for index, (level, offset, scale) in enumerate(used):
+                np.subtract(self.sums[level][start:end], offset, out=exact[:n])  # wraps back to the integer sum
+                if index == 0:
+                    np.multiply(exact[:n], scale, out=target)  # int64 -> float64, then an exact power-of-two scale
+                else:
+                    np.multiply(exact[:n], scale, out=scaled[:n])
+                    np.add(target, scaled[:n], out=target)
         return out
 
     def exact(self) -> Dict[int, Tuple[np.ndarray, int]]:
@@ -232,13 +249,12 @@ class ExactSum:
     def value(self) -> List[torch.Tensor]:
         """The sums as fresh float64 tensors of :attr:`shapes` (a complex tensor's sum comes as
         pairs of reals, a trailing dimension of 2)."""
-        flat = self._levels.value()
+        flat = torch.from_numpy(self._levels.value())  # fresh on every call: views of it are not shared
         out = []
         for i, (shape, is_complex) in enumerate(zip(self.shapes, self.complex)):
             values = flat[self._offsets[i]:self._offsets[i] + self._sizes[i]] if i in self._offsets \
-                else self._singles[i].value()
-            out.append(torch.from_numpy(values.copy()).reshape(*shape, 2) if is_complex
-                       else torch.from_numpy(values.copy()).reshape(shape))
+                else torch.from_numpy(self._singles[i].value())
+            out.append(values.view(*shape, 2) if is_complex else values.view(shape))
         return out
 
     def segments(self) -> List[Dict[int, Tuple[np.ndarray, int]]]:
