@@ -412,7 +412,7 @@ def test_an_upload_made_in_inference_mode_leaves_the_backend_able_to_aggregate(f
     federation.frontend(1, body)
     federation.serve_until_frontends_finish()
     assert federation.backend.version == 2
-    assert not federation.backend._server.model.aggregator._sum._work.is_inference()
+    assert not federation.backend._server.model.aggregator._sum._scratch.is_inference()
 
 
 def test_an_error_while_handling_an_in_process_request_is_raised_by_run_and_ends_the_frontend(federation, monkeypatch):
