@@ -474,8 +474,6 @@ def test_secure_aggregation_recovers_two_of_six_frontends_dropping_after_masking
         assert float((result["state"][key].double() - expected).abs().max()) < step, key
 
 
-@pytest.mark.skip(reason="flaky: under load a round of cohort 2 can fail when a member moves on to a new version "
-                         "before returning its shares, which stops the federation at version 2 (see NOTES.md)")
 def test_secure_aggregation_with_fedbuff_buffers_in_asynchronous_mode() -> None:
     asynchronous = ofl.Asynchronous(alpha=1.0, max_staleness=None, min_frontends=4)
     result = federate(secagg(cohort=2, deadline=timedelta(seconds=10)), n=4, rounds=4, count=2, asynchronous=asynchronous)

@@ -130,7 +130,10 @@ class SecAggClient:
         if client not in u2["members"]:
             self.skipped = f"secure aggregation round {round_id} went on without this client's shares"
             return None
-        inbox = board.get(f"{round_id}/inbox/{x_of[client]}") if board.has(f"{round_id}/inbox/{x_of[client]}") else {}
+        if not board.has(f"{round_id}/inbox/{x_of[client]}"):
+            raise SecAggFailure(f"secure aggregation round {round_id} lists this client in U2 but holds no inbox of "
+                                "shares for it: the backend must write every member's inbox before U2")
+        inbox = board.get(f"{round_id}/inbox/{x_of[client]}")
         held: Dict[str, Tuple[bytes, bytes]] = {}
         bad: List[str] = []
         for dealer, text in inbox.items():

@@ -173,7 +173,6 @@ class Coordinator:
                           f"{self.transform.deadline}; min_clients={self.transform.min_clients}")
             return
         u2 = sorted(self.shares)
-        self.board.put(f"{self.round_id}/U2", {"members": u2})
         for holder in u2:
             inbox = {dealer: self.shares[dealer]["sealed"][holder] for dealer in u2
                      if holder in self.shares[dealer]["sealed"] and dealer != holder}
@@ -181,6 +180,8 @@ class Coordinator:
             if own is not None:
                 inbox[holder] = own
             self.board.put(f"{self.round_id}/inbox/{self.members[holder][1]}", inbox)
+        # U2 tells the members that their inboxes are complete: a member reads its inbox once it sees U2.
+        self.board.put(f"{self.round_id}/U2", {"members": u2})
         self._next(CHECK)
 
     def _check(self) -> None:
