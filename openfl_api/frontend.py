@@ -239,7 +239,9 @@ class Client(Link, Reporting):
         transfer.reason = str(ack.get("reason", ""))[:500]
         if self.transforms is not None:  # bytes on the wire; secure aggregation's unmask shares
             self.transforms.sent(len(header) + schema.nbytes)
-            self.transforms.answered(transfer.accepted)
+            failed = self.transforms.answered(transfer.accepted)
+            if failed:  # the backend discards the uploads of a failed round
+                transfer.accepted, transfer.reason = False, failed
         if transfer.accepted:
             self.ledger.add(self.backend_name, "uploads")
             self.log.debug(f"uploaded an update trained from version {self.version}")

@@ -23,6 +23,7 @@ from openfl_api.logger import bind
 from openfl_api.transforms import SecAgg
 from openfl_api.transforms import crypto
 from openfl_api.transforms.secagg import Board, Coordinator, SecAggClient, SecAggFailure, quantize
+from openfl_api.transforms.secagg.board import b64
 
 TOKEN = b"secagg-test"
 WAIT = 20.0
@@ -292,6 +293,18 @@ def test_masked_uploads_outside_the_masked_stage_are_refused() -> None:
     coordinator.open(0)
     with pytest.raises(PayloadError, match="masked-input stage"):
         coordinator.admit("c0")
+
+
+def test_an_asynchronous_round_takes_the_first_cohort_members_whose_keys_came() -> None:
+    store = PrefixStore("z", HashStore())
+    board = Board([store], "r", TOKEN)
+    coordinator = Coordinator(SecAgg(clip_range=1.0, cohort=2), board, "r", 4, 1.0, LOG, True)
+    coordinator.open(0)
+    for client in ("c3", "c1", "c2"):
+        key = crypto.KeyPair().public
+        board.append("b1/keys", {"client": client, "c": b64(key), "s": b64(key), "w": 1})
+    coordinator.tick(["c1", "c2", "c3"], None)
+    assert sorted(coordinator.members) == ["c1", "c3"]  # c2 came last: it joins the next buffer
 
 
 def test_shamir_rebuilds_from_any_threshold_shares_and_not_from_fewer() -> None:

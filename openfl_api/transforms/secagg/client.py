@@ -87,6 +87,9 @@ class SecAggClient:
                 self.skipped = (f"stale: trained from version {version} but secure aggregation is at version "
                                 f"{round_version}")
                 return None
+            if board.has(f"{round_id}/failed"):
+                self._next_round(round_id)  # the backend opens the next round right after a failed one
+                continue
             closed = round_id in self.joined or board.has(f"{round_id}/U1")
             if version is not None and closed and round_version == version:
                 self.skipped = f"the key stage of secure aggregation round {round_id} closed without this client"
