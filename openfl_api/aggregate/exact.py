@@ -20,11 +20,12 @@ same, bit for bit, for any order of the adds. Error against the exact ``sum_k w_
 coordinate: at most ``2**-34 * m_k`` for each term ``k`` (``m_k`` the largest ``|w_k x_k|`` of its
 tensor), plus float64 roundings (``2**-52`` relative), well below a final rounding to float32.
 
-The tensors of one upload live in one flat float64 buffer: each floating tensor of a level is
-written there as ``magic + t * 2**f`` in one pass (the "magic number" ``1.5 * 2**52`` rounds
-``t * 2**f`` to an integer held in the low bits of the float64), and the buffer's bits are added to
-the level's int64 sum in one numpy add. Integer and bool tensors (``num_batches_tracked``) are summed
-apart, each at its own level, so a counter never coarsens the grid of the weights.
+The floating tensors of an upload share one flat int64 sum per level. Each is added a chunk of
+64 Ki elements at a time: ``magic + t * 2**f`` is formed in a float64 scratch that stays in the
+cache (the "magic number" ``1.5 * 2**52`` rounds ``t * 2**f`` to an integer held in the low bits of
+the float64) and its bits are added to the level's int64 sum; :meth:`value` reads the sums back a
+chunk at a time too. Integer and bool tensors (``num_batches_tracked``) are summed apart, each at
+its own level, so a counter never coarsens the grid of the weights.
 """
 
 from __future__ import annotations
@@ -41,7 +42,9 @@ LEVEL_BITS = 8  # levels are 2**8 apart
 GRID_BITS = 42  # a term is rounded to 2**-42 of its level's bound: |q| <= 2**42
 MAX_TERMS = 1 << 20  # terms per level before an int64 sum could overflow (2**42 * 2**20 < 2**63)
 _MAGIC = 1.5 * 2.0**52
+_CHUNK = 1 << 16  # elements per step of a pass over a level sum (512 KiB of int64)
 _MAGIC_BITS = int(np.array(_MAGIC, dtype=np.float64).view(np.int64))
+_MAGIC_INT = np.int64(_MAGIC_BITS)
 
 
 def _level(bound: float) -> int:
@@ -86,8 +89,9 @@ class _Levels:
     def zero_(self) -> None:
         self.terms = {level: 0 for level in self.sums}
 
-    def deposit(self, level: int, magic_bits: np.ndarray) -> None:
-        """Add a float64 buffer of magic-rounded terms (as int64 bits) to ``level``'s sum."""
+    def take(self, level: int) -> np.ndarray:
+        """``level``'s int64 sum, counted as taking one more term, which the caller adds to every
+        element (as magic-rounded bits: each deposit carries ``_MAGIC_BITS`` per element)."""
         terms = self.terms.get(level, 0)
         if terms >= MAX_TERMS:
             raise OverflowError(f"an exact sum takes at most {MAX_TERMS} terms of one magnitude; aggregate sooner")
@@ -96,17 +100,38 @@ class _Levels:
             total = self.sums[level] = np.zeros(self.size, dtype=np.int64)
         elif terms == 0:
             total.fill(0)
-        np.add(total, magic_bits, out=total)  # wraps; each deposit carries _MAGIC_BITS per element
         self.terms[level] = terms + 1
+        return total
+
+    def deposit(self, level: int, magic_bits: np.ndarray) -> None:
+        """Add a float64 buffer of magic-rounded terms (as int64 bits) to ``level``'s sum."""
+        total = self.take(level)
+        np.add(total, magic_bits, out=total)  # wraps
 
     def value(self) -> np.ndarray:
-        out = np.zeros(self.size, dtype=np.float64)
-        for level in sorted(self.sums):
-            terms = self.terms.get(level, 0)
-            if not terms:
-                continue
-            exact = np.subtract(self.sums[level], _offset(terms))
-            out += exact.astype(np.float64) * math.ldexp(1.0, LEVEL_BITS * level - GRID_BITS)
+        """The sum as a fresh float64 array: per element, the levels' values added from the lowest
+        level up (the first one written, not added to 0.0: the same bits)."""
+        used = [(level, _offset(self.terms[level]), math.ldexp(1.0, LEVEL_BITS * level - GRID_BITS))
+                for level in sorted(self.sums) if self.terms.get(level, 0)]
+        if not used:
+            return np.zeros(self.size, dtype=np.float64)
+        out = np.empty(self.size, dtype=np.float64)
+        # Chunk by chunk, so that the integer and float scratch stay in the cache: one pass over
+        # the sums and one over the result instead of a pass per step.
+        chunk = min(_CHUNK, self.size)
+        exact = np.empty(chunk, dtype=np.int64)
+        scaled = np.empty(chunk, dtype=np.float64) if len(used) > 1 else None
+        for start in range(0, self.size, chunk):
+            end = min(start + chunk, self.size)
+            n = end - start
+            target = out[start:end]
+            for index, (level, offset, scale) in enumerate(used):
+                np.subtract(self.sums[level][start:end], offset, out=exact[:n])  # wraps back to the integer sum
+                if index == 0:
+                    np.multiply(exact[:n], scale, out=target)  # int64 -> float64, then an exact power-of-two scale
+                else:
+                    np.multiply(exact[:n], scale, out=scaled[:n])
+                    np.add(target, scaled[:n], out=target)
         return out
 
     def exact(self) -> Dict[int, Tuple[np.ndarray, int]]:
@@ -169,12 +194,10 @@ class ExactSum:
         for i in self._float:
             self._offsets[i] = size
             size += self._sizes[i]
-        self._work = torch.empty(size, dtype=torch.float64)
-        self._magic = self._work.numpy().view(np.int64)
+        # magic + w * x * 2**f is formed a chunk at a time in this scratch, which stays in the cache.
+        self._scratch = torch.empty(min(_CHUNK, size), dtype=torch.float64)
+        self._scratch_bits = self._scratch.numpy().view(np.int64)
         self._magic_one = torch.tensor([_MAGIC], dtype=torch.float64)
-        # A 0-dim entry's view has shape (1,), the shape of magic + x.
-        self._views = {i: self._work[self._offsets[i]:self._offsets[i] + self._sizes[i]]
-                       .view((*self.shapes[i], *((2,) if self.complex[i] else ())) or (1,)) for i in self._float}
         self._levels = _Levels(size)
         self._singles = {i: _Levels(self._sizes[i]) for i in self._other}
 
@@ -206,20 +229,20 @@ class ExactSum:
                 if bound > 0.0:
                     groups.setdefault(_level(bound), []).append(i)
         for level, members in sorted(groups.items()):
-            # magic + w * x * 2**f in float64 (scaling by a power of two is exact), one pass per tensor
-            # (a one-element float64 tensor makes the sum float64); |w * x * 2**f| <= 2**42 < 2**51,
-            # so the float64 holds the rounded integer in its low bits. Tensors of other levels hold
-            # the magic number alone, an integer 0.
+            # magic + w * x * 2**f in float64 (scaling by a power of two is exact; a one-element
+            # float64 tensor makes the sum float64); |w * x * 2**f| <= 2**42 < 2**51, so the float64
+            # holds the rounded integer in its low bits, added to the level's int64 sum as such.
+            # Tensors of other levels add the magic number alone, an integer 0.
             scale = math.ldexp(weight, GRID_BITS - LEVEL_BITS * level)
-            if len(groups) > 1:
-                self._work.fill_(_MAGIC)
-            for i in members:
-                torch.add(self._magic_one, real[i], alpha=scale, out=self._views[i])
-            if len(groups) == 1 and len(members) < len(self._float):
-                for i in self._float:
-                    if i not in members:
-                        self._views[i].fill_(_MAGIC)
-            self._levels.deposit(level, self._magic)
+            total = self._levels.take(level)
+            chosen = set(members)
+            for i in self._float:
+                start = self._offsets[i]
+                target = total[start:start + self._sizes[i]]
+                if i in chosen:
+                    self._deposit(target, real[i].reshape(-1), scale)
+                else:
+                    np.add(target, _MAGIC_INT, out=target)
         for i in self._other:
             x = real[i].reshape(-1).to(torch.float64)
             bound = _peak(x) * weight
@@ -229,16 +252,23 @@ class ExactSum:
                 self._singles[i].deposit(level, work.numpy().view(np.int64))
         return self
 
+    def _deposit(self, target: np.ndarray, flat: torch.Tensor, scale: float) -> None:
+        """Add ``magic + scale * flat`` as int64 bits to ``target``, a chunk at a time."""
+        for start in range(0, flat.numel(), _CHUNK):
+            end = min(start + _CHUNK, flat.numel())
+            n = end - start
+            torch.add(self._magic_one, flat[start:end], alpha=scale, out=self._scratch[:n])
+            np.add(target[start:end], self._scratch_bits[:n], out=target[start:end])  # wraps
+
     def value(self) -> List[torch.Tensor]:
         """The sums as fresh float64 tensors of :attr:`shapes` (a complex tensor's sum comes as
         pairs of reals, a trailing dimension of 2)."""
-        flat = self._levels.value()
+        flat = torch.from_numpy(self._levels.value())  # fresh on every call: views of it are not shared
         out = []
         for i, (shape, is_complex) in enumerate(zip(self.shapes, self.complex)):
             values = flat[self._offsets[i]:self._offsets[i] + self._sizes[i]] if i in self._offsets \
-                else self._singles[i].value()
-            out.append(torch.from_numpy(values.copy()).reshape(*shape, 2) if is_complex
-                       else torch.from_numpy(values.copy()).reshape(shape))
+                else torch.from_numpy(self._singles[i].value())
+            out.append(values.view(*shape, 2) if is_complex else values.view(shape))
         return out
 
     def segments(self) -> List[Dict[int, Tuple[np.ndarray, int]]]:

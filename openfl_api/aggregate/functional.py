@@ -46,11 +46,13 @@ def finish_mean(acc: torch.Tensor, total_weight: float, dtype: torch.dtype) -> t
         total_weight: sum of the weights; must be positive.
         dtype: dtype of the result.
     """
+    if dtype.is_floating_point or dtype.is_complex:
+        # Divided in acc's precision and rounded once to dtype as each element is stored: the bits
+        # of (acc / total_weight).to(dtype), with no intermediate tensor.
+        return torch.div(acc, total_weight, out=torch.empty(acc.shape, dtype=dtype, device=acc.device))
     mean = acc / total_weight
     if dtype == torch.bool:
         return mean >= 0.5
-    if dtype.is_floating_point or dtype.is_complex:
-        return mean.to(dtype)
     return mean.round_().to(dtype)
 
 
