@@ -162,9 +162,9 @@ class BackendSide:
         """A round failed: discard its masked uploads (the model is unchanged), count them, and
         open the next round; the federation goes on."""
         coordinator, server = self.coordinator, self.server
-        failed, uploads = coordinator.round_id, sorted(coordinator.deposited)
+        uploads = sorted(coordinator.deposited)
         taken = server.exchange.withdraw(uploads)
-        reason = f"secure aggregation round failed: round {failed}: {failure}"
+        reason = f"secure aggregation round failed: {failure}"
         for client in uploads:
             worker = server.exchange.clients.get(client)
             label = worker.label if worker is not None else client

@@ -140,7 +140,7 @@ class FrontendSide:
         except FederationEnded:
             self.skipped, self.ended = "the federation ended during secure aggregation's round", True
             return None
-        except SecAggFailure as exc:  # the round failed, or this frontend cannot take part: the next upload may
+        except SecAggFailure as exc:  # its round failed: this update takes no part, the next one joins the next round
             self.skipped = str(exc)
             return None
         self.control = self._secagg.board.sent + self._secagg.board.received - before
