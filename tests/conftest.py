@@ -139,7 +139,8 @@ def pytest_unconfigure(config: Any) -> None:
     """End the test process with the session's status once pytest is done, skipping the
     interpreter's teardown: a C++ thread of torch.distributed left joinable by one of the
     in-process federations aborts the interpreter's exit ("terminate called without an active
-    exception") after every test has passed; NOTES.md tracks finding which one."""
+    exception") after every test has passed; NOTES.md tracks finding which one. With
+    ``OPENFL_NO_FAST_EXIT=1`` the interpreter tears down as usual, to look for it."""
     if _EXIT_STATUS and not os.environ.get("OPENFL_NO_FAST_EXIT"):
         sys.stdout.flush()
         sys.stderr.flush()
