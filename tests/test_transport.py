@@ -242,3 +242,21 @@ def test_a_flat_payload_travels_as_one_piece(pipes) -> None:
     received = frontend.recv(Limits(REPLIES, 64, payload.numel()), TIMEOUT, TIMEOUT, zeros)
     sender.join(TIMEOUT.total_seconds())
     assert torch.equal(received.payload, payload)
+
+
+@pytest.mark.parametrize("room", [0, 1])
+def test_a_payload_that_fits_after_the_control_block_travels_inside_it_and_a_larger_one_in_pieces(
+        pipes, room) -> None:
+    backend, frontend = pipes
+    header = b'{"v":1}'
+    control = 8 * 5 + 16 * 2 + len(header)  # the frame, a piece table of two rows, the header
+    size = INLINE - control + room
+    first, second = torch.full((100,), 3, dtype=torch.uint8), torch.arange(size - 400, dtype=torch.uint8)
+    posted: List[torch.Tensor] = []
+    post = frontend._post
+    frontend._post = lambda send, tensor, what: posted.append(tensor) or post(send, tensor, what)
+    sender = send_on_thread(frontend, Message(Kind.UPLOAD, header, Pieces(size, ((0, first), (400, second)))))
+    received = backend.recv(Limits(REQUESTS, 64, INLINE), TIMEOUT, TIMEOUT, zeros)
+    sender.join(TIMEOUT.total_seconds())
+    assert torch.equal(received.payload[:100], first) and torch.equal(received.payload[400:], second)
+    assert len(posted) == (1 if room == 0 else 3)  # one gloo message, or the control block and two pieces

@@ -5,6 +5,7 @@ each refused with their reason."""
 from __future__ import annotations
 
 import threading
+import time
 from datetime import timedelta
 from typing import List, Optional, Tuple
 
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from openfl_api.address import Address
-from openfl_api.errors import WireError
+from openfl_api.errors import TransportError, WireError
 from openfl_api.transport.base import REPLIES, REQUESTS, Kind, Limits, Message, Pieces
 from openfl_api.transport.wire import CHUNK, KeyExchange, SealedPipe, WireKeys, protected_by_default
 from test_transport import TIMEOUT, pipes, zeros  # noqa: F401 - pipes is a fixture
@@ -96,6 +97,29 @@ def test_a_payload_of_several_chunks_with_gaps_arrives_whole_and_reports_progres
     # And the other way, a second message of each direction.
     reply = exchange(backend, frontend, Message(Kind.MODEL, b"{}", torch.arange(100, dtype=torch.uint8)))
     assert reply.payload.tolist() == list(range(100))
+
+
+def test_payloads_of_many_chunks_arrive_whole_though_the_sender_seals_them_into_a_few_buffers(sealed) -> None:
+    backend, frontend, _ = sealed
+    for seed in range(2):  # the second message reuses the first one's buffers
+        generator = torch.Generator().manual_seed(seed)
+        first = torch.randint(0, 256, (5 * CHUNK + 3,), dtype=torch.uint8, generator=generator)
+        second = torch.randint(0, 256, (6 * CHUNK + 100,), dtype=torch.uint8, generator=generator)
+        payload = Pieces(12 * CHUNK, ((0, first), (5 * CHUNK + 8, second)))
+        sender = send_on_thread(frontend, Message(Kind.UPLOAD, b"{}", payload))
+        time.sleep(0.2)  # the sender fills its window before the receiver takes anything
+        received = backend.recv(Limits(REQUESTS, 64, 12 * CHUNK), TIMEOUT, TIMEOUT, zeros)
+        sender.join(TIMEOUT.total_seconds())
+        assert torch.equal(received.payload, payload.flat())
+
+
+def test_a_send_that_fails_midway_stops_its_sealing_thread(sealed) -> None:
+    backend, frontend, _ = sealed
+    backend.close()
+    with pytest.raises(TransportError) as caught:
+        frontend.send(Message(Kind.UPLOAD, b"{}", torch.ones(12 * CHUNK, dtype=torch.uint8)), timedelta(seconds=1))
+    # Stopped by the failed send itself, not later by the collection of its frames (which ``caught`` keeps).
+    assert caught.traceback and not [thread for thread in threading.enumerate() if thread.name == "openfl-seal"]
 
 
 def test_a_changed_byte_of_a_payload_is_refused(sealed) -> None:

@@ -33,7 +33,7 @@ __all__ = [
     "check_frame", "check_pieces", "frame_of", "payload_size",
 ]
 
-MAGIC = 0x0F1A_0002  # 0x0F1A_0001: the first wire format, one payload message and no piece table
+MAGIC = 0x0F1A_0003  # changes with the framing, so that peers of two framings fail at the first frame
 FRAME = 5  # int64 words in a frame
 MAX_PIECES = 1 << 16
 
@@ -96,12 +96,15 @@ class Stream:
     it travel (the protected wire encrypts a chunk while the previous one is sent).
 
     ``rows`` gives each piece's ``(offset, bytes)`` in advance, for the piece table; ``make()``
-    yields the pieces in order, 1-D uint8 tensors of those sizes.
+    yields the pieces in order, 1-D uint8 tensors of those sizes. ``window``: when above 0, at most
+    that many pieces are on their way at once: a pipe asks for piece ``i`` only once piece
+    ``i - window`` has left, so the maker may reuse a few buffers in turn.
     """
 
     nbytes: int
     rows: Tuple[Tuple[int, int], ...]
     make: Callable[[], Iterator[torch.Tensor]]
+    window: int = 0
 
     def table(self) -> torch.Tensor:
         """The piece table as sent: ``int64[len(rows), 2]`` of ``(offset, bytes)``."""

@@ -7,6 +7,7 @@ that times out closes the pair, which is why a pipe that timed out is dead.
 
 from __future__ import annotations
 
+import itertools
 import re
 import threading
 import time
@@ -76,9 +77,19 @@ def open_gloo_pipe(store: Store, prefix: str, rank: int, timeout: timedelta, hos
 
 
 #: Bytes of a message's first gloo message: the frame, the piece table and the header travel in it
-#: when they fit (every control message and the header of most models), else the rest follows.
+#: when they fit (every control message and the header of most models), else the rest follows. A
+#: payload that fits after them travels in it too (see :class:`GlooPipe`).
 INLINE = 32 * 1024
 _FRAME_BYTES = FRAME * 8
+
+
+def _flat(size: int, table: Optional[torch.Tensor], pieces) -> bytes:
+    """A payload of ``size`` bytes as the bytes of one buffer: its pieces at the table's offsets,
+    zeros between them."""
+    buffer = torch.zeros(size, dtype=torch.uint8)
+    for (offset, length), piece in zip(table.tolist(), pieces):
+        buffer[offset : offset + length].copy_(piece)
+    return buffer.numpy().tobytes()
 
 
 class GlooPipe(Pipe):
@@ -91,6 +102,13 @@ class GlooPipe(Pipe):
     frame, and posts every piece at once. On loopback each separately waited gloo operation costs
     a thread hand-off, hence so few of them.
 
+    A gloo send leaves only once the receiver has posted its receive, and the receiver posts the
+    pieces' receives only once it has read the sizes in the control message: a payload in pieces
+    costs one round trip more than its control message. So a payload that fits in the control
+    message after the control block (``control + payload bytes <= INLINE``, which both sides
+    compute from the frame) travels inside it, padding included, and costs no round trip of its
+    own: every control message and the models and updates of small networks.
+
     Sends are serialised by a lock, so one thread may send (a heartbeat, a ping) while another is
     blocked in a receive. A gloo send completes once the peer has posted the matching receive.
     """
@@ -101,6 +119,7 @@ class GlooPipe(Pipe):
         self._group = group
         self._peer = peer
         self._first = torch.zeros(INLINE, dtype=torch.uint8)
+        self._inline: Optional[torch.Tensor] = None  # the payload that came inside the control message
         self._send_lock = threading.Lock()
         self._posted: List[Tuple[Any, torch.Tensor, float]] = []  # (work, tensor kept alive, posted at)
 
@@ -188,24 +207,47 @@ class GlooPipe(Pipe):
         else:
             count, table, pieces = 0, None, iter(())
         control = self._control(Message(message.kind, message.header, payload), count, table)
+        size = payload_size(payload)
+        if size and len(control) + size <= INLINE:
+            control += _flat(size, table, pieces)
+            pieces = iter(())
         # Every tensor posted stays referenced here until the waits below are over.
         tensors = [torch.frombuffer(bytearray(control[:INLINE]), dtype=torch.uint8)]
         if len(control) > INLINE:
             tensors.append(torch.frombuffer(bytearray(control[INLINE:]), dtype=torch.uint8))
         works = [self._post(True, tensor, "sending a message") for tensor in tensors]
-        for piece in pieces:  # a Stream makes each piece while the ones posted before it travel
-            tensors.append(piece)
-            works.append(self._post(True, piece, "sending a message"))
-        if self.link is not None and self.link < timeout:
-            # The peer takes a message's start at once when it is there: waiting longer is a cut link.
-            # (Each work is waited once: a second wait of a gloo send waits for another send.)
-            try:
-                works[0].wait(self.link)
-            except RuntimeError as exc:
-                raise Silence(f"pipe failed: the peer took no message for {seconds(self.link.total_seconds())} "
-                              "(the link is cut, or the peer hangs)") from exc
-            works = works[1:]
-        self._wait(works, timeout, "sending a message")
+        controls, waited = len(works), 0  # works[:waited] are through
+        deadline = time.monotonic() + timeout.total_seconds()
+
+        def through(end: int) -> None:
+            nonlocal waited
+            if waited == 0 and self.link is not None and self.link < timeout:
+                # The peer takes a message's start at once when it is there: waiting longer is a cut link.
+                # (Each work is waited once: a second wait of a gloo send waits for another send.)
+                try:
+                    works[0].wait(self.link)
+                except RuntimeError as exc:
+                    raise Silence(f"pipe failed: the peer took no message for {seconds(self.link.total_seconds())} "
+                                  "(the link is cut, or the peer hangs)") from exc
+                waited = 1
+            if end > waited:
+                self._wait(works[waited:end], timedelta(seconds=max(0.001, deadline - time.monotonic())),
+                           "sending a message")
+                waited = end
+
+        window = payload.window if isinstance(payload, Stream) else 0
+        try:
+            for index in itertools.count():
+                if window and index >= window:
+                    through(controls + index - window + 1)  # piece ``index - window`` is through
+                piece = next(pieces, None)  # a Stream makes each piece while the ones posted before it travel
+                if piece is None:
+                    break
+                tensors.append(piece)
+                works.append(self._post(True, piece, "sending a message"))
+        finally:
+            getattr(pieces, "close", lambda: None)()  # a Stream's maker stops when the send fails
+        through(len(works))
 
     def recv(
         self,
@@ -226,10 +268,13 @@ class GlooPipe(Pipe):
                      transfer: timedelta) -> Tuple[Kind, bytes, List[Tuple[int, int]], int]:
         """The first half of :meth:`recv`: a message's kind, header, piece rows ``(offset, bytes)``
         and payload size, checked against ``limits``; its payload follows (:meth:`recv_payload`)."""
+        self._inline = None
         self._wait_first(self._post(False, self._first, "waiting for a message"), idle)
         kind, header_len, payload_len, count = check_frame(self._first[:_FRAME_BYTES].view(torch.int64), limits)
         control_len = _FRAME_BYTES + 16 * count + header_len
-        control = self._first.numpy().tobytes()[: min(control_len, INLINE)]
+        control = self._first[: min(control_len, INLINE)].numpy().tobytes()
+        if payload_len and control_len + payload_len <= INLINE:
+            self._inline = self._first[control_len : control_len + payload_len].clone()
         if control_len > INLINE:
             rest = torch.empty(control_len - INLINE, dtype=torch.uint8)
             self._wait([self._post(False, rest, "receiving a header")], transfer, "receiving a header")
@@ -245,6 +290,13 @@ class GlooPipe(Pipe):
                      progress: Optional[Callable[[int], None]] = None) -> None:
         """The second half of :meth:`recv`: the pieces ``rows`` into ``payload``; ``progress(end)``
         after each piece, while the next ones are still arriving."""
+        inline, self._inline = self._inline, None
+        if inline is not None:
+            for offset, size in rows:
+                payload[offset : offset + size].copy_(inline[offset : offset + size])
+                if progress is not None:
+                    progress(offset + size)
+            return
         works = [self._post(False, payload[offset : offset + size], "receiving a payload") for offset, size in rows]
         deadline = time.monotonic() + transfer.total_seconds()
         for work, (offset, size) in zip(works, rows):

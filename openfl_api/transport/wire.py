@@ -10,16 +10,19 @@ direction. Without the token the keys cannot be derived, and a key pair lives fo
 Messages: the header travels as ``seq (8 bytes) || AES-GCM(header)``, where ``seq`` counts this
 direction's messages and the associated data binds the kind, ``seq`` and the payload's size. The
 payload travels in chunks of :data:`CHUNK` bytes, each sealed on its own with the nonce
-``(seq, chunk)``: a chunk is encrypted while the one before it is on the wire, and decrypted while
-the one after it arrives. A receiver takes only the next ``seq``; an older one is a replay, a
-newer one a lost message, and a message that fails authentication (a changed byte, a wrong key)
-is refused. Each is a :class:`~openfl_api.errors.WireError` and the pipe is closed: the stream
-can no longer be trusted. A frontend then joins again, with fresh keys.
+``(seq, chunk)``. A sender seals each chunk on a thread of its own while its own thread writes the
+chunk before to the socket (AES-GCM in ``cryptography`` holds the GIL, gloo's send releases it); a
+chunk that spans several pieces of the payload is encrypted span by span, straight from the pieces.
+A receiver decrypts each chunk while gloo's thread reads the ones after it. A receiver takes only
+the next ``seq``; an older one is a replay, a newer one a lost message, and a message that fails
+authentication (a changed byte, a wrong key) is refused. Each is a
+:class:`~openfl_api.errors.WireError` and the pipe is closed: the stream can no longer be trusted.
+A frontend then joins again, with fresh keys.
 
 A receiver decrypts each chunk straight into the buffer it was given; when a chunk fails, that
 buffer may hold its unauthenticated bytes and the message is refused, as when a pipe breaks in the
-middle of a payload: nothing reads a refused message's buffer. Where ``cryptography`` has ``encrypt_into`` and
-``decrypt_into``, a chunk is sealed and opened without a copy.
+middle of a payload: nothing reads a refused message's buffer. Where ``cryptography`` has
+``encrypt_into`` and ``decrypt_into``, a chunk is sealed and opened without a copy.
 
 By default the wire is protected unless the pipes stay on this machine (a ``memory://`` address,
 or a ``tcp://`` address on loopback): ``API(protect_wire=True)`` or ``False`` decides instead. The
@@ -30,11 +33,12 @@ from __future__ import annotations
 
 import bisect
 import ipaddress
+import queue
 import socket
 import threading
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Callable, Iterator, Optional, Tuple, Union
+from typing import Callable, Iterator, List, Optional, Tuple, Union
 
 import torch
 
@@ -135,39 +139,79 @@ def sealed_rows(nbytes: int) -> Tuple[Tuple[int, int], ...]:
     return tuple((i * (CHUNK + TAG), min(CHUNK, nbytes - i * CHUNK) + TAG) for i in range(count))
 
 
+#: Sealed chunks of one payload on their way at once (see :class:`~openfl_api.transport.base.Stream`).
+_WINDOW = 4
+_ZEROS = memoryview(bytes(CHUNK))  # the padding between pieces, as sealed
+
+
 def _plain_size(sealed: int) -> int:
     count = -(-sealed // (CHUNK + TAG))
     return sealed - count * TAG
 
 
 class _Window:
-    """Plaintext windows ``[start, end)`` of a payload: a view where one piece holds the window,
-    else the pieces gathered (zero-padded) into a staging buffer."""
+    """Plaintext windows ``[start, end)`` of a payload as consecutive spans: views of the pieces,
+    and zeros for the padding between them (no bytes are gathered)."""
 
     def __init__(self, payload: Union[torch.Tensor, Pieces]) -> None:
         if isinstance(payload, torch.Tensor):
             payload = Pieces(payload.numel(), ((0, payload),))
         self._pieces = payload.pieces
         self._offsets = [offset for offset, _ in self._pieces]
-        self._staging: Optional[torch.Tensor] = None
 
-    def __call__(self, start: int, end: int) -> memoryview:
-        index = bisect.bisect_right(self._offsets, start) - 1
-        if index >= 0:
-            offset, piece = self._pieces[index]
-            if offset + piece.numel() >= end:
-                return memoryview(piece[start - offset : end - offset].numpy())
-        if self._staging is None:
-            self._staging = torch.empty(CHUNK, dtype=torch.uint8)
-        window = self._staging[: end - start]
-        window.zero_()
-        for offset, piece in self._pieces[max(index, 0):]:
+    def __call__(self, start: int, end: int) -> List[memoryview]:
+        spans: List[memoryview] = []
+        at = start
+        for offset, piece in self._pieces[max(bisect.bisect_right(self._offsets, start) - 1, 0):]:
             if offset >= end:
                 break
-            low, high = max(start, offset), min(end, offset + piece.numel())
-            if low < high:
-                window[low - start : high - start].copy_(piece[low - offset : high - offset])
-        return memoryview(window.numpy())
+            low, high = max(at, offset), min(end, offset + piece.numel())
+            if low >= high:
+                continue
+            if low > at:
+                spans.append(_ZEROS[: low - at])
+            spans.append(memoryview(piece[low - offset : high - offset].numpy()))
+            at = high
+        if at < end:
+            spans.append(_ZEROS[: end - at])
+        return spans
+
+
+def _ahead(make: Callable[[int], torch.Tensor], count: int) -> Iterator[torch.Tensor]:
+    """``make(0)``, ..., ``make(count - 1)``, made on a thread of their own at most two past the one
+    the caller took last (one waiting in the queue, one being made): AES-GCM holds the GIL, gloo's
+    send does not, so a chunk is sealed while the caller writes the one before it to the socket."""
+    ready: "queue.Queue[object]" = queue.Queue(maxsize=1)  # full: the sealing thread waits without the GIL
+    stop = threading.Event()
+
+    def hand(item: object) -> None:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.05)
+                return
+            except queue.Full:
+                continue
+
+    def work() -> None:
+        try:
+            for index in range(count):
+                if stop.is_set():
+                    return
+                hand(make(index))
+        except BaseException as exc:  # handed to the caller, who raises it
+            hand(exc)
+
+    thread = threading.Thread(target=work, name="openfl-seal", daemon=True)
+    thread.start()
+    try:
+        for _ in range(count):
+            item = ready.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item  # type: ignore[misc]
+    finally:
+        stop.set()
+        thread.join()
 
 
 class SealedPipe(Pipe):
@@ -184,12 +228,17 @@ class SealedPipe(Pipe):
         from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
         self._inner = inner
+        self._send_key = keys.send
         self._seal_with = AESGCM(keys.send)
         self._open_with = AESGCM(keys.recv)
         self._lock = threading.Lock()  # a message's seq and its place on the wire go together
         self._next_send = 0
         self._next_recv = 0
         self._sealed = torch.empty(0, dtype=torch.uint8)
+        # The sealed chunks of a payload of several, in turn: at most _WINDOW + 2 are in use (the
+        # pipe's window, ending with the chunk it took last, and two the sealing thread makes
+        # past that one: see _ahead); one more is spare.
+        self._ring: List[torch.Tensor] = []
         self._into = hasattr(self._seal_with, "encrypt_into")
 
     @property
@@ -219,21 +268,40 @@ class SealedPipe(Pipe):
             _nonce(seq, _HEADER), bytes(message.header), _associated(seq, message.kind, nbytes))
         if not nbytes:
             return Message(message.kind, header)
+        from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
         rows = sealed_rows(nbytes)
-        window, seal, into = _Window(message.payload), self._seal_with, self._into
+        if len(rows) > 1 and not self._ring:
+            self._ring = [torch.empty(CHUNK + TAG, dtype=torch.uint8) for _ in range(_WINDOW + 3)]
+        ring = self._ring if len(rows) > 1 else []
+        window, seal, into, key = _Window(message.payload), self._seal_with, self._into, self._send_key
 
-        def make() -> Iterator[torch.Tensor]:
-            for chunk, (_, size) in enumerate(rows):
-                start = chunk * CHUNK
-                plain = window(start, min(nbytes, start + CHUNK))
-                if into:
-                    sealed = torch.empty(size, dtype=torch.uint8)
-                    seal.encrypt_into(_nonce(seq, chunk), plain, None, memoryview(sealed.numpy()))
-                    yield sealed
-                else:
-                    yield torch.frombuffer(bytearray(seal.encrypt(_nonce(seq, chunk), plain, None)), dtype=torch.uint8)
+        def sealed(chunk: int) -> torch.Tensor:
+            start = chunk * CHUNK
+            spans = window(start, min(nbytes, start + CHUNK))
+            nonce = _nonce(seq, chunk)
+            if not into:
+                plain = spans[0] if len(spans) == 1 else b"".join(spans)
+                return torch.frombuffer(bytearray(seal.encrypt(nonce, plain, None)), dtype=torch.uint8)
+            out = ring[chunk % len(ring)][: rows[chunk][1]] if ring else torch.empty(rows[chunk][1], dtype=torch.uint8)
+            view = memoryview(out.numpy())
+            if len(spans) == 1:
+                seal.encrypt_into(nonce, spans[0], None, view)
+                return out
+            # The same AES-GCM over spans in turn: each is encrypted straight into its place.
+            encryptor = Cipher(algorithms.AES(key), modes.GCM(nonce)).encryptor()
+            at = 0
+            for span in spans:  # update_into wants 15 spare bytes past the span: the tag's room has them
+                encryptor.update_into(span, view[at : at + len(span) + 15])
+                at += len(span)
+            encryptor.finalize()
+            view[at:] = encryptor.tag
+            return out
 
-        return Message(message.kind, header, Stream(rows[-1][0] + rows[-1][1], rows, make))
+        if len(rows) == 1:
+            return Message(message.kind, header, Stream(rows[0][1], rows, lambda: iter([sealed(0)])))
+        return Message(message.kind, header, Stream(rows[-1][0] + rows[-1][1], rows,
+                                                    lambda: _ahead(sealed, len(rows)), _WINDOW))
 
     # ----------------------------------------------------------------- receiving
     def recv(
