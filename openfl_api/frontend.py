@@ -95,6 +95,7 @@ class Client(Link, Reporting):
             return False
         transfer = Transfer(rank=rank, nick_name=nick_name, version=self.version)
         self._fire(Event.BEFORE_DOWNLOAD, transfer)
+        asked = self.version
 
         def request() -> Message:
             fields: Dict[str, Any] = {"version": self.version}
@@ -125,7 +126,9 @@ class Client(Link, Reporting):
         self.config = transfer.config = config
         self.final = config.get("final")
         state.apply(payload.tensors)
-        if payload.version == self._uploaded_from and self.hosted is None:
+        # Only a loop that did not move its version since the upload asks for that version again;
+        # an asynchronous backend or a discarded upload may serve it again to a loop that did.
+        if asked == payload.version == self._uploaded_from and self.hosted is None:
             self.log.warning(
                 f"downloaded version {payload.version} again, which this frontend has already uploaded an update "
                 "for: call api.update_version() after api.upload(), so that download() waits for the next version"
@@ -236,7 +239,9 @@ class Client(Link, Reporting):
         transfer.reason = str(ack.get("reason", ""))[:500]
         if self.transforms is not None:  # bytes on the wire; secure aggregation's unmask shares
             self.transforms.sent(len(header) + schema.nbytes)
-            self.transforms.answered(transfer.accepted)
+            failed = self.transforms.answered(transfer.accepted)
+            if failed:  # the backend discards the uploads of a failed round
+                transfer.accepted, transfer.reason = False, failed
         if transfer.accepted:
             self.ledger.add(self.backend_name, "uploads")
             self.log.debug(f"uploaded an update trained from version {self.version}")

@@ -13,7 +13,7 @@ Nothing here touches a tensor, a pipe or a thread: the backend asks, these objec
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 from openfl_api.asynchronous import Asynchronous
 
@@ -63,9 +63,11 @@ class Versions:
         self.accepted = 0
         #: client id -> the version of its last accepted upload
         self.uploaded: Dict[str, int] = {}
-        # Asynchronous mode: the sums of staleness-weighted and of plain aggregation weights.
+        # Asynchronous mode: the sums of staleness-weighted and of plain aggregation weights, and
+        # each accepted upload's (client, weighted, plain) in arrival order, so that one can be withdrawn.
         self._weighted = 0.0
         self._plain = 0.0
+        self._weights: List[Tuple[str, float, float]] = []
 
     def judge(self, tag: int, client: str) -> Verdict:
         """Apply the version rule to an upload trained from version ``tag`` by ``client``."""
@@ -92,6 +94,25 @@ class Versions:
         self.accepted += 1
         self._weighted += weighted
         self._plain += plain
+        self._weights.append((client, weighted, plain))
+
+    def withdraw(self, clients: Iterable[str]) -> int:
+        """Take back the accepted uploads of ``clients`` for the current version (their secure
+        aggregation round failed); returns how many were taken back. Their clients may upload for
+        the version again."""
+        gone = set(clients)
+        kept = [entry for entry in self._weights if entry[0] not in gone]
+        count = len(self._weights) - len(kept)
+        if count == 0:
+            return 0
+        self._weights = kept
+        self.accepted -= count
+        self._weighted = sum(entry[1] for entry in kept) + 0.0  # added in arrival order, as accept() does
+        self._plain = sum(entry[2] for entry in kept) + 0.0
+        for client in gone:
+            if self.uploaded.get(client) == self.version:
+                del self.uploaded[client]
+        return count
 
     def mixing(self) -> Optional[float]:
         """Asynchronous mode: the weight ``alpha * mean staleness weight`` in ``[0, 1]`` with which
@@ -106,6 +127,7 @@ class Versions:
         count = self.accepted
         self.accepted = 0
         self._weighted = self._plain = 0.0
+        self._weights = []
         self.version += 1
         return count
 

@@ -17,7 +17,7 @@ from openfl_api.payload import MAX_HEADER_BYTES, encode, parse_header
 from openfl_api.state import SharedState
 from openfl_api.transport.base import Kind, Limits, Message
 
-from conftest import WAIT, Model, fast_api, memory_address, train_loop
+from conftest import WAIT, Federation, Model, fast_api, memory_address, train_loop
 
 
 def upload_constant(value: float, num_samples: int):
@@ -607,6 +607,25 @@ def test_a_forgotten_update_version_is_named_on_both_sides(federation, log_lines
                "api.update_version() after api.upload()" in line for line in log_lines) == 1
     assert sum("downloaded version 0 again, which this frontend has already uploaded an update for: call "
                "api.update_version() after api.upload()" in line for line in log_lines) == 3
+
+
+def test_a_loop_that_moves_its_version_is_not_warned_when_served_the_same_version_again(log_lines):
+    federation = Federation(asynchronous=ofl.Asynchronous(min_frontends=1))
+    federation.backend.set_aggregate_triggers(ofl.AggregateCount(count=2))
+    federation.connect_backend()
+    served = []
+
+    def moves_on(api, model, opt):
+        for _ in range(2):
+            assert api.download()
+            served.append(api.version)
+            assert api.upload()
+            api.update_version()
+
+    federation.frontend(1, moves_on)
+    federation.serve_until_frontends_finish()
+    assert served == [0, 0]  # the asynchronous backend serves its newest model: version 0 until 2 uploads came
+    assert not any("again, which this frontend has already uploaded" in line for line in log_lines)
 
 
 def test_an_address_files_rank_decides_the_role(tmp_path, monkeypatch):

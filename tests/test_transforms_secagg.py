@@ -23,6 +23,7 @@ from openfl_api.logger import bind
 from openfl_api.transforms import SecAgg
 from openfl_api.transforms import crypto
 from openfl_api.transforms.secagg import Board, Coordinator, SecAggClient, SecAggFailure, quantize
+from openfl_api.transforms.secagg.board import b64
 
 TOKEN = b"secagg-test"
 WAIT = 20.0
@@ -79,9 +80,18 @@ def split_unless_inconsistent(real):
     return split
 
 
+class SlowInboxes(Board):
+    """The backend's board on a loaded machine: each inbox is written a while after the one before."""
+
+    def put(self, key: str, value: object) -> None:
+        if "/inbox/" in key:
+            time.sleep(0.05)
+        super().put(key, value)
+
+
 def run_round(vectors: Sequence[torch.Tensor], weights: Optional[Sequence[int]] = None, drop: Sequence[int] = (),
               kinds: Optional[Dict[int, type]] = None, neighbours: Optional[int] = None, bits: int = 16,
-              threshold: float = 0.5) -> dict:
+              threshold: float = 0.5, board: type = Board) -> dict:
     """One synchronous round; returns the coordinator, what each client masked and sent, and errors."""
     n = len(vectors)
     weights = list(weights or [1] * n)
@@ -91,7 +101,7 @@ def run_round(vectors: Sequence[torch.Tensor], weights: Optional[Sequence[int]] 
     # pipe does in the serve loop. A deadline shorter than a loaded machine's stalls would drop clients.
     transform = SecAgg(clip_range=1.0, bits=bits, threshold=threshold, neighbours=neighbours,
                        deadline=timedelta(seconds=WAIT / 2))
-    coordinator = Coordinator(transform, Board([store], run, TOKEN), run, vectors[0].numel(), 1.0, LOG, False)
+    coordinator = Coordinator(transform, board([store], run, TOKEN), run, vectors[0].numel(), 1.0, LOG, False)
     coordinator.open(0)
     names = [f"c{i}" for i in range(n)]
     uploads: "queue.SimpleQueue" = queue.SimpleQueue()
@@ -206,6 +216,13 @@ def test_frontends_dropping_after_masking_still_give_the_right_sum(drop: List[in
     check_sum(outcome, vectors, [i for i in range(6) if i not in drop])
 
 
+def test_members_read_their_inboxes_only_once_the_backend_wrote_every_one() -> None:
+    vectors = updates(4, seed=8)
+    outcome = run_round(vectors, board=SlowInboxes)
+    assert outcome["errors"] == [] and outcome["failure"] is None
+    check_sum(outcome, vectors, range(4))
+
+
 def test_secagg_plus_masks_with_neighbours_only_and_recovers_a_dropout() -> None:
     vectors = updates(6, seed=2)
     outcome = run_round(vectors, neighbours=2, drop=[3])
@@ -276,6 +293,18 @@ def test_masked_uploads_outside_the_masked_stage_are_refused() -> None:
     coordinator.open(0)
     with pytest.raises(PayloadError, match="masked-input stage"):
         coordinator.admit("c0")
+
+
+def test_an_asynchronous_round_takes_the_first_cohort_members_whose_keys_came() -> None:
+    store = PrefixStore("z", HashStore())
+    board = Board([store], "r", TOKEN)
+    coordinator = Coordinator(SecAgg(clip_range=1.0, cohort=2), board, "r", 4, 1.0, LOG, True)
+    coordinator.open(0)
+    for client in ("c3", "c1", "c2"):
+        key = crypto.KeyPair().public
+        board.append("b1/keys", {"client": client, "c": b64(key), "s": b64(key), "w": 1})
+    coordinator.tick(["c1", "c2", "c3"], None)
+    assert sorted(coordinator.members) == ["c1", "c3"]  # c2 came last: it joins the next buffer
 
 
 def test_shamir_rebuilds_from_any_threshold_shares_and_not_from_fewer() -> None:

@@ -59,6 +59,16 @@ def test_mixing_weight_is_alpha_times_the_mean_staleness_weight() -> None:
     assert Versions().mixing() is None
 
 
+def test_withdrawn_uploads_leave_the_count_and_the_mixing_weight_as_if_never_accepted() -> None:
+    versions, alone = Versions(Asynchronous(alpha=0.5)), Versions(Asynchronous(alpha=0.5))
+    for client, weighted in (("a", 0.25), ("b", 0.7), ("c", 0.1)):
+        versions.accept(client, weighted, 1.0)
+    alone.accept("b", 0.7, 1.0)
+    assert versions.withdraw(["a", "c", "z"]) == 2
+    assert versions.accepted == alone.accepted == 1 and versions.mixing() == alone.mixing()
+    assert not versions.took_part(["a", "c"]) and versions.took_part(["b"])
+
+
 def test_state_round_trips_the_version_in_progress() -> None:
     versions = Versions()
     versions.accept("a", 1.0, 1.0)

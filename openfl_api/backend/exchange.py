@@ -262,6 +262,18 @@ class Exchange(Admission):
             )
 
     # ----------------------------------------------------------------- versions
+    def withdraw(self, clients: List[str]) -> int:
+        """Take back the accepted uploads of ``clients`` for the current version (their secure
+        aggregation round failed); returns how many. They may upload for the version again, so
+        their held downloads are served the current version."""
+        taken = self.versions.withdraw(clients)
+        gone = set(clients)
+        for worker, transfer in self.waiting:
+            if gone & set(worker.clients or ()):
+                transfer.version = min(transfer.version, self.versions.version)
+        self.epoch += 1
+        return taken
+
     def expect(self, clients: List[str]) -> None:
         """Declare the clients taking part in the current version."""
         self.accumulation.expect(clients, self.versions.version)

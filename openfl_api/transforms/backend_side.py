@@ -151,13 +151,30 @@ class BackendSide:
             ready = coordinator.stage not in ("ready", "failed") and coordinator.tick(
                 api.clients, api.expected, needs[0] if needs else 0)
         except SecAggFailure as exc:
-            self.log.error(f"{exc}; the model is unchanged and the federation stops")
             self._count_refusals()
-            api.stop(str(exc))
+            self._discard_round(exc)
             return
         self._count_refusals()
         if ready:
             api.aggregate()
+
+    def _discard_round(self, failure: SecAggFailure) -> None:
+        """A round failed: discard its masked uploads (the model is unchanged), count them, and
+        open the next round; the federation goes on."""
+        coordinator, server = self.coordinator, self.server
+        uploads = sorted(coordinator.deposited)
+        taken = server.exchange.withdraw(uploads)
+        reason = f"secure aggregation round failed: {failure}"
+        for client in uploads:
+            worker = server.exchange.clients.get(client)
+            label = worker.label if worker is not None else client
+            server.ledger.add(label, "uploads", -1)
+            server.ledger.discard(label, reason)
+        coordinator.open(self.api.version)
+        culprits = f" Culprits: {failure.culprits}." if failure.culprits else ""
+        fix = f" Fix: {failure.fix}." if failure.fix else ""
+        self.log.error(f"{failure}.{culprits} Its {taken} masked uploads {uploads} are discarded and counted, the model "
+                       f"is unchanged; the federation goes on with round {coordinator.round_id}.{fix}")
 
     def _count_refusals(self) -> None:
         coordinator = self.coordinator

@@ -12,7 +12,7 @@ from openfl_api.errors import ConfigurationError, PayloadError
 from openfl_api.payload import Schema
 from openfl_api.transforms.chain import Chain
 from openfl_api.transforms.layout import WIRE, Layout, check_reserved
-from openfl_api.transforms.secagg import Board, FederationEnded, SecAggClient, quantize, weight_of
+from openfl_api.transforms.secagg import Board, FederationEnded, SecAggClient, SecAggFailure, quantize, weight_of
 
 __all__ = ["FrontendSide"]
 
@@ -140,6 +140,9 @@ class FrontendSide:
         except FederationEnded:
             self.skipped, self.ended = "the federation ended during secure aggregation's round", True
             return None
+        except SecAggFailure as exc:  # its round failed: this update takes no part, the next one joins the next round
+            self.skipped = str(exc)
+            return None
         self.control = self._secagg.board.sent + self._secagg.board.received - before
         if result is None:
             self.skipped = self._secagg.skipped
@@ -152,12 +155,16 @@ class FrontendSide:
         self.uploads += 1
         self.bytes += nbytes
 
-    def answered(self, accepted: bool) -> None:
-        """After the backend's answer: secure aggregation sends its unmask shares."""
+    def answered(self, accepted: bool) -> str:
+        """After the backend's answer: secure aggregation sends its unmask shares. Returns why the
+        accepted upload does not count after all (its round failed), or ""."""
         context, self._context = self._context, None
         if context is not None and accepted:
             try:
                 self._secagg.unmask(context)
             except FederationEnded:
                 pass  # the backend ended the federation before it needed these shares
+            except SecAggFailure as exc:
+                return str(exc)
+        return ""
 

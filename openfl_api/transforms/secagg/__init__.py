@@ -15,15 +15,19 @@ The masked update itself travels as the upload's payload (``wire/masked``, int32
 
 Synchronous mode: one round per version, with every client connected (or expected by
 :class:`~openfl_api.ClientSampling`). Asynchronous mode: one round per buffer of ``cohort``
-frontends, the first that are ready to upload, whatever version they trained from (FedBuff's
-buffer; staleness weights the buffer through the mixing weight).
+frontends, the first whose keys come, whatever version they trained from (FedBuff's buffer;
+staleness weights the buffer through the mixing weight). A round that fails (too few valid
+shares, shares or a commitment that disagree) discards its masked uploads, names its culprits,
+and the next round opens at once (synchronous mode: for the same version).
 
 The package's modules: :mod:`~openfl_api.transforms.secagg.settings` (the :class:`SecAgg`
 transform and the errors), :mod:`~openfl_api.transforms.secagg.masking` (quantization, the
 neighbour graph, the masks), :mod:`~openfl_api.transforms.secagg.shares` (the Shamir shares:
 dealt, sealed, checked, combined), :mod:`~openfl_api.transforms.secagg.board` (signed values on the
 stores), :mod:`~openfl_api.transforms.secagg.client` (a frontend's rounds) and
-:mod:`~openfl_api.transforms.secagg.coordinator` (the backend's).
+:mod:`~openfl_api.transforms.secagg.coordinator` (the backend's), with
+:mod:`~openfl_api.transforms.secagg.recovery` (the secrets rebuilt and the masks removed at a
+round's end).
 """
 
 from openfl_api.transforms.secagg.board import Board

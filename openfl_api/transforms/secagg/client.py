@@ -87,6 +87,9 @@ class SecAggClient:
                 self.skipped = (f"stale: trained from version {version} but secure aggregation is at version "
                                 f"{round_version}")
                 return None
+            if board.has(f"{round_id}/failed"):
+                self._next_round(round_id)  # the backend opens the next round right after a failed one
+                continue
             closed = round_id in self.joined or board.has(f"{round_id}/U1")
             if version is not None and closed and round_version == version:
                 self.skipped = f"the key stage of secure aggregation round {round_id} closed without this client"
@@ -130,7 +133,10 @@ class SecAggClient:
         if client not in u2["members"]:
             self.skipped = f"secure aggregation round {round_id} went on without this client's shares"
             return None
-        inbox = board.get(f"{round_id}/inbox/{x_of[client]}") if board.has(f"{round_id}/inbox/{x_of[client]}") else {}
+        if not board.has(f"{round_id}/inbox/{x_of[client]}"):
+            raise SecAggFailure(f"secure aggregation round {round_id} lists this client in U2 but holds no inbox of "
+                                "shares for it: the backend must write every member's inbox before U2")
+        inbox = board.get(f"{round_id}/inbox/{x_of[client]}")
         held: Dict[str, Tuple[bytes, bytes]] = {}
         bad: List[str] = []
         for dealer, text in inbox.items():

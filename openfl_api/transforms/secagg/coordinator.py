@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import secrets
 import time
 from typing import Any, Dict, List, NoReturn, Optional, Sequence, Tuple
@@ -11,15 +10,18 @@ import numpy as np
 import torch
 
 from openfl_api.errors import PayloadError
-from openfl_api.transforms import crypto
-from openfl_api.transforms.secagg.board import Board, b64, unb64
-from openfl_api.transforms.secagg.masking import RING, add_pair_mask_, dequantize_sum, neighbours_of, self_mask
+from openfl_api.transforms.secagg.board import Board
+from openfl_api.transforms.secagg.masking import RING, dequantize_sum, neighbours_of
+from openfl_api.transforms.secagg.recovery import Round, unmasked
 from openfl_api.transforms.secagg.settings import SecAgg, SecAggFailure
-from openfl_api.transforms.secagg.shares import checked, combine
 
 __all__ = ["Coordinator"]
 
 KEYS, SHARES, CHECK, MASKED_STAGE, UNMASK, READY, FAILED = "keys", "shares", "check", "masked", "unmask", "ready", "failed"
+
+# What a failed round's line advises when members were late or gone.
+_LATE = ("if these members are slow rather than gone, raise SecAgg(deadline=...); a member that left takes no "
+         "part in the next round")
 
 
 class Coordinator:
@@ -46,6 +48,7 @@ class Coordinator:
         self.counter = 0
         self.round_id = ""
         self.version = -1
+        self.again = 0  # synchronous mode: rounds opened again for the current version
         self.stage = ""
         self.refused: List[Tuple[str, str]] = []  # (client, reason) to count in the ledger
         self.result: Optional[Tuple[torch.Tensor, int]] = None  # (weighted sum of updates, total weight)
@@ -69,10 +72,17 @@ class Coordinator:
 
     # ------------------------------------------------------------------ rounds
     def open(self, version: int) -> None:
-        """Open the next round, for ``version`` (synchronous) or the next buffer (asynchronous)."""
+        """Open the next round, for ``version`` (synchronous) or the next buffer (asynchronous).
+
+        Synchronous rounds are named by their version; a round opened again for the same version
+        (the one before failed) gets the next free ``<version>.<n>``."""
         self._reset()
         self.counter += 1
-        self.round_id = str(version) if not self.asynchronous else f"b{self.counter}"
+        if self.asynchronous:
+            self.round_id = f"b{self.counter}"
+        else:
+            self.again = self.again + 1 if version == self.version else 0
+            self.round_id = str(version) if self.again == 0 else f"{version}.{self.again}"
         self.version = version
         self.stage = KEYS
         self.result = None
@@ -100,11 +110,13 @@ class Coordinator:
     def _next(self, stage: str) -> None:
         self.stage, self.stage_start = stage, time.monotonic()
 
-    def fail(self, reason: str) -> NoReturn:
-        """End the round: nothing of it is aggregated; frontends waiting on it are told."""
+    def fail(self, reason: str, culprits: Sequence[str] = (), fix: str = "") -> NoReturn:
+        """End the round: nothing of it is aggregated; frontends waiting on it are told.
+
+        ``culprits``: the members that made it fail; ``fix``: what would keep it from failing."""
         self.stage = FAILED
         self.board.put(f"{self.round_id}/failed", {"reason": reason})
-        raise SecAggFailure(f"secure aggregation round {self.round_id} failed: {reason}")
+        raise SecAggFailure(f"secure aggregation round {self.round_id} failed: {reason}", culprits, fix)
 
     def tick(self, connected: Sequence[str], expected: Optional[Sequence[str]], needed: int = 0) -> bool:
         """Advance the round as far as what arrived allows; True once its sum is ready.
@@ -143,13 +155,14 @@ class Coordinator:
         late = self.first_key is not None and time.monotonic() - self.first_key >= self.transform.deadline.total_seconds()
         if not (full or (late and len(self.keys) >= self.transform.min_clients)):
             return
-        chosen = sorted(self.keys)
+        chosen = list(self.keys)  # in the order their keys came
         if self.asynchronous and self.transform.cohort is not None:
-            chosen = chosen[:self.transform.cohort]
+            chosen = chosen[:self.transform.cohort]  # FedBuff's buffer: the first to come; the others join the next
+        chosen = sorted(chosen)
         weight = sum(int(self.keys[c]["w"]) for c in chosen)
         if weight * (2**self.transform.bits - 1) >= RING:
             self.fail(f"the weighted sum of {len(chosen)} members (total weight {weight}) could wrap the 32-bit ring at "
-                      f"bits={self.transform.bits}: lower bits or the weights (num_samples)")
+                      f"bits={self.transform.bits}", fix="lower SecAgg(bits=...) or the weights (num_samples)")
         self.members = {c: [c, i + 1, self.keys[c]["c"], self.keys[c]["s"], int(self.keys[c]["w"])]
                         for i, c in enumerate(chosen)}
         seed = secrets.token_hex(16) if self.transform.neighbours is not None else None
@@ -170,10 +183,10 @@ class Coordinator:
         if len(self.shares) < len(self.members) and not (self._late() and len(self.shares) >= self.transform.min_clients):
             if self._late():
                 self.fail(f"only {len(self.shares)} of {len(self.members)} members sent their shares within "
-                          f"{self.transform.deadline}; min_clients={self.transform.min_clients}")
+                          f"{self.transform.deadline}; min_clients={self.transform.min_clients}",
+                          [c for c in self.members if c not in self.shares], _LATE)
             return
         u2 = sorted(self.shares)
-        self.board.put(f"{self.round_id}/U2", {"members": u2})
         for holder in u2:
             inbox = {dealer: self.shares[dealer]["sealed"][holder] for dealer in u2
                      if holder in self.shares[dealer]["sealed"] and dealer != holder}
@@ -181,6 +194,8 @@ class Coordinator:
             if own is not None:
                 inbox[holder] = own
             self.board.put(f"{self.round_id}/inbox/{self.members[holder][1]}", inbox)
+        # U2 tells the members that their inboxes are complete: a member reads its inbox once it sees U2.
+        self.board.put(f"{self.round_id}/U2", {"members": u2})
         self._next(CHECK)
 
     def _check(self) -> None:
@@ -207,7 +222,8 @@ class Coordinator:
         self.masking = sorted(c for c in self.checked if c not in accused)
         if len(self.masking) < self.transform.min_clients:
             self.fail(f"only {len(self.masking)} members may mask after the share check; min_clients="
-                      f"{self.transform.min_clients}")
+                      f"{self.transform.min_clients}", sorted(accused | (u2 - set(self.checked))),
+                      "check the frontends whose shares failed authentication (logged above); " + _LATE)
         self.board.put(f"{self.round_id}/masking", {"members": self.masking})
         self._next(MASKED_STAGE)
 
@@ -236,7 +252,8 @@ class Coordinator:
         if len(self.deposited) < self.transform.min_clients:
             if self._late():
                 self.fail(f"only {len(self.deposited)} of {len(self.masking)} masked updates arrived within "
-                          f"{self.transform.deadline}; min_clients={self.transform.min_clients}")
+                          f"{self.transform.deadline}; min_clients={self.transform.min_clients}",
+                          [c for c in self.masking if c not in self.deposited], _LATE)
             return
         dropped = sorted(set(self.masking) - set(self.deposited))
         if dropped:
@@ -245,25 +262,9 @@ class Coordinator:
         self.board.put(f"{self.round_id}/U3", {"members": sorted(self.deposited)})
         self._next(UNMASK)
 
-    def _valid_shares(self, dealer: str, which: str) -> Dict[int, bytes]:
-        """The shares of ``dealer``'s secret ``which`` ("s" or "b") that survivors sent and that
-        match the digests the dealer published; a share that does not is refused and counted."""
-        x_of = {m: v[1] for m, v in self.members.items()}
-        valid, bad = checked(self.unmasks, dealer, which, x_of, self.shares[dealer].get("digests", {}), self.run,
-                             self.round_id)
-        for holder in bad:
-            reason = (f"secure aggregation round {self.round_id}: {holder} sent a share of {dealer}'s "
-                      f"{'key' if which == 's' else 'seed'} that does not match the dealer's digest (tampered); refused")
-            self.log.warning(reason)
-            self.refused.append((holder, reason))
-        return valid
-
-    def _rebuild(self, shares: Dict[int, bytes], what: str) -> bytes:
-        """The secret that ``t`` of ``shares`` give; the round fails if they give no 32-byte secret."""
-        secret = combine(shares, self.t)
-        if secret is None:
-            self.fail(f"the shares of {what} combine to no 32-byte secret: its dealer dealt inconsistent shares")
-        return secret
+    def _refuse(self, holder: str, reason: str) -> None:
+        self.log.warning(reason)
+        self.refused.append((holder, reason))
 
     def _unmask(self) -> None:
         survivors = set(self.deposited)
@@ -274,30 +275,14 @@ class Coordinator:
                 self.unmasks[client] = value
         if len(self.unmasks) < len(survivors) and not self._late():
             return
-        dropped = [c for c in self.masking if c not in survivors]
-        words = self.sum.copy()
-        run, round_id = self.run, self.round_id
-        x_of = {m: v[1] for m, v in self.members.items()}
-        for dealer in sorted(survivors):
-            shares = self._valid_shares(dealer, "b")
-            if len(shares) < self.t:
-                self.fail(f"{len(shares)} valid shares of {dealer}'s self-mask seed came back, {self.t} are needed")
-            seed = self._rebuild(shares, f"{dealer}'s self-mask seed")
-            if hashlib.sha256(seed).hexdigest() != self.shares[dealer].get("commit"):
-                self.fail(f"the shares of {dealer}'s self-mask seed rebuild a seed that does not match its commitment")
-            words -= self_mask(seed, run, round_id, x_of[dealer], self.size)
-        for dealer in dropped:
-            shares = self._valid_shares(dealer, "s")
-            if len(shares) < self.t:
-                self.fail(f"{len(shares)} valid shares of dropped {dealer}'s mask key came back, {self.t} are needed")
-            key = crypto.KeyPair(self._rebuild(shares, f"dropped {dealer}'s mask key"))
-            if b64(key.public) != self.members[dealer][3]:
-                self.fail(f"the shares of dropped {dealer}'s mask key rebuild a key that is not the one it advertised")
-            for other in self.graph[dealer]:
-                if other in survivors:  # what the dropped member would have added for this pair
-                    add_pair_mask_(words, key.agree(unb64(self.members[other][3])), run, round_id, x_of[dealer],
-                                   x_of[other])
+        done = Round(self.run, self.round_id, self.members, self.graph, self.t, self.shares, self.masking,
+                     sorted(survivors), self.unmasks)
+        try:
+            words = unmasked(self.sum, done, self._refuse)
+        except SecAggFailure as exc:
+            self.fail(str(exc), exc.culprits, exc.fix)
         weight = sum(self.deposited.values())
         self.result = (dequantize_sum(words, weight, self.clip_range, self.transform.bits), weight)
-        self.control_bytes[round_id] = self.board.sent + self.board.received - self._traffic
+        self.control_bytes[self.round_id] = self.board.sent + self.board.received - self._traffic
         self._next(READY)
+

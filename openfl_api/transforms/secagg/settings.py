@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from datetime import timedelta
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
@@ -21,7 +21,17 @@ MASKED = f"{WIRE}masked"
 
 
 class SecAggFailure(OpenFLError, RuntimeError):
-    """A secure-aggregation round cannot give the sum (too few shares, a bad share, ...)."""
+    """A secure-aggregation round cannot give the sum (too few shares, a bad share, ...).
+
+    Attributes:
+        culprits: the members whose share, answer or commitment made the round fail (may be empty).
+        fix: what to change so that rounds stop failing this way ("" when nothing is to change).
+    """
+
+    def __init__(self, message: str, culprits: Sequence[str] = (), fix: str = "") -> None:
+        super().__init__(message)
+        self.culprits = sorted(culprits)
+        self.fix = fix
 
 
 class FederationEnded(Exception):

@@ -3,7 +3,10 @@
 Every frontend adds ``0.01 * rank`` to each weight per version and uploads with ``num_samples =
 rank``; the backend learns only the sum, and at the end checks its model against plain FedAvg of
 those updates within secure aggregation's quantization step, then prints ``SECAGG OK``. With
-``--dp`` the chain is Clip + SecAgg + GaussianNoise(0), the same numbers.
+``--dp`` the chain is Clip + SecAgg + GaussianNoise(0), the same numbers. With ``--tamper R`` every
+share is needed (threshold 0.7 of 3 holders) and rank ``R`` flips a byte of the seed shares it sends
+back in its first round: that round fails, its uploads are discarded, and the version's next round
+gives the same numbers.
 """
 
 from datetime import timedelta
@@ -17,6 +20,7 @@ from openfl_api import transforms as T
 parser = ofl.parser.build_parser()
 parser.add_argument("--max_version", type=int, default=2)
 parser.add_argument("--dp", action="store_true")
+parser.add_argument("--tamper", type=int, default=0)
 args = parser.parse_args()
 ofl.logger.log_level("INFO")
 torch.set_num_threads(1)
@@ -26,7 +30,19 @@ api = ofl.API(frontend=args.rank > 0, timeout=timedelta(seconds=60), connect_tim
 frontends = args.world_size - 1
 api.set_aggregate_triggers(ofl.AggregateCount(count=frontends))
 api.register_step(ofl.StopAtVersion(max_version=args.max_version))
-secagg = T.SecAgg(clip_range=0.25, bits=16, deadline=timedelta(seconds=20))
+secagg = T.SecAgg(clip_range=0.25, bits=16, deadline=timedelta(seconds=20), threshold=0.7 if args.tamper else 0.5)
+if args.rank == args.tamper > 0:
+    from openfl_api.transforms.secagg import SecAggClient
+
+    unmask, tampered = SecAggClient.unmask, []
+
+    def tampering_unmask(self, context):
+        if not tampered:
+            tampered.append(context["round"])
+            context["held"] = {d: (s, bytes([b[0] ^ 1]) + b[1:]) for d, (s, b) in context["held"].items()}
+        unmask(self, context)
+
+    SecAggClient.unmask = tampering_unmask
 api.set_upload_transforms(*([T.Clip(10.0), secagg, T.GaussianNoise(0.0)] if args.dp else [secagg]))
 api.build_connection(address=ofl.Address(args=args))
 
