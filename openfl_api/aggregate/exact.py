@@ -43,8 +43,8 @@ GRID_BITS = 42  # a term is rounded to 2**-42 of its level's bound: |q| <= 2**42
 MAX_TERMS = 1 << 20  # terms per level before an int64 sum could overflow (2**42 * 2**20 < 2**63)
 _MAGIC = 1.5 * 2.0**52
 _CHUNK = 1 << 16  # elements per step of a pass over a level sum (512 KiB of int64)
+_ONE_CHUNK = 1 << 19  # up to this many floating elements (4 MiB of float64), an upload is one chunk
 _MAGIC_BITS = int(np.array(_MAGIC, dtype=np.float64).view(np.int64))
-_MAGIC_INT = np.int64(_MAGIC_BITS)
 
 
 def _level(bound: float) -> int:
@@ -194,9 +194,22 @@ class ExactSum:
         for i in self._float:
             self._offsets[i] = size
             size += self._sizes[i]
-        # magic + w * x * 2**f is formed a chunk at a time in this scratch, which stays in the cache.
-        self._scratch = torch.empty(min(_CHUNK, size), dtype=torch.float64)
+        # magic + w * x * 2**f is formed a chunk of the flat layout at a time in this scratch, which
+        # stays in the cache; a chunk holds the parts of every tensor it overlaps.
+        # A small model is one chunk: fewer, larger operations cost less than the cache they miss.
+        chunk = size if size <= _ONE_CHUNK else _CHUNK
+        self._scratch = torch.empty(chunk, dtype=torch.float64)
         self._scratch_bits = self._scratch.numpy().view(np.int64)
+        # (start, end, [(tensor i, from, to, its part of the scratch)])
+        self._chunks: List[Tuple[int, int, List[Tuple[int, int, int, torch.Tensor]]]] = []
+        for start in range(0, size, max(chunk, 1)):
+            end = min(start + chunk, size)
+            parts = [(i, max(start, self._offsets[i]) - self._offsets[i],
+                      min(end, self._offsets[i] + self._sizes[i]) - self._offsets[i])
+                     for i in self._float if self._offsets[i] < end and self._offsets[i] + self._sizes[i] > start]
+            self._chunks.append((start, end, [(i, low, high, self._scratch[self._offsets[i] + low - start:
+                                                                          self._offsets[i] + high - start])
+                                              for i, low, high in parts if high > low]))
         self._magic_one = torch.tensor([_MAGIC], dtype=torch.float64)
         self._levels = _Levels(size)
         self._singles = {i: _Levels(self._sizes[i]) for i in self._other}
@@ -235,14 +248,15 @@ class ExactSum:
             # Tensors of other levels add the magic number alone, an integer 0.
             scale = math.ldexp(weight, GRID_BITS - LEVEL_BITS * level)
             total = self._levels.take(level)
-            chosen = set(members)
-            for i in self._float:
-                start = self._offsets[i]
-                target = total[start:start + self._sizes[i]]
-                if i in chosen:
-                    self._deposit(target, real[i].reshape(-1), scale)
-                else:
-                    np.add(target, _MAGIC_INT, out=target)
+            flat = {i: real[i].reshape(-1) for i in members}
+            for start, end, parts in self._chunks:
+                for i, low, high, into in parts:
+                    if i in flat:
+                        part = flat[i] if high - low == self._sizes[i] else flat[i][low:high]
+                        torch.add(self._magic_one, part, alpha=scale, out=into)
+                    else:
+                        into.fill_(_MAGIC)
+                np.add(total[start:end], self._scratch_bits[:end - start], out=total[start:end])  # wraps
         for i in self._other:
             x = real[i].reshape(-1).to(torch.float64)
             bound = _peak(x) * weight
@@ -251,14 +265,6 @@ class ExactSum:
                 work = torch.full_like(x, _MAGIC).add_(x, alpha=math.ldexp(weight, GRID_BITS - LEVEL_BITS * level))
                 self._singles[i].deposit(level, work.numpy().view(np.int64))
         return self
-
-    def _deposit(self, target: np.ndarray, flat: torch.Tensor, scale: float) -> None:
-        """Add ``magic + scale * flat`` as int64 bits to ``target``, a chunk at a time."""
-        for start in range(0, flat.numel(), _CHUNK):
-            end = min(start + _CHUNK, flat.numel())
-            n = end - start
-            torch.add(self._magic_one, flat[start:end], alpha=scale, out=self._scratch[:n])
-            np.add(target[start:end], self._scratch_bits[:n], out=target[start:end])  # wraps
 
     def value(self) -> List[torch.Tensor]:
         """The sums as fresh float64 tensors of :attr:`shapes` (a complex tensor's sum comes as
