@@ -20,11 +20,11 @@ same, bit for bit, for any order of the adds. Error against the exact ``sum_k w_
 coordinate: at most ``2**-34 * m_k`` for each term ``k`` (``m_k`` the largest ``|w_k x_k|`` of its
 tensor), plus float64 roundings (``2**-52`` relative), well below a final rounding to float32.
 
-The floating tensors of an upload share one flat int64 sum per level. Each is added a chunk of
-64 Ki elements at a time: ``magic + t * 2**f`` is formed in a float64 scratch that stays in the
-cache (the "magic number" ``1.5 * 2**52`` rounds ``t * 2**f`` to an integer held in the low bits of
-the float64) and its bits are added to the level's int64 sum; :meth:`value` reads the sums back a
-chunk at a time too. Integer and bool tensors (``num_batches_tracked``) are summed apart, each at
+The floating tensors of an upload share one flat int64 sum per level, added a chunk of 64 Ki
+elements of that flat layout at a time (a model of up to 512 Ki floating values is one chunk):
+``magic + t * 2**f`` is formed in a float64 scratch that stays in the cache (the "magic number"
+``1.5 * 2**52`` rounds ``t * 2**f`` to an integer held in the low bits of the float64) and its bits
+are added to the level's int64 sum; :meth:`value` reads the sums back a chunk at a time too. Integer and bool tensors (``num_batches_tracked``) are summed apart, each at
 its own level, so a counter never coarsens the grid of the weights.
 """
 
