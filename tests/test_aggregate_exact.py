@@ -185,3 +185,34 @@ def _flat(state):
             yield from _flat(value)
     else:
         yield state
+
+
+def test_a_sum_read_into_its_kept_buffer_has_the_fresh_reads_bits_and_is_overwritten_by_the_next() -> None:
+    generator = torch.Generator().manual_seed(4)
+    shapes = [(700, 1000), (3,), ()]  # more than one chunk of the flat layout
+    total = ExactSum(shapes)
+    for scale in (1e-3, 1.0, 1e3):  # three levels
+        total.add_([torch.randn(shape, generator=generator) * scale for shape in shapes], 0.5)
+    fresh = total.value()
+    kept = total.value(reuse=True)
+    assert [_bits(t) for t in kept] == [_bits(t) for t in fresh]
+    first = kept[0].clone()
+    total.add_([torch.randn(shape, generator=generator) for shape in shapes], 1.0)
+    again = total.value(reuse=True)
+    assert again[0].data_ptr() == kept[0].data_ptr() and not torch.equal(kept[0], first)
+    assert torch.equal(fresh[0], first)  # a fresh read is never overwritten
+
+
+def test_an_aggregate_is_not_changed_by_the_next_aggregate() -> None:
+    generator = torch.Generator().manual_seed(5)
+    net = torch.nn.Linear(300, 200)
+    aggregator = AverageAggregator(net.parameters())
+    aggregator.bind(["weight", "bias"])
+    results = []
+    for _ in range(2):
+        for _ in range(3):
+            aggregator.add({"weight": torch.randn(200, 300, generator=generator),
+                            "bias": torch.randn(200, generator=generator)}, num_samples=2)
+        results.append(aggregator.aggregate(net.state_dict()))
+        results.append({name: tensor.clone() for name, tensor in results[-1].items()})
+    assert all(torch.equal(results[0][name], results[1][name]) for name in ("weight", "bias"))

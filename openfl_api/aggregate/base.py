@@ -228,7 +228,8 @@ class Aggregator(abc.ABC):
                         f"current[{name!r}] has shape {tuple(current[name].shape)} but the uploads "
                         f"have {shape}"
                     )
-        self._values = dict(zip(self._shapes, self._sum.value()))
+        # The sums are read once, by _finish below, before this returns: the sum's buffer serves.
+        self._values = dict(zip(self._shapes, self._sum.value(reuse=True)))
         try:
             with torch.no_grad():
                 result = {name: self._finish(name, current) for name in self._shapes}

@@ -108,14 +108,16 @@ class _Levels:
         total = self.take(level)
         np.add(total, magic_bits, out=total)  # wraps
 
-    def value(self) -> np.ndarray:
-        """The sum as a fresh float64 array: per element, the levels' values added from the lowest
-        level up (the first one written, not added to 0.0: the same bits)."""
+    def value(self, out: Optional[np.ndarray] = None) -> np.ndarray:
+        """The sum as a float64 array (``out`` if given, else a fresh one): per element, the levels'
+        values added from the lowest level up (the first one written, not added to 0.0: the same bits)."""
         used = [(level, _offset(self.terms[level]), math.ldexp(1.0, LEVEL_BITS * level - GRID_BITS))
                 for level in sorted(self.sums) if self.terms.get(level, 0)]
+        if out is None:
+            out = np.empty(self.size, dtype=np.float64)
         if not used:
-            return np.zeros(self.size, dtype=np.float64)
-        out = np.empty(self.size, dtype=np.float64)
+            out.fill(0.0)
+            return out
         # Chunk by chunk, so that the integer and float scratch stay in the cache: one pass over
         # the sums and one over the result instead of a pass per step.
         chunk = min(_CHUNK, self.size)
@@ -212,6 +214,7 @@ class ExactSum:
                                               for i, low, high in parts if high > low]))
         self._magic_one = torch.tensor([_MAGIC], dtype=torch.float64)
         self._levels = _Levels(size)
+        self._value: Optional[np.ndarray] = None  # value(reuse=True)'s buffer
         self._singles = {i: _Levels(self._sizes[i]) for i in self._other}
 
     def zero_(self) -> "ExactSum":
@@ -266,10 +269,21 @@ class ExactSum:
                 self._singles[i].deposit(level, work.numpy().view(np.int64))
         return self
 
-    def value(self) -> List[torch.Tensor]:
-        """The sums as fresh float64 tensors of :attr:`shapes` (a complex tensor's sum comes as
-        pairs of reals, a trailing dimension of 2)."""
-        flat = torch.from_numpy(self._levels.value())  # fresh on every call: views of it are not shared
+    def value(self, reuse: bool = False) -> List[torch.Tensor]:
+        """The sums as float64 tensors of :attr:`shapes` (a complex tensor's sum comes as pairs of
+        reals, a trailing dimension of 2).
+
+        Args:
+            reuse: write them into a buffer this sum keeps, which the next ``value(reuse=True)``
+                overwrites (for a caller that is done with them by then: a fresh buffer of the
+                model's size costs its page faults on every call); False: fresh tensors.
+        """
+        if reuse:
+            if self._value is None:
+                self._value = np.empty(self._levels.size, dtype=np.float64)
+            flat = torch.from_numpy(self._levels.value(self._value))
+        else:
+            flat = torch.from_numpy(self._levels.value())
         out = []
         for i, (shape, is_complex) in enumerate(zip(self.shapes, self.complex)):
             values = flat[self._offsets[i]:self._offsets[i] + self._sizes[i]] if i in self._offsets \
