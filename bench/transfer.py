@@ -325,22 +325,29 @@ def _stop_when_frontend_leaves() -> object:
     return StopWhenFrontendLeaves()
 
 
-def child_api(rank: int, port: int, rounds: int, out: str, timeout: float) -> None:
-    """One rank of the API phase: the backend serves, the frontend times download + upload."""
+def _connected_api(rank: int, port: int, timeout: float, asynchronous: bool, count: int):
+    """An API of one rank of a two-rank federation on ``port`` with ResNet-18's state, ready to
+    run; returns it and its model. The frontend starts from other values, so a download that
+    loaded nothing shows in the frontend's final check."""
     import openfl_api as ofl
     from openfl_api import aggregate
 
     ofl.logger.log_level("WARNING")
     wait = timedelta(seconds=timeout)
-    api = ofl.API(frontend=rank > 0, timeout=wait, transfer_timeout=wait, connect_timeout=wait,
-                  asynchronous=ofl.Asynchronous(alpha=1.0, staleness=aggregate.Constant()))
-    api.set_aggregate_triggers(ofl.AggregateCount(count=10**9))
+    mode = ofl.Asynchronous(alpha=1.0, staleness=aggregate.Constant()) if asynchronous else None
+    api = ofl.API(frontend=rank > 0, timeout=wait, transfer_timeout=wait, connect_timeout=wait, asynchronous=mode)
+    api.set_aggregate_triggers(ofl.AggregateCount(count=count))
     api.register_step(_stop_when_frontend_leaves())
     api.build_connection(address=ofl.Address(init_method=f"tcp://127.0.0.1:{port}", world_size=2, rank=rank))
-    # The frontend starts from other values, so a download that loaded nothing shows below.
     net = build_model(seed=0 if rank == 0 else 1)
     api.set_aggregator_and_optimizer(aggregate.AverageAggregator(net.parameters()))
     api.set_state_dict(net.state_dict(keep_vars=True))
+    return api, net
+
+
+def child_api(rank: int, port: int, rounds: int, out: str, timeout: float) -> None:
+    """One rank of the API phase: the backend serves, the frontend times download + upload."""
+    api, net = _connected_api(rank, port, timeout, asynchronous=True, count=10**9)
     gate = Gate(active=rank > 0)
     ran = 0
     with api:
@@ -372,18 +379,7 @@ def child_api(rank: int, port: int, rounds: int, out: str, timeout: float) -> No
 def child_round(rank: int, port: int, rounds: int, out: str, timeout: float) -> None:
     """One rank of the whole-round phase: synchronous, one upload per version; the frontend times
     upload + update_version + the next version's download."""
-    import openfl_api as ofl
-    from openfl_api import aggregate
-
-    ofl.logger.log_level("WARNING")
-    wait = timedelta(seconds=timeout)
-    api = ofl.API(frontend=rank > 0, timeout=wait, transfer_timeout=wait, connect_timeout=wait)
-    api.set_aggregate_triggers(ofl.AggregateCount(count=1))
-    api.register_step(_stop_when_frontend_leaves())
-    api.build_connection(address=ofl.Address(init_method=f"tcp://127.0.0.1:{port}", world_size=2, rank=rank))
-    net = build_model(seed=0 if rank == 0 else 1)
-    api.set_aggregator_and_optimizer(aggregate.AverageAggregator(net.parameters()))
-    api.set_state_dict(net.state_dict(keep_vars=True))
+    api, net = _connected_api(rank, port, timeout, asynchronous=False, count=1)
     gate = Gate(active=rank > 0)
     ran = 0
     with api:
