@@ -70,7 +70,11 @@ class Addresses:
         lobby = self.lobbies[address.key] = Lobby(
             address, store, self._token, self._connect, on_admit=self._on_admit, on_refuse=self._on_refuse,
             nick_name=self._nick_name, log=self.log, protect_wire=self._protect_wire, start=False)
-        lobby.start()
+        try:
+            lobby.start()
+        except BaseException:
+            del self.lobbies[address.key]  # a lobby that never opened is not served
+            raise
         if address.scheme == "file":
             self._files.append(Path(address.path))
         self.log.info(f"serving {address.init_method} (group {address.group_name!r}, world_size {address.world_size}, "
