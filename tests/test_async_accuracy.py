@@ -24,7 +24,11 @@ def fedavg():
 
 @pytest.mark.parametrize("mode", ["fedasync", "fedbuff"])
 def test_asynchronous_accuracy_is_within_two_points_of_synchronous_fedavg(fedavg, mode):
-    result = async_digits.run(mode)
-    assert max(result["staleness"]) >= 1, "no update was stale: the run did not exercise asynchrony"
-    assert len(result["staleness"]) == len(fedavg["staleness"])  # the same number of client updates
-    assert abs(result["accuracy"] - fedavg["accuracy"]) <= 0.02, (result["accuracy"], fedavg["accuracy"])
+    # Which update arrives stale depends on thread timing, so one run's accuracy is one draw: the
+    # median of three runs is compared.
+    results = [async_digits.run(mode) for _ in range(3)]
+    for result in results:
+        assert max(result["staleness"]) >= 1, "no update was stale: the run did not exercise asynchrony"
+        assert len(result["staleness"]) == len(fedavg["staleness"])  # the same number of client updates
+    accuracy = sorted(result["accuracy"] for result in results)[1]
+    assert abs(accuracy - fedavg["accuracy"]) <= 0.02, ([r["accuracy"] for r in results], fedavg["accuracy"])
