@@ -22,6 +22,8 @@ ofl.logger.log_level("INFO")
 parser = ofl.parser.build_parser()
 parser.add_argument("--fanout", type=int, nargs="+", default=[2, 2], help="children per node, level by level")
 parser.add_argument("--slow", type=float, default=0.0, help="seconds the last leaf sleeps per round")
+parser.add_argument("--pace", type=float, nargs="+", default=[0.0], help="seconds each leaf sleeps per round, leaf by "
+                    "leaf (the last value for the leaves after)")
 parser.add_argument("--topology", default=None, help="a topology file (JSON), instead of --fanout")
 parser.add_argument("--rounds", type=int, default=3, help="versions the root aggregates")
 parser.add_argument("--out", default=None, help="root: save the final state_dict here")
@@ -92,10 +94,11 @@ with api:
         optimizer.zero_grad()
         torch.nn.functional.mse_loss(net(inputs), targets).backward()
         optimizer.step()
-        if leaf == len(leaves) - 1:
-            time.sleep(args.slow)  # a slow leaf: the other edge waits for the root meanwhile
+        # a slow leaf: its edge (and the other edges, through the root) waits for it
+        time.sleep(args.pace[min(leaf, len(args.pace) - 1)] + (args.slow if leaf == len(leaves) - 1 else 0.0))
         if not api.upload(num_samples=samples):
             break
+        print(f"rank {args.rank} (leaf) uploaded its update of version {api.version}", flush=True)
         api.update_version()
 api.finish()
 if role == "root" and args.out:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, List, Mapping, Optional, Sequence, Set, Union
+from typing import Any, Callable, List, Mapping, Optional, Sequence, Set, Union
 
 import torch
 from torch.utils.hooks import RemovableHandle
@@ -272,35 +272,38 @@ class API(Training, Controls):
     # ----------------------------------------------------------------- upload transforms
     # ----------------------------------------------------------------- running
     @exits_fast_when_interrupted
-    def run(self) -> None:
-        """Backend: serve until a stop step fires (blocking). Frontend: return at once."""
+    def run(self, before_serving: Optional[Callable[[Server], None]] = None) -> None:
+        """Backend: serve until a stop step fires (blocking). Frontend: return at once.
+
+        Args:
+            before_serving: backend: called with the :class:`~openfl_api.backend.Server` once the
+                checkpoint named by ``resume=`` is loaded, under the serve loop's lock and before
+                its first turn, so no download is served before it returns; it may replace the
+                served model (``server.model.replace(values)``) or start the next version with a
+                model of its own (``server.adopt(values, reason)``). An :class:`~openfl_api.Edge`
+                puts its parent's model in place there.
+        """
         if self._frontend:
             return
-        server = self._require_server("run()")
-        if self._ran:
-            raise RoleError("run() or start() was called already; a serve loop runs once")
-        self._ran = True
-        self._prepare_backend(server)
-        server.run()
+        self._prepare_backend(self._require_server("run()")).run(before_serving)
 
     @exits_fast_when_interrupted
-    def start(self) -> None:
-        """Backend: run the serve loop in a background thread; :meth:`finish` waits for it."""
+    def start(self, before_serving: Optional[Callable[[Server], None]] = None) -> None:
+        """Backend: run the serve loop in a background thread (``before_serving`` as in
+        :meth:`run`); :meth:`finish` waits for it."""
         if self._frontend:
             return
-        server = self._require_server("start()")
-        if self._ran:
-            raise RoleError("run() or start() was called already; a serve loop runs once")
-        self._ran = True
-        self._prepare_backend(server)
-        server.start()
+        self._prepare_backend(self._require_server("start()")).start(before_serving)
 
     def _require_client(self, what: str) -> Client:
         if self._client is None:
             raise RoleError(f"{what} needs a connection: call build_connection(...) first")
         return self._client
 
-    def _prepare_backend(self, server: Server) -> None:
+    def _prepare_backend(self, server: Server) -> Server:
+        if self._ran:
+            raise RoleError("run() or start() was called already; a serve loop runs once")
+        self._ran = True
         server.prepare(self._shared_state(), self._server_optimizer)
         if self._transforms is not None:
             from openfl_api.transforms.backend_side import attach_backend
@@ -314,6 +317,7 @@ class API(Training, Controls):
         source = self._resume_checkpoint(server)
         if self._recorder is not None:
             self._recorder.start(server.version, source)
+        return server
 
     def _resume_checkpoint(self, server: Server) -> Optional[str]:
         if self._resume is None:

@@ -14,7 +14,6 @@ tree from one script.
 
 from __future__ import annotations
 
-import threading
 from typing import Any, Dict, List, Mapping, Optional
 
 import torch
@@ -24,8 +23,8 @@ from openfl_api.aggregate.average import NaiveAggregator
 from openfl_api.aggregate.base import Aggregator
 from openfl_api.aggregate.partial import PartialSums
 from openfl_api.api import API
+from openfl_api.backend import Server
 from openfl_api.errors import ConfigurationError, RoleError
-from openfl_api.step import Step
 from openfl_api.topology import Topology
 
 __all__ = ["Edge", "Topology"]  # Topology is re-exported from openfl_api.topology
@@ -37,10 +36,17 @@ class _Forward:
     sum to the edge, which uploads it to the parent and returns the parent's next model."""
 
     steps_server = True  # the new version is the parent's model: never mixed with the edge's own
+    # An aggregation waits for the parent's next model, which may take long: on a child's pipe
+    # thread, the pipe would neither echo the child's heartbeats nor take its next request, and
+    # the child would count the link as cut. On the loop's thread, a child's request waits for the
+    # loop and the backend pings the child meanwhile.
+    on_loop_thread = True
 
     def __init__(self, inner: Aggregator, edge: "Edge") -> None:
         self.inner, self.edge = inner, edge
         self.samples = 0
+        #: The parent's version served when the checkpoint resumed from was written, or None.
+        self.resumed_parent: Optional[int] = None
 
     def __getattr__(self, name: str) -> Any:
         if name in ("inner", "__setstate__"):
@@ -65,42 +71,12 @@ class _Forward:
         self.samples = 0
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"sum": self.inner.state_dict(), "samples": self.samples}
+        return {"sum": self.inner.state_dict(), "samples": self.samples, "parent": self.edge.parent.version}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.inner.load_state_dict(state["sum"])
         self.samples = int(state["samples"])
-
-
-class _OnLoopThread(Step):
-    """Runs the edge's aggregations on its serve loop's own thread (at the next ``at_loop``).
-
-    An aggregation waits for the parent's next model, which may take long. A turn that handles an
-    upload runs on that child's pipe thread; waiting there, the pipe would neither echo the
-    child's heartbeats nor take its next request, and the child would count the link as cut. On
-    the loop's thread the pipe threads stay free: a child's request waits for the loop, and the
-    backend pings the child meanwhile.
-    """
-
-    def __init__(self, edge: "Edge", aggregate: Any) -> None:
-        self.edge, self._aggregate = edge, aggregate
-        self.due = False
-        self.loop_thread: Optional[threading.Thread] = None
-
-    def ask(self) -> bool:
-        """What a step's ``api.aggregate()`` calls on the edge: aggregate now on the loop's thread,
-        else at its next ``at_loop`` (woken at once)."""
-        if threading.current_thread() is self.loop_thread:
-            return self._aggregate()
-        self.due = True
-        server = self.edge.children._server
-        server.post(None)  # a turn on the loop's thread, now rather than at the next tick
-        return server.accepted > 0
-
-    def at_loop(self, api: Any) -> None:
-        if self.due and threading.current_thread() is self.loop_thread:
-            self.due = False
-            self._aggregate()
+        self.resumed_parent = None if state.get("parent") is None else int(state["parent"])
 
 
 class Edge:
@@ -185,23 +161,24 @@ class Edge:
             self.log.info(f"the parent ended the federation before the first model: {self.parent.stop_reason}")
             return
         self.children.build_connection(address=self._down)
-        api = self.children
-        server = api._require_server("run()")
-        if api._ran:
-            raise RoleError("the edge's serve loop runs once; run() was called already")
-        api._ran = True
-        api._prepare_backend(server)  # resumes the edge's checkpoint, if one is given
-        on_loop = _OnLoopThread(self, server.aggregate)
-        on_loop.loop_thread = threading.current_thread()  # server.run() below runs the loop here
-        server.aggregate = on_loop.ask
-        api.register_step(on_loop)
-        with server._loop_lock:  # the parent's model wins over a resumed one, before any download is served
-            with torch.no_grad():
-                for name, tensor in self._model.items():
-                    tensor.copy_(self._up[name])
-            server.exchange.model._cache = None
-        self.log.info(f"edge: serving the parent's version {self.parent.version} as version {server.version}")
-        server.run()
+        self.children.run(before_serving=self._serve_the_parents_model)
+
+    def _serve_the_parents_model(self, server: Server) -> None:
+        """Before any download: the parent's model wins over a resumed one. An edge resumed from a
+        checkpoint written while it served the parent's version ``p`` finds the parent at ``p``
+        when its sum of the version never reached the parent (a synchronous parent holds the
+        download of a member whose upload it accepted until the next version); it then serves the
+        same version again, and its children train again what was lost with it. Finding the parent
+        past ``p``, the parent has its sum (or went on without it): the edge adopts the parent's
+        model as its next version, as its aggregation would have."""
+        forward = server.model.aggregator
+        served, now = forward.resumed_parent, self.parent.version
+        if served is not None and now > served:
+            server.adopt(self._up, f"the parent's version {now} (the parent is past its version {served}, which the "
+                                   "resumed checkpoint served)")
+        else:
+            server.model.replace(self._up)
+        self.log.info(f"edge: serving the parent's version {now} as version {server.version}")
 
     def _forward(self, segments: List[Any], weights: List[float], samples: int,
                  names: List[str]) -> Dict[str, torch.Tensor]:
@@ -209,6 +186,8 @@ class Edge:
         self._sums.stage(segments, weights)
         ended = not self.parent.upload(num_samples=samples)
         if not ended:
+            self.log.info(f"edge: sent {len(weights)} children's exact sum for the parent's version "
+                          f"{self.parent.version}; waiting for its next version")
             self.parent.update_version()
             ended = not self.parent.download()
         if ended:

@@ -2,8 +2,9 @@
 
 One job per module:
 
-- :mod:`~openfl_api.backend.server`: the serve loop (turns, events, joins and leaves, the end)
-  and the status line it logs while a version stays open;
+- :mod:`~openfl_api.backend.server`: the serve loop (turns, events, joins and leaves, versions
+  aggregated or adopted) and the status line it logs while a version stays open;
+- :mod:`~openfl_api.backend.closing`: the end of the loop: held requests answered, pipes closed;
 - :mod:`~openfl_api.backend.exchange`: what a turn does with a request: serve downloads, judge
   uploads with the version rules of :mod:`openfl_api.versions`, aggregate versions;
 - :mod:`~openfl_api.backend.worker`: the pipe of each frontend and the one request path every

@@ -78,6 +78,23 @@ class GlobalModel:
                 tensor.copy_(new[wire])
         self._cache = None
 
+    def replace(self, values: Mapping[str, torch.Tensor]) -> None:
+        """Copy ``values`` into the served tensors, one for every entry of the served state_dict;
+        the next download is encoded from them.
+
+        Raises:
+            ConfigurationError: ``values`` misses an entry.
+        """
+        model = self.state.model
+        missing = [name for name in model if name not in values]
+        if missing:
+            raise ConfigurationError(f"replacing the global model needs a tensor for every entry of its state_dict; "
+                                     f"{missing[:4]} are missing")
+        with torch.no_grad():
+            for name, tensor in model.items():
+                tensor.copy_(values[name])
+        self._cache = None
+
     def state_dict(self) -> Dict[str, Any]:
         """The global model, the exchanged optimizer state and the server optimizer, as copies."""
         return {

@@ -15,7 +15,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
@@ -23,6 +23,7 @@ from openfl_api.address import Address
 from openfl_api.asynchronous import Asynchronous
 from openfl_api.backend.addresses import Addresses
 from openfl_api.backend.checkpoints import Checkpoints
+from openfl_api.backend.closing import Closing
 from openfl_api.backend.members import Members
 from openfl_api.backend.exchange import Exchange
 from openfl_api.backend.model import GlobalModel
@@ -40,12 +41,11 @@ from openfl_api.transport.base import REQUESTS, Kind, Limits
 from openfl_api.transport.heartbeat import Pinger
 from openfl_api.transport.rendezvous import Peer
 from openfl_api.versions import client_order
-from openfl_api.waiting import logged
 
 __all__ = ["Server"]
 
 
-class Server(Checkpoints):
+class Server(Checkpoints, Closing):
     """The backend of one API: addresses, pipes, versions, aggregation and the serve loop.
 
     Args:
@@ -87,6 +87,7 @@ class Server(Checkpoints):
         self._failure: Optional[BaseException] = None  # raised in handle_now, re-raised by the loop
         self._lock = threading.Lock()
         self._thread: Optional[threading.Thread] = None
+        self._loop_thread: Optional[threading.Thread] = None  # the thread run() serves on
         self._thread_failure: Optional[BaseException] = None
         self._firing = 0  # depth of step events being fired
         self._aggregate_asked = False
@@ -177,7 +178,7 @@ class Server(Checkpoints):
             self._fire_steps(event, *args)
         finally:
             self._firing -= 1
-        while self._firing == 0 and self._aggregate_asked:
+        while self._firing == 0 and self._aggregate_asked and self._aggregates_here():
             self._aggregate_asked = False
             self.exchange.aggregate()
         if self._firing == 0:
@@ -187,13 +188,50 @@ class Server(Checkpoints):
         """Fold the accepted uploads into a new version; False if none was accepted.
 
         Asked from a step, the aggregation happens once every step has seen the event at hand, so
-        the order in which steps were attached never reorders events.
+        the order in which steps were attached never reorders events. An aggregator whose
+        ``on_loop_thread`` is True (its aggregation waits long: an edge's waits for its parent)
+        is aggregated on the serve loop's own thread only: asked on a pipe's thread, the
+        aggregation happens at the loop's next turn, which is woken at once, and that pipe goes on
+        answering its frontend's heartbeats meanwhile. Returns whether uploads are accepted then.
         """
         with self._loop_lock:
-            if self._firing:
+            here = self._aggregates_here()
+            if self._firing or not here:
                 self._aggregate_asked = True
+                if not here:
+                    self._events.put(None)  # a turn on the loop's thread, now rather than at the next tick
                 return self.accepted > 0
             return self.exchange.aggregate()
+
+    def _aggregates_here(self) -> bool:
+        aggregator = self.exchange.model.aggregator if self.exchange.model is not None else None
+        return not getattr(aggregator, "on_loop_thread", False) or threading.current_thread() is self._loop_thread
+
+    def adopt(self, values: Mapping[str, torch.Tensor], reason: str) -> None:
+        """Start the next version with ``values`` as its model, without aggregating.
+
+        The uploads accepted for the current version are dropped, with the aggregator's sum of
+        them; steps then see ``after_aggregate`` as after an aggregation (checkpoints are written,
+        held downloads are served the new version). A resumed edge whose parent has moved past
+        the version the edge served adopts the parent's model this way.
+
+        Args:
+            values: a tensor for every entry of the served state_dict, copied in.
+            reason: where the model comes from, for the log line.
+        """
+        with self._loop_lock:
+            exchange = self.exchange
+            exchange.accumulation.settle()
+            dropped = exchange.versions.accepted
+            exchange.model.aggregator.reset()
+            exchange.model.replace(values)
+            exchange.versions.advance()
+            exchange.epoch += 1
+            now = time.perf_counter()
+            self.clock.aggregated(now, now)
+            note = f"; {dropped} accepted uploads dropped" if dropped else ""
+            self.log.info(f"version {self.version}: adopted {reason}{note}")
+            self.fire(Event.AFTER_AGGREGATE)
 
     def stop(self, reason: str) -> None:
         """Ask the loop to stop after the event at hand."""
@@ -201,14 +239,23 @@ class Server(Checkpoints):
             self.stop_reason = reason
 
     # ----------------------------------------------------------------- the loop
-    def run(self) -> None:
-        """Serve until a step calls ``stop``; then answer every request with END."""
+    def run(self, before_serving: Optional[Callable[["Server"], None]] = None) -> None:
+        """Serve until a step calls ``stop``; then answer every request with END.
+
+        Args:
+            before_serving: called with this server once, under the loop's lock, before the
+                loop's first turn: no request is handled and no download served before it returns.
+        """
         if self.exchange.model is None:
             raise ConfigurationError("call set_state_dict(...) and set_aggregator_and_optimizer(...) before run()")
-        self.log.info(f"serve loop started at version {self.version}")
-        self.clock.start()
+        self._loop_thread = threading.current_thread()
         tick = self.timeouts.tick.total_seconds()
         try:
+            if before_serving is not None:
+                with self._loop_lock:
+                    before_serving(self)
+            self.log.info(f"serve loop started at version {self.version}")
+            self.clock.start()
             while self.stop_reason is None:
                 try:
                     event = self._events.get(timeout=tick)
@@ -288,76 +335,15 @@ class Server(Checkpoints):
         elif isinstance(event, AddressChange):
             self.members.change(event)
 
-    # ----------------------------------------------------------------- the end
-    def _end(self) -> None:
-        exchange = self.exchange
-        exchange.accumulation.shutdown()
-        with self._lock:
-            self.ended = True
-        reason = self.stop_reason = self.stop_reason or "the serve loop ended"
-        self.addresses.end(reason)
-        for worker, _ in exchange.waiting:
-            self.ledger.add(worker.label, "pending", -1)
-            worker.reply(end_message(reason))
-        exchange.waiting.clear()
-        self._drain_events(reason)
-        self.log.info(f"stopped: {reason}")
-
-    def _drain_events(self, reason: str) -> None:
-        while True:
-            try:
-                event = self._events.get_nowait()
-            except queue.Empty:
-                return
-            self._settle_after_end(event, reason)
-
-    def _settle_after_end(self, event: Any, reason: str) -> None:
-        """Handle an event that came after the loop ended: no step fires."""
-        if isinstance(event, Request):
-            event.worker.free.set()
-            event.worker.reply(end_message(reason))
-        elif isinstance(event, Joined):
-            self.members.joined(event.worker, fire=False)
-        elif isinstance(event, Left):
-            self.members.left(event.worker, event.reason)
-
-    def start(self) -> None:
-        """Run the serve loop on a thread of its own; :meth:`finish` waits for it."""
+    def start(self, before_serving: Optional[Callable[["Server"], None]] = None) -> None:
+        """Run the serve loop on a thread of its own (``before_serving`` as in :meth:`run`);
+        :meth:`finish` waits for it."""
 
         def serve() -> None:
             try:
-                self.run()
+                self.run(before_serving)
             except BaseException as exc:  # returned by finish()
                 self._thread_failure = exc
 
         self._thread = threading.Thread(target=serve, name="openfl-serve-loop", daemon=True)
         self._thread.start()
-
-    def finish(self, drain: bool = True) -> Optional[BaseException]:
-        """Wait for a loop started with :meth:`start` (up to ``timeouts.idle``; one second without
-        ``drain``), end it if it still runs, wait up to ``timeouts.drain`` for frontends to leave
-        (not at all without ``drain``), and close everything.
-
-        Returns:
-            What the started loop raised, or None.
-        """
-        if self._thread is not None:
-            with logged(self.log, self.timeouts.status, "the serve loop to stop (a stop step to fire)"):
-                self._thread.join(self.timeouts.idle.total_seconds() if drain else 1.0)
-            if self._thread.is_alive():
-                self.stop(f"finish() waited {self.timeouts.idle} for the serve loop")
-                self._thread.join(5)
-        if not self.ended:
-            self.stop("finish() was called")
-            with self._loop_lock:
-                self._end()
-        deadline = time.monotonic() + (self.timeouts.drain.total_seconds() if drain else 0.0)
-        while self.workers and time.monotonic() < deadline:
-            try:
-                event = self._events.get(timeout=0.05)
-            except queue.Empty:
-                continue
-            self._settle_after_end(event, self.stop_reason)
-        self.members.close(drain, self.timeouts.drain)
-        self.pinger.stop()
-        return self._thread_failure
