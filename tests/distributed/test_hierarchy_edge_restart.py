@@ -22,7 +22,7 @@ from test_federation import Processes, free_port
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "examples" / "hierarchy.py"
 DEADLINE = 60
-ROUNDS = 5
+ROUNDS = 4
 
 
 def start(processes: Processes, tmp_path: Path, port: int, rank: int, *extra: str, name: str = "") -> subprocess.Popen:
@@ -50,19 +50,19 @@ def test_edges_killed_and_restarted_alone_rejoin_and_the_tree_ends_with_the_flat
              timeout=timedelta(seconds=DEADLINE))
     checkpoints = tmp_path / "checkpoints"
     checkpoints.mkdir()
-    # Leaf 3 uploads at once and leaf 4 after 1.6 s (edge 1, ranks 3 and 4); leaves 5 and 6 within
-    # 0.4 s, so edge 2 waits about a second each version for the root's next model.
-    common = ("--checkpoint", str(checkpoints), "--out", str(tmp_path / "tree.pt"), "--pace", "0.1", "1.6", "0.1", "0.4")
+    # Leaf 3 uploads at once and leaf 4 after a second (edge 1, ranks 3 and 4); leaves 5 and 6 at
+    # once too, so edge 2 waits about a second each version for the root's next model.
+    common = ("--checkpoint", str(checkpoints), "--out", str(tmp_path / "tree.pt"), "--pace", "0.05", "1.0", "0.05")
     processes = Processes()
     try:
         port = free_port()
         ranks = {rank: start(processes, tmp_path, port, rank, *common) for rank in range(7)}
-        # Edge 1 dies with leaf 3's upload of version 2 accepted and leaf 4 still training.
-        wait_for(tmp_path / "rank3.log", "uploaded its update of version 2", ranks[3])
+        # Edge 1 dies with leaf 3's upload of version 1 accepted and leaf 4 still training.
+        wait_for(tmp_path / "rank3.log", "uploaded its update of version 1", ranks[3])
         kill(ranks[1])
         ranks[1] = start(processes, tmp_path, port, 1, *common, name="rank1-again")
-        # Edge 2 dies with its sum of version 3 accepted by the root, waiting for version 4.
-        wait_for(tmp_path / "rank2.log", "exact sum for the parent's version 3; waiting", ranks[2])
+        # Edge 2 dies with its sum of version 2 accepted by the root, waiting for version 3.
+        wait_for(tmp_path / "rank2.log", "exact sum for the parent's version 2; waiting", ranks[2])
         kill(ranks[2])
         ranks[2] = start(processes, tmp_path, port, 2, *common, name="rank2-again")
         for rank, process in sorted(ranks.items()):
@@ -75,13 +75,13 @@ def test_edges_killed_and_restarted_alone_rejoin_and_the_tree_ends_with_the_flat
     assert "rank 1 (rank1) left: pipe failed" in root and "rank 2 (rank2) left: pipe failed" in root
     assert root.count("rank 1 (rank1) joined") == 2 and root.count("rank 2 (rank2) joined") == 2
     assert all(f"version {v}: aggregated 2 uploads" in root for v in range(1, ROUNDS + 1))
-    # Edge 1 serves version 2 again; leaf 3, whose accepted upload was lost, trains it again.
-    assert "rank1.2: version 2, 0 uploads accepted" in logs["rank1-again"]
-    assert "edge: serving the parent's version 2 as version 2" in logs["rank1-again"]
-    assert "rank1 asks for version 3 but has no accepted upload for version 2; serving version 2" in logs["rank1-again"]
-    # The root has edge 2's sum of version 3: the restarted edge 2 goes on at version 4.
-    assert "rank2.3: version 3, 0 uploads accepted" in logs["rank2-again"]
-    assert "version 4: adopted the parent's version 4" in logs["rank2-again"]
+    # Edge 1 serves version 1 again; leaf 3, whose accepted upload was lost, trains it again.
+    assert "rank1.1: version 1, 0 uploads accepted" in logs["rank1-again"]
+    assert "edge: serving the parent's version 1 as version 1" in logs["rank1-again"]
+    assert "rank1 asks for version 2 but has no accepted upload for version 1; serving version 1" in logs["rank1-again"]
+    # The root has edge 2's sum of version 2: the restarted edge 2 goes on at version 3.
+    assert "rank2.2: version 2, 0 uploads accepted" in logs["rank2-again"]
+    assert "version 3: adopted the parent's version 3" in logs["rank2-again"]
     for leaf in (3, 4, 5, 6):
         assert "lost the backend" in logs[f"rank{leaf}"] and logs[f"rank{leaf}"].count("joined backend") == 2
         assert f"rank {leaf} (leaf) finished at version {ROUNDS}" in logs[f"rank{leaf}"]
