@@ -108,7 +108,7 @@ class Edge:
         if parent._frontend is not True or children._frontend is not False:
             raise RoleError("an Edge needs parent=API(frontend=True) and children=API(frontend=False)")
         self.parent, self.children = parent, children
-        self._model: Dict[str, torch.Tensor] = {}
+        self._children_sum: Optional[_Forward] = None
         self._up: Dict[str, torch.Tensor] = {}
         self._sums: Optional[PartialSums] = None
         self._down: Optional[Address] = None
@@ -139,9 +139,8 @@ class Edge:
                 (:meth:`Topology.aggregator` decides).
             planes, pieces: as the parent's :class:`~openfl_api.aggregate.partial.PartialSums`.
         """
-        self._model = dict(state_dict)
         self._up = {name: t.detach().clone() for name, t in state_dict.items()}
-        names = [next((n for n, t in self._model.items() if _same(t, p)), None) for p in aggregator.params]
+        names = [next((n for n, t in state_dict.items() if _same(t, p)), None) for p in aggregator.params]
         if None in names:
             raise ConfigurationError("the aggregator's parameters must be tensors of state_dict; build it from "
                                      "the same model's parameters")
@@ -149,7 +148,8 @@ class Edge:
         if not isinstance(aggregator, PartialSums):  # children that are edges upload partial sums already
             PartialSums(aggregator, state_dict, planes, pieces)  # the checks a partial sum of the children needs
         self.children.set_state_dict(state_dict)
-        self.children.set_aggregator_and_optimizer(_Forward(aggregator, self))
+        self._children_sum = _Forward(aggregator, self)
+        self.children.set_aggregator_and_optimizer(self._children_sum)
         self.parent.set_state_dict(self._up)
         self.parent.set_aggregator_and_optimizer(self._sums)
 
@@ -171,8 +171,7 @@ class Edge:
         same version again, and its children train again what was lost with it. Finding the parent
         past ``p``, the parent has its sum (or went on without it): the edge adopts the parent's
         model as its next version, as its aggregation would have."""
-        forward = server.model.aggregator
-        served, now = forward.resumed_parent, self.parent.version
+        served, now = self._children_sum.resumed_parent, self.parent.version
         if served is not None and now > served:
             server.adopt(self._up, f"the parent's version {now} (the parent is past its version {served}, which the "
                                    "resumed checkpoint served)")
