@@ -23,10 +23,10 @@ from test_federation import DEADLINE, ROOT, SCRIPT, Processes
 pytestmark = pytest.mark.skipif(not netns.available(), reason="needs root and ip(8) to build network namespaces")
 PORT = "29500"
 TOKEN = "0123456789abcdef0123456789abcdef"
-#: How long the partition test cuts a link. Detection depends only on the heartbeat and the link
-#: timeout, and each attempt to join again opens fresh connections, so a longer cut (the 60 s of a
-#: pulled cable: OPENFL_TEST_CUT_S=60) changes only how long the host stays out.
-CUT = float(os.environ.get("OPENFL_TEST_CUT_S", "8"))
+#: How long the partition test cuts a link: 60 s, a pulled cable, longer than TCP's first
+#: retransmissions back off. OPENFL_TEST_CUT_S=8 gives a quick local run: detection depends only on
+#: the heartbeat and the link timeout, and each attempt to join again opens fresh connections.
+CUT = float(os.environ.get("OPENFL_TEST_CUT_S", "60"))
 
 
 @pytest.fixture
