@@ -14,16 +14,18 @@ with virtual clients, the ids it hosts. The pipe, its waits, heartbeats and join
 
 from __future__ import annotations
 
+from concurrent.futures import Future
+from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Callable, Dict, List, Mapping, Optional, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import torch
 
 from openfl_api.address import Address
-from openfl_api.errors import ConfigurationError, PayloadError
+from openfl_api.errors import AdmissionError, ConfigurationError, PayloadError, TransportError
 from openfl_api.ledger import Ledger
 from openfl_api.payload import (
-    MAX_HEADER_BYTES, FiniteScan, Schema, decode, dtype_name, encode, encode_header, encode_pieces, on_cuda,
+    MAX_HEADER_BYTES, FiniteScan, Schema, decode, dtype_name, encode, encode_header, on_cuda,
     parse_header, validate_meta,
 )
 from openfl_api.payload.config import check_config
@@ -32,7 +34,7 @@ from openfl_api.reporting import Reporting
 from openfl_api.state import SharedState
 from openfl_api.step import Event, Transfer
 from openfl_api.timeouts import Timeouts
-from openfl_api.transport.base import Kind, Limits, Message, Pieces, Pipe
+from openfl_api.transport.base import Kind, Limits, Message, Pipe
 from openfl_api.transport.heartbeat import Beat
 from openfl_api.waiting import Helper
 
@@ -76,7 +78,8 @@ class Client(Link, Reporting):
         self._tx: Optional[torch.Tensor] = None
         self._scan_schema: Optional[Schema] = None
         self.scan: Optional[FiniteScan] = None  # watches the payload of the reply being received
-        self._io: Optional[Helper] = None  # runs the pipe's blocking waits when on the main thread
+        self._io: Optional[Helper] = None  # runs the pipe's blocking waits, and the round trips of uploads
+        self._pending: Optional[_Pending] = None  # an upload on its way, its answer not yet received
         self._backend_said = ""  # the status in the backend's last ping
         self._uploaded_from: Optional[int] = None  # the version the last upload was trained from
         self.downloaded: Optional[int] = None  # the version of the model downloaded last
@@ -92,6 +95,8 @@ class Client(Link, Reporting):
         if self.final is not None and not self.ended:
             self._end(self.final)  # the final model was served: there is no later one
         if self.ended:
+            return False
+        if not self._settle() or self.ended:
             return False
         transfer = Transfer(rank=rank, nick_name=nick_name, version=self.version)
         self._fire(Event.BEFORE_DOWNLOAD, transfer)
@@ -166,10 +171,17 @@ class Client(Link, Reporting):
         self, state: SharedState, rank: int, nick_name: str, num_samples: int, metrics: Mapping[str, float],
         client: Optional[str] = None,
     ) -> bool:
-        """Send the local state tagged with the local version; False once the federation ended."""
+        """Send the local state tagged with the local version; False once the federation ended.
+
+        Over a pipe between processes the update is copied into the frontend's send buffer (the
+        snapshot: later training cannot change what is sent) and sent on the I/O thread, and this
+        returns at once: the backend's answer is awaited by the next call on the pipe
+        (:meth:`_settle`), where ``after_upload`` fires and a refusal, the end or a broken pipe
+        shows.
+        """
         if self.final is not None and not self.ended:
             self._end(self.final)  # the model trained from was the final one: no update is taken
-        if self.ended:
+        if not self._settle() or self.ended:
             return False
         if self.hosted is not None:
             if client is None:
@@ -205,51 +217,96 @@ class Client(Link, Reporting):
                 return True
             tensors, schema, extra = prepared
             meta.update(extra)
-        pieces: Union[Pieces, torch.Tensor]
-        if self._pipe.queues_sends:
-            # The pipe keeps what it is sent in memory: copy once, into a buffer it may keep.
-            header, pieces = encode(tensors, schema, kind="update", version=self.version,
-                                    sender=nick_name, meta=meta)
-        else:
-            pinned = on_cuda(tensors.values())  # CUDA tensors reach the host through page-locked memory
+        pipelined = not self._pipe.queues_sends
+        out = None
+        if pipelined:
+            # The snapshot, in a buffer of the frontend's own; CUDA tensors reach the host through
+            # page-locked memory.
+            pinned = on_cuda(tensors.values())
             if self._tx is None or self._tx.numel() < schema.nbytes or self._tx.is_pinned() != pinned:
                 self._tx = torch.zeros(schema.nbytes, dtype=torch.uint8, pin_memory=pinned)
-            # Large tensors go to the pipe straight from the model; upload() returns only once they are sent.
-            header, pieces = encode_pieces(tensors, schema, kind="update", version=self.version,
-                                           sender=nick_name, meta=meta, out=self._tx)
-
-        owned = isinstance(pieces, torch.Tensor)  # encoded for this upload alone
+            out = self._tx
+        # In-process the pipe keeps what it is sent: the buffer is this upload's alone (owned).
+        header, payload = encode(tensors, schema, kind="update", version=self.version, sender=nick_name,
+                                 meta=meta, out=out)
 
         def request() -> Message:
             if self._registered:
-                return Message(Kind.UPLOAD, header, pieces, owned=owned)
+                return Message(Kind.UPLOAD, header, payload, owned=not pipelined)
             # A backend joined again has not heard of this frontend yet.
             fields = parse_header(header)
             fields["meta"].update(self._registration(state))
-            return Message(Kind.UPLOAD, encode_header(fields), pieces, owned=owned)
+            return Message(Kind.UPLOAD, encode_header(fields), payload, owned=not pipelined)
 
-        reply = self._exchange(request, Limits(frozenset({Kind.ACK, Kind.END}), MAX_HEADER_BYTES, 0),
-                               what=f"the answer to the upload trained from version {self.version}")
+        self._uploaded_from = self.version
+        pending = _Pending(request, transfer, len(header) + schema.nbytes,
+                           f"the answer to the upload trained from version {self.version}")
+        if pipelined:
+            pending.started = self._start(request(), _ANSWER)
+            self._pending = pending
+            return True
+        reply = self._exchange(request, _ANSWER, what=pending.what)
         if reply is None:
             return False
+        self._answered(pending, reply)
+        return True
+
+    def _settle(self) -> bool:
+        """Await the answer to the upload sent last, if it is still on its way; False once the
+        federation ended. A broken pipe sends the upload again (after joining the backend again,
+        as any request); a refusal raises here."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return True
+        reply = self._exchange(pending.request, _ANSWER, what=pending.what, started=pending.started)
+        if reply is None:
+            return False
+        self._answered(pending, reply)
+        return True
+
+    def _answered(self, pending: "_Pending", reply: Message) -> None:
+        """The backend answered an upload: count it, tell the upload chain, fire ``after_upload``."""
+        transfer = pending.transfer
         self._registered = True
-        self._uploaded_from = self.version
         ack = header_or_empty(reply.header)
         transfer.accepted = bool(ack.get("accepted"))
         transfer.reason = str(ack.get("reason", ""))[:500]
         if self.transforms is not None:  # bytes on the wire; secure aggregation's unmask shares
-            self.transforms.sent(len(header) + schema.nbytes)
+            self.transforms.sent(pending.nbytes)
             failed = self.transforms.answered(transfer.accepted)
             if failed:  # the backend discards the uploads of a failed round
                 transfer.accepted, transfer.reason = False, failed
         if transfer.accepted:
             self.ledger.add(self.backend_name, "uploads")
-            self.log.debug(f"uploaded an update trained from version {self.version}")
+            self.log.debug(f"uploaded an update trained from version {transfer.version}")
         else:
             self.ledger.discard(self.backend_name, transfer.reason or "discarded")
             self.log.warning(f"the backend discarded this upload: {transfer.reason}")
         self._fire(Event.AFTER_UPLOAD, transfer)
-        return True
+
+    def finish(self, interrupted: bool = False) -> None:
+        """Await the answer to an upload still on its way (a failure is logged), then say goodbye."""
+        if not interrupted and self._pending is not None and self._pipe is not None:
+            try:
+                self._settle()
+            except (TransportError, ConfigurationError, AdmissionError) as exc:
+                self.log.warning(f"the last upload got no answer: {exc}")
+        super().finish(interrupted)
+
+
+_ANSWER = Limits(frozenset({Kind.ACK, Kind.END}), MAX_HEADER_BYTES, 0)  # what an upload is answered with
+
+
+@dataclass
+class _Pending:
+    """An upload whose answer is awaited: how to send it again, its event's transfer, its bytes on
+    the wire, the answer as the lines logged while it takes long name it, and its round trip."""
+
+    request: Callable[[], Message]
+    transfer: Transfer
+    nbytes: int
+    what: str
+    started: "Optional[Future[Message]]" = None
 
 def _check_config(config: Any) -> Dict[str, Any]:
     """The round config of a served model: absent, or a JSON object whose ``final`` is a str."""

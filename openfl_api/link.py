@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from concurrent.futures import Future
 from datetime import timedelta
 from typing import Any, Callable, Dict, Optional, Union
 
@@ -32,7 +33,7 @@ from openfl_api.transport.base import Kind, Limits, Message, Pipe, Silence
 from openfl_api.transport.heartbeat import Beat
 from openfl_api.transport.rendezvous import join
 from openfl_api.transport.store import open_store
-from openfl_api.waiting import Helper, interruptible, logged
+from openfl_api.waiting import Helper, interruptible, logged, result
 
 __all__ = ["Link", "MAX_REJOINS", "header_or_empty"]
 
@@ -139,8 +140,10 @@ class Link:
             self.scan.progress(end)
 
     def _exchange(self, request: Union[Message, Callable[[], Message]], limits: Limits,
-                  schema: Optional[Schema] = None, what: str = "the backend's answer") -> Optional[Message]:
+                  schema: Optional[Schema] = None, what: str = "the backend's answer",
+                  started: "Optional[Future[Message]]" = None) -> Optional[Message]:
         """Send a request (or build it: ``request()``) and receive its reply; None once ended.
+        ``started``: the request's first round trip runs already (:meth:`_start`); its reply is awaited.
 
         A broken pipe with no end recorded on the store means the backend went away (or dropped
         this frontend): join again for up to ``reconnect`` and repeat the request. ``what`` names
@@ -155,11 +158,15 @@ class Link:
         if isinstance(request, Message):
             request = (lambda message: lambda: message)(request)
         rejoins = 0
-        limits = Limits(limits.kinds | {Kind.PING}, limits.max_header, limits.max_payload)
+        limits = _with_pings(limits)
         while True:
             try:
                 with logged(self.log, self.timeouts.status, lambda: self._waiting_for(what)):
-                    reply = self._round_trip(request(), limits)
+                    if started is not None:
+                        running, started = started, None
+                        reply = result(running)
+                    else:
+                        reply = self._round_trip(request(), limits)
                 if reply.kind is Kind.END and header_or_empty(reply.header).get("code") == "changed":
                     # The backend's address-file entry changed: it serves it again; join its new session.
                     reason = str(header_or_empty(reply.header).get("reason", ""))[:500]
@@ -204,7 +211,7 @@ class Link:
 
     def _round_trip(self, message: Message, limits: Limits) -> Message:
         """Send ``message`` and receive the reply, skipping the backend's pings (remembering their status)."""
-        pipe, beat = self._pipe, self._beat
+        pipe = self._pipe
         if pipe is None:
             raise TransportError("the pipe to the backend was closed after an earlier failure")
         if pipe.queues_sends:  # in-process: the backend answers on this thread, nothing blocks long
@@ -212,13 +219,29 @@ class Link:
             return self._receive(pipe, limits)
         if self._io is None:
             self._io = Helper("openfl-frontend-io")
+        return interruptible(self._call(pipe, message, limits), self._io)
+
+    def _start(self, message: Message, limits: Limits) -> "Future[Message]":
+        """Start the round trip of ``message`` on the I/O thread and return at once; the future
+        holds the reply (or the TransportError). Only for a pipe that does not queue its sends."""
+        pipe = self._pipe
+        if pipe is None:
+            future: "Future[Message]" = Future()
+            future.set_exception(TransportError("the pipe to the backend was closed after an earlier failure"))
+            return future
+        if self._io is None:
+            self._io = Helper("openfl-frontend-io")
+        return self._io.submit(self._call(pipe, message, _with_pings(limits)))
+
+    def _call(self, pipe: Pipe, message: Message, limits: Limits) -> Callable[[], Message]:
+        beat = self._beat
 
         def call() -> Message:
             with beat.request() if beat is not None else contextlib.nullcontext():
                 pipe.send(message, self.timeouts.transfer)
                 return self._receive(pipe, limits)
 
-        return interruptible(call, self._io)
+        return call
 
     def _receive(self, pipe: Pipe, limits: Limits) -> Message:
         # The backend pings while it handles or holds the request: silence means a cut link.
@@ -259,6 +282,11 @@ class Link:
             self._pipe.close()
         self._pipe = None
         self._store = None
+
+
+def _with_pings(limits: Limits) -> Limits:
+    """``limits`` that also take the backend's pings, which may come before any reply."""
+    return Limits(limits.kinds | {Kind.PING}, limits.max_header, limits.max_payload)
 
 
 def header_or_empty(raw: bytes) -> Dict[str, Any]:

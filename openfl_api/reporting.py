@@ -33,7 +33,7 @@ class Reporting:
 
     Expects ``ended``, ``final``, ``downloaded``, ``config``, ``hosted``, ``timeouts``,
     ``_registered``, ``_sent_reports`` (an empty dict), ``log`` and the methods ``_exchange``,
-    ``_round_trip``, ``_registration``, ``_end`` and ``_fire`` on the object.
+    ``_round_trip``, ``_registration``, ``_settle``, ``_end`` and ``_fire`` on the object.
     """
 
     ended: bool
@@ -49,6 +49,7 @@ class Reporting:
     _exchange: Callable[..., Optional[Message]]
     _round_trip: Callable[[Message, Limits], Message]
     _registration: Callable[[SharedState], Dict[str, Any]]
+    _settle: Callable[[], bool]
     _end: Callable[..., None]
     _fire: Callable[..., None]
 
@@ -59,6 +60,7 @@ class Reporting:
         After the final model (served for evaluation only) each hosted client may still report
         it; the frontend's calls then end.
         """
+        self._settle()  # the answer to an upload on its way comes first
         if self.ended and self.final is None:
             return False
         if self.downloaded is None:

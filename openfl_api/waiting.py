@@ -32,7 +32,7 @@ from concurrent.futures import TimeoutError as _FutureTimeout
 from datetime import timedelta
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, TypeVar, Union
 
-__all__ = ["logged", "interruptible", "Helper", "seconds", "exit_fast_after_interrupt", "exits_fast_when_interrupted"]
+__all__ = ["logged", "interruptible", "result", "Helper", "seconds", "exit_fast_after_interrupt", "exits_fast_when_interrupted"]
 
 T = TypeVar("T")
 _POLL_S = 0.5  # how late a status line may be; the watchdog wakes at most this often
@@ -167,6 +167,13 @@ def interruptible(call: Callable[[], T], helper: Optional[Helper] = None) -> T:
     else:
         future = Future()
         threading.Thread(target=_settle, args=(call, future), name="openfl-blocking-call", daemon=True).start()
+    return result(future)
+
+
+def result(future: "Future[T]") -> T:
+    """``future.result()``, waited so that Ctrl-C on the main thread raises at once."""
+    if threading.current_thread() is not threading.main_thread():
+        return future.result()
     while True:
         try:
             return future.result(timeout=_POLL_S)

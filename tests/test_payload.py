@@ -17,7 +17,6 @@ from openfl_api.payload import (
     DTYPES,
     FORMAT,
     MAX_HEADER_BYTES,
-    PIECE_BYTES,
     FiniteScan,
     Payload,
     Schema,
@@ -25,7 +24,6 @@ from openfl_api.payload import (
     decode,
     encode,
     encode_header,
-    encode_pieces,
     insert_field,
     parse_header,
     split,
@@ -685,7 +683,7 @@ def test_a_valid_header_with_one_field_mutated_decodes_or_raises_payload_error(m
 
 def mixed_tensors() -> Dict[str, torch.Tensor]:
     """A large contiguous tensor, a large non-contiguous one, small ones of several dtypes."""
-    big = PIECE_BYTES // 4 + 5
+    big = 256 * 1024 // 4 + 5  # tensors of 256 KiB and more
     return {
         "small": sample(torch.float32, (3, 5), seed=1),
         "count": torch.tensor(12, dtype=torch.int64),
@@ -694,26 +692,6 @@ def mixed_tensors() -> Dict[str, torch.Tensor]:
         "half": sample(torch.float16, (7,), seed=4),
         "tail": sample(torch.float32, (big,), seed=5),
     }
-
-
-def test_encode_pieces_gives_the_bytes_of_encode() -> None:
-    tensors = mixed_tensors()
-    schema = Schema.from_tensors(tensors)
-    header, flat = encode(tensors, schema, kind="update", version=2, sender="r", meta={"num_samples": 3})
-    pieces_header, pieces = encode_pieces(tensors, schema, kind="update", version=2, sender="r",
-                                          meta={"num_samples": 3}, out=torch.zeros(schema.nbytes, dtype=torch.uint8))
-    assert pieces_header == header
-    assert torch.equal(pieces.flat(), flat)
-
-
-def test_large_contiguous_tensors_travel_from_their_own_memory() -> None:
-    tensors = mixed_tensors()
-    schema = Schema.from_tensors(tensors)
-    _, pieces = encode_pieces(tensors, schema, kind="update", version=0, sender="r")
-    pointers = {piece.data_ptr() for _, piece in pieces.pieces}
-    assert tensors["big"].data_ptr() in pointers and tensors["tail"].data_ptr() in pointers
-    assert tensors["big_t"].data_ptr() not in pointers  # not contiguous: copied into the staging buffer
-    assert len(pieces.pieces) == 4  # small+count | big | big_t+half | tail
 
 
 def test_split_covers_the_buffer_in_order() -> None:

@@ -15,7 +15,7 @@ Header (JSON object)::
 """
 
 
-from openfl_api.payload.codec import PIECE_BYTES, FiniteScan, Payload, decode, encode, encode_pieces, on_cuda, split
+from openfl_api.payload.codec import FiniteScan, Payload, decode, encode, on_cuda, split
 from openfl_api.payload.header import (
     MAX_HEADER_BYTES, MAX_METRICS, MAX_NAME_CHARS, encode_header, insert_field, parse_header, validate_meta,
 )
@@ -37,8 +37,6 @@ __all__ = [
     "dtype_name",
     "describe_differences",
     "encode",
-    "encode_pieces",
-    "PIECE_BYTES",
     "split",
     "on_cuda",
     "FiniteScan",

@@ -15,7 +15,7 @@ from openfl_api.payload.header import MAX_NAME_CHARS, _check_identity, _header, 
 from openfl_api.payload.schema import DTYPES, FORMAT, Schema, TensorSpec, _view, dtype_name
 from openfl_api.transport.base import Pieces
 
-__all__ = ["Payload", "encode", "encode_pieces", "PIECE_BYTES", "split", "FiniteScan", "decode", "on_cuda"]
+__all__ = ["Payload", "encode", "split", "FiniteScan", "decode", "on_cuda"]
 
 
 @dataclass
@@ -87,56 +87,6 @@ def encode(
     if sources:
         torch._foreach_copy_(list(targets), sources)  # detached sources: no autograd to switch off
     return _header(schema, kind, version, sender, meta), buffer
-
-
-#: Tensors of at least this many bytes travel as their own piece, straight from their memory.
-PIECE_BYTES = 256 * 1024
-
-
-def encode_pieces(
-    tensors: Mapping[str, torch.Tensor],
-    schema: Schema,
-    *,
-    kind: str,
-    version: int,
-    sender: str,
-    meta: Optional[Mapping[str, Any]] = None,
-    out: Optional[torch.Tensor] = None,
-) -> Tuple[bytes, Pieces]:
-    """Encode like :func:`encode`, but hand large tensors to the pipe as they are.
-
-    A contiguous CPU tensor of at least :data:`PIECE_BYTES` becomes its own piece of the payload
-    (no copy); smaller, non-contiguous or GPU ones are copied into ``out`` (zeroed, reused across
-    calls; page-locked for CUDA tensors, see :func:`on_cuda`) and neighbouring ones travel as one piece. The receiver gets the same flat buffer as
-    from :func:`encode`. The tensors must not change until the pipe has sent them.
-
-    Returns:
-        ``(header_bytes, pieces)``.
-    """
-    _check_identity(kind, version, sender)
-    staging = _staging(schema, out, on_cuda(tensors.values()))
-    pieces: List[Tuple[int, torch.Tensor]] = []
-    run: Optional[List[int]] = None  # [start, end) of the staging bytes gathered since the last own piece
-    targets: List[torch.Tensor] = []
-    sources: List[torch.Tensor] = []
-    for spec, offset, size, target in zip(schema.specs, schema.offsets, schema.sizes, schema.view_list(staging)):
-        source = _source(tensors, spec)
-        if size >= PIECE_BYTES and source.device.type == "cpu" and source.is_contiguous():
-            if run is not None:
-                pieces.append((run[0], staging[run[0] : run[1]]))
-                run = None
-            pieces.append((offset, source.reshape(-1).view(torch.uint8)))
-            continue
-        if size == 0:
-            continue
-        targets.append(target)
-        sources.append(source)
-        run = [offset, offset + size] if run is None else [run[0], offset + size]
-    if run is not None:
-        pieces.append((run[0], staging[run[0] : run[1]]))
-    if targets:
-        torch._foreach_copy_(targets, sources)  # one call for all the small (detached) tensors
-    return _header(schema, kind, version, sender, meta), Pieces(schema.nbytes, tuple(pieces))
 
 
 def split(buffer: torch.Tensor, piece_bytes: int = 4 * 1024 * 1024) -> Pieces:

@@ -5,6 +5,8 @@ Frontends train deterministically: the batch of version ``v`` on rank ``r`` is d
 bit for bit with an uninterrupted one. Faults are injected on purpose:
 
 - ``--kill_mid_upload R``: rank R SIGKILLs itself while its first upload is on the wire;
+- ``--kill_after_upload R``: rank R SIGKILLs itself as soon as its first ``upload()`` has returned
+  and the upload's payload is on its way (a pipelined upload, sent by the frontend's I/O thread);
 - ``--hang_mid_upload R``: rank R stops itself (SIGSTOP) while its first upload is on the wire;
 - ``--die_waiting R``: rank R SIGKILLs itself after its first upload, while its download waits;
 - ``--kill_backend_at K``: the backend SIGKILLs itself at the first upload of version K, with
@@ -34,6 +36,7 @@ parser.add_argument("--alpha", type=float, default=0.6)
 parser.add_argument("--checkpoint", default=None)
 parser.add_argument("--result", default=None)
 parser.add_argument("--kill_mid_upload", type=int, default=-1)
+parser.add_argument("--kill_after_upload", type=int, default=-1)
 parser.add_argument("--hang_mid_upload", type=int, default=-1)
 parser.add_argument("--die_waiting", type=int, default=-1)
 parser.add_argument("--kill_backend_at", type=int, default=-1,
@@ -102,6 +105,23 @@ def fault_during_next_send(sig: int) -> None:
     GlooPipe.send = send
 
 
+def payload_posted() -> threading.Event:
+    """An event set once gloo was given the payload of a message this process sends (its upload)."""
+    from openfl_api.transport.gloo import GlooPipe
+
+    posted = threading.Event()
+    real_post = GlooPipe._post
+
+    def post(self, send, tensor, what):
+        work = real_post(self, send, tensor, what)
+        if send and tensor.numel() > (1 << 20):
+            posted.set()
+        return work
+
+    GlooPipe._post = post
+    return posted
+
+
 rounds = 0
 with api:
     api.run()
@@ -116,8 +136,12 @@ with api:
             fault_during_next_send(signal.SIGKILL)
         if args.rank == args.hang_mid_upload:
             fault_during_next_send(signal.SIGSTOP)
+        posted = payload_posted() if args.rank == args.kill_after_upload else None
         if not api.upload(num_samples=32, metrics={"round": rounds}):
             break
+        if posted is not None:  # upload() has returned; its 64 MB leave from the I/O thread
+            posted.wait(30)
+            os.kill(os.getpid(), signal.SIGKILL)
         rounds += 1
         if args.rank == args.die_waiting:
             threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGKILL)).start()
