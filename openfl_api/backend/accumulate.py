@@ -1,18 +1,10 @@
 """Accumulation of accepted uploads into the aggregator, off the serve loop's critical path.
 
-After the backend has answered an accepted upload, adding it to the aggregator runs outside the
-loop's turn while the loop may serve downloads; every other event, and anything that reads the
-aggregator (aggregation, checkpoints, the end), settles it first. Where the add runs:
-
-- an upload received by a pipe's own thread (gloo) is added by that thread right after the turn
-  that answered it (:meth:`Accumulation.run_deferred`): the thread would only wait for its buffer
-  to be free before its next receive, and no hand-off to another thread is paid;
-- an upload brought by the frontend's thread (in one process) is added on one accumulation
-  thread, so the frontend's thread goes back to training at once;
-- a small upload is added within the turn, where a hand-off would cost more than the add.
-
-The aggregator's sums do not depend on the order of the adds
-(:class:`~openfl_api.aggregate.exact.ExactSum`), so uploads are added as they come.
+After the backend has answered an accepted upload, adding it to the aggregator runs on one
+accumulation thread while the loop may serve downloads; every other event, and anything that reads
+the aggregator (aggregation, checkpoints, the end), settles it first. The aggregator's sums do not
+depend on the order of the adds (:class:`~openfl_api.aggregate.exact.ExactSum`), so uploads are
+added as they come.
 """
 
 from __future__ import annotations
@@ -69,7 +61,6 @@ class Accumulation:
         self._expected: Optional[Tuple[int, List[str]]] = None  # (version, clients)
         self._executor: Optional[ThreadPoolExecutor] = None  # started at the first large upload
         self._pending: Optional[Future] = None
-        self._deferred_by: Any = None  # the worker whose pipe thread adds the pending upload
 
     def expected(self, version: int) -> Optional[List[str]]:
         """The clients whose uploads ``version`` expects (a sampling step declares them), or None."""
@@ -111,37 +102,15 @@ class Accumulation:
         if nbytes < OVERLAP_BYTES:
             run()  # a hand-off to another thread costs more than adding a small upload
             return
-        if worker.receives_on_own_thread():
-            future: Future = Future()
-            worker.deferred = (run, future)  # run by Worker.handle once the turn is over
-            self._pending, self._deferred_by = future, worker
-            return
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="openfl-accumulate")
         self._pending = self._executor.submit(run)
 
-    @staticmethod
-    def run_deferred(worker: Any) -> None:
-        """On ``worker``'s pipe thread, after the turn: add the upload that turn accepted, if any."""
-        deferred, worker.deferred = worker.deferred, None
-        if deferred is None:
-            return
-        run, future = deferred
-        try:
-            run()
-        except BaseException as exc:
-            future.set_exception(exc)
-        else:
-            future.set_result(None)
-
     def settle(self, reraise: bool = True) -> None:
         """Wait for the accumulation in progress; re-raise what it raised."""
         pending, self._pending = self._pending, None
-        worker, self._deferred_by = self._deferred_by, None
         if pending is None:
             return
-        if worker is not None and worker.receives_on_own_thread():
-            self.run_deferred(worker)  # the turn that accepted it reads the aggregator: add it now
         try:
             pending.result()
         except Exception as exc:

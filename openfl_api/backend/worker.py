@@ -18,13 +18,11 @@ import threading
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
-from concurrent.futures import Future
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import torch
 
 from openfl_api.address import Address
-from openfl_api.backend.accumulate import Accumulation
 from openfl_api.errors import ProtocolError, TransportError, WireError
 from openfl_api.payload import MAX_HEADER_BYTES, FiniteScan, encode_header
 from openfl_api.transport.base import REPLIES, REQUESTS, Kind, Limits, Message, Pipe, Silence, check_frame, frame_of
@@ -102,9 +100,6 @@ class Worker:
         # Set while the loop holds no upload in the receive buffer (it accumulates after its ACK).
         self.free = threading.Event()
         self.free.set()
-        #: ``(add, future)`` of an accepted upload that this worker's pipe thread adds after the turn
-        #: (:meth:`Accumulation.run_deferred`).
-        self.deferred: Optional[Tuple[Callable[[], None], Future]] = None
         self.scan: Optional[FiniteScan] = None  # the finite check of the upload being received
         self.receive_started: Optional[float] = None  # perf_counter() at the first payload byte of the upload at hand
         self._answered = False  # the request at hand was answered from within its turn
@@ -147,11 +142,6 @@ class Worker:
             pass  # closed on this side: the frontend learns it at its next request
         finally:
             self._answered = True
-
-    def receives_on_own_thread(self) -> bool:
-        """Whether the request at hand came in on this worker's pipe thread (a gloo pipe), which
-        has nothing else to do until its receive buffer is free again."""
-        return threading.get_ident() == self._thread.ident
 
     def _send(self, message: Message, timeout: Any) -> None:
         with self._send_lock:
@@ -200,10 +190,7 @@ class Worker:
             self.receive_started = None
         else:
             self.free.clear()
-        handled = not self.closing and server.handle_now(Request(self, message))
-        if self.deferred is not None:
-            Accumulation.run_deferred(self)  # the upload this turn accepted; sets self.free
-        if not handled:
+        if self.closing or not server.handle_now(Request(self, message)):
             self.free.set()
             if server.stop_reason is not None:
                 self.reply(end_message(server.stop_reason))
