@@ -3,7 +3,9 @@
 Every call is one request and one reply over the frontend's pipe. ``download()`` asks for a
 model whose version is at least the local version (the synchronous rule keeps clients in
 lock-step); the reply is validated against the local schema before it is copied into the user's
-tensors. The end of the federation is not an error: the calls return False. A refusal is:
+tensors. Between processes an upload is pipelined: ``upload()`` returns once the update is copied
+into the send buffer, and the next call on the pipe awaits its answer (:meth:`Client._settle`).
+The end of the federation is not an error: the calls return False. A refusal is:
 a frontend whose model differs from the backend's gets a :class:`ConfigurationError` naming the
 first differences, one refused for another reason an :class:`AdmissionError`.
 
