@@ -92,21 +92,12 @@ api.set_state_dict(net.state_dict(keep_vars=True))
 delays = {int(r): float(s) for r, s in (item.split("=") for item in args.delay.split(",") if item)}
 
 
-def fault_during_next_send(sig: int) -> None:
-    """Deliver ``sig`` to this process 5 ms into the next message it sends (its upload)."""
-    from openfl_api.transport.gloo import GlooPipe
+def payload_posted(fault: int = 0) -> threading.Event:
+    """An event set once gloo was given the payload of a message this process sends (its upload).
 
-    real_send = GlooPipe.send
-
-    def send(self, message, timeout):
-        threading.Timer(0.005, os.kill, (os.getpid(), sig)).start()
-        return real_send(self, message, timeout)
-
-    GlooPipe.send = send
-
-
-def payload_posted() -> threading.Event:
-    """An event set once gloo was given the payload of a message this process sends (its upload)."""
+    With ``fault`` (a signal), the sending thread delivers it to this process right then: the payload
+    is on the wire, not yet through it.
+    """
     from openfl_api.transport.gloo import GlooPipe
 
     posted = threading.Event()
@@ -116,6 +107,8 @@ def payload_posted() -> threading.Event:
         work = real_post(self, send, tensor, what)
         if send and tensor.numel() > (1 << 20):
             posted.set()
+            if fault:
+                os.kill(os.getpid(), fault)
         return work
 
     GlooPipe._post = post
@@ -133,9 +126,9 @@ with api:
         optimizer.step()
         time.sleep(delays.get(args.rank, 0.0))
         if args.rank == args.kill_mid_upload:
-            fault_during_next_send(signal.SIGKILL)
+            payload_posted(signal.SIGKILL)
         if args.rank == args.hang_mid_upload:
-            fault_during_next_send(signal.SIGSTOP)
+            payload_posted(signal.SIGSTOP)
         posted = payload_posted() if args.rank == args.kill_after_upload else None
         if not api.upload(num_samples=32, metrics={"round": rounds}):
             break
