@@ -123,7 +123,7 @@ def test_any_piece_table_is_either_a_tiling_inside_the_payload_or_refused(rows, 
 def test_pieces_gather_into_a_zero_padded_flat_buffer() -> None:
     pieces = Pieces(8, ((1, torch.tensor([1, 2], dtype=torch.uint8)), (5, torch.tensor([3], dtype=torch.uint8))))
     assert pieces.flat().tolist() == [0, 1, 2, 0, 0, 3, 0, 0]
-    assert pieces.table().tolist() == [[1, 2], [5, 1]]
+    assert pieces.rows == ((1, 2), (5, 1))
 
 
 def test_the_memory_pipe_delivers_pieces_as_the_flat_buffer() -> None:

@@ -22,7 +22,7 @@ import enum
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Callable, Iterator, List, Optional, Tuple, Union
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -54,6 +54,7 @@ class Kind(enum.IntEnum):
 
 REQUESTS = frozenset({Kind.DOWNLOAD, Kind.UPLOAD, Kind.BYE, Kind.REPORT, Kind.HEARTBEAT})
 REPLIES = frozenset({Kind.MODEL, Kind.ACK, Kind.END})
+_KINDS = {int(kind): kind for kind in Kind}
 
 
 class Silence(TransportError):
@@ -72,9 +73,10 @@ class Pieces:
     nbytes: int
     pieces: Tuple[Tuple[int, torch.Tensor], ...]
 
-    def table(self) -> torch.Tensor:
-        """The piece table as sent: ``int64[len(pieces), 2]`` of ``(offset, bytes)``."""
-        return torch.tensor([[offset, piece.numel()] for offset, piece in self.pieces], dtype=torch.int64)
+    @property
+    def rows(self) -> Tuple[Tuple[int, int], ...]:
+        """The piece table as sent: each piece's ``(offset, bytes)``."""
+        return tuple((offset, piece.numel()) for offset, piece in self.pieces)
 
     def flat(self) -> torch.Tensor:
         """The payload gathered into one zero-padded buffer (for pipes that copy anyway)."""
@@ -105,10 +107,6 @@ class Stream:
     rows: Tuple[Tuple[int, int], ...]
     make: Callable[[], Iterator[torch.Tensor]]
     window: int = 0
-
-    def table(self) -> torch.Tensor:
-        """The piece table as sent: ``int64[len(rows), 2]`` of ``(offset, bytes)``."""
-        return torch.tensor([list(row) for row in self.rows], dtype=torch.int64).view(len(self.rows), 2)
 
 
 @dataclass
@@ -161,11 +159,11 @@ def check_frame(frame: Union[torch.Tensor, Tuple[int, ...]], limits: Limits) -> 
             that does not fit the payload. The stream cannot be trusted after that, so the pipe
             must be closed.
     """
-    words = frame.tolist() if isinstance(frame, torch.Tensor) else frame
-    magic, kind, header_len, payload_len, pieces = (int(v) for v in words)
+    magic, kind, header_len, payload_len, pieces = frame.tolist() if isinstance(frame, torch.Tensor) else frame
     if magic != MAGIC:
         raise ProtocolError(f"frame has magic {magic:#x}, expected {MAGIC:#x}: the peer does not speak openfl_api")
-    if kind not in {int(k) for k in limits.kinds}:
+    known = _KINDS.get(kind)
+    if known is None or known not in limits.kinds:
         raise ProtocolError(f"message kind {kind} is not expected here (expected {sorted(int(k) for k in limits.kinds)})")
     if not 0 <= header_len <= limits.max_header:
         raise ProtocolError(f"header of {header_len} bytes is over the limit of {limits.max_header}")
@@ -174,17 +172,18 @@ def check_frame(frame: Union[torch.Tensor, Tuple[int, ...]], limits: Limits) -> 
     if not (0 <= pieces <= MAX_PIECES and (pieces == 0) == (payload_len == 0) and pieces <= payload_len):
         raise ProtocolError(f"a payload of {payload_len} bytes cannot come in {pieces} pieces "
                             f"(1 to min(bytes, {MAX_PIECES}) pieces, none without a payload)")
-    return Kind(kind), header_len, payload_len, pieces
+    return known, header_len, payload_len, pieces
 
 
-def check_pieces(table: torch.Tensor, payload_len: int) -> List[Tuple[int, int]]:
-    """Validate a received piece table; return its ``(offset, bytes)`` rows.
+def check_pieces(table: Union[torch.Tensor, Sequence[Tuple[int, int]]], payload_len: int) -> List[Tuple[int, int]]:
+    """Validate a received piece table (an ``int64[n, 2]`` tensor, or its rows); return its
+    ``(offset, bytes)`` rows.
 
     Raises:
         ProtocolError: a piece is empty, goes backwards, overlaps the one before or ends past the
             payload.
     """
-    rows = [(int(offset), int(size)) for offset, size in table.tolist()]
+    rows = [(int(offset), int(size)) for offset, size in (table.tolist() if isinstance(table, torch.Tensor) else table)]
     end = 0
     for offset, size in rows:
         if size < 1 or offset < end or offset + size > payload_len:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import re
+import struct
 import threading
 import time
 from datetime import timedelta
@@ -81,15 +82,25 @@ def open_gloo_pipe(store: Store, prefix: str, rank: int, timeout: timedelta, hos
 #: payload that fits after them travels in it too (see :class:`GlooPipe`).
 INLINE = 32 * 1024
 _FRAME_BYTES = FRAME * 8
+# The frame's five int64 words and a piece table's (offset, bytes) rows, as they travel: the
+# native byte order of both sides (int64 tensors, as every gloo peer of this library writes them).
+_WORDS = struct.Struct(f"={FRAME}q")
 
 
-def _flat(size: int, table: Optional[torch.Tensor], pieces) -> bytes:
-    """A payload of ``size`` bytes as the bytes of one buffer: its pieces at the table's offsets,
-    zeros between them."""
-    buffer = torch.zeros(size, dtype=torch.uint8)
-    for (offset, length), piece in zip(table.tolist(), pieces):
-        buffer[offset : offset + length].copy_(piece)
-    return buffer.numpy().tobytes()
+def _table(rows) -> bytes:
+    """A piece table's bytes: its ``(offset, bytes)`` rows as int64 pairs."""
+    return struct.pack(f"={2 * len(rows)}q", *itertools.chain.from_iterable(rows))
+
+
+def _inline(control: bytes, size: int, rows, pieces) -> bytearray:
+    """A control block followed by a payload of ``size`` bytes (its pieces at their rows' offsets,
+    zeros between them): the bytes of a first gloo message that carries both."""
+    block = bytearray(len(control) + size)
+    block[: len(control)] = control
+    for (offset, length), piece in zip(rows, pieces):
+        start = len(control) + offset
+        block[start : start + length] = memoryview((piece if piece.is_cpu else piece.cpu()).contiguous().numpy())
+    return block
 
 
 class GlooPipe(Pipe):
@@ -119,6 +130,7 @@ class GlooPipe(Pipe):
         self._group = group
         self._peer = peer
         self._first = torch.zeros(INLINE, dtype=torch.uint8)
+        self._first_bytes = memoryview(self._first.numpy())  # the same memory, read without torch calls
         self._inline: Optional[torch.Tensor] = None  # the payload that came inside the control message
         self._send_lock = threading.Lock()
         self._posted: List[Tuple[Any, torch.Tensor, float]] = []  # (work, tensor kept alive, posted at)
@@ -160,7 +172,7 @@ class GlooPipe(Pipe):
             raise ValueError("post() takes messages without payload")
         with self._send_lock:
             self._prune()
-            tensor = torch.frombuffer(bytearray(self._control(message, 0)), dtype=torch.uint8)
+            tensor = torch.frombuffer(bytearray(self._control(message, ())), dtype=torch.uint8)
             self._posted.append((self._post(True, tensor, "sending a ping"), tensor, time.monotonic()))
 
     def _prune(self) -> None:
@@ -187,34 +199,32 @@ class GlooPipe(Pipe):
             self._posted = young
         return None
 
-    def _control(self, message: Message, count: int, table: Optional[torch.Tensor] = None) -> bytes:
-        """The frame, the piece table and the header of a message, as sent in its control block."""
-        frame = torch.tensor([MAGIC, int(message.kind), len(message.header), payload_size(message.payload),
-                              count], dtype=torch.int64)
-        control = frame.numpy().tobytes()
-        if table is not None:
-            control += table.numpy().tobytes()
-        return control + bytes(message.header)
+    def _control(self, message: Message, rows) -> bytes:
+        """The frame, the piece table (``rows``) and the header of a message, as sent in its control block."""
+        frame = _WORDS.pack(MAGIC, int(message.kind), len(message.header), payload_size(message.payload), len(rows))
+        return frame + _table(rows) + bytes(message.header) if rows else frame + bytes(message.header)
 
     def _send(self, message: Message, timeout: timedelta) -> None:
         payload = message.payload
         if isinstance(payload, torch.Tensor):
             payload = Pieces(payload.numel(), ((0, payload),) if payload.numel() else ())
         if isinstance(payload, Stream):
-            count, table, pieces = len(payload.rows), payload.table(), payload.make()
+            rows, pieces = payload.rows, payload.make()
         elif payload is not None and payload.pieces:
-            count, table, pieces = len(payload.pieces), payload.table(), (piece for _, piece in payload.pieces)
+            rows, pieces = payload.rows, (piece for _, piece in payload.pieces)
         else:
-            count, table, pieces = 0, None, iter(())
-        control = self._control(Message(message.kind, message.header, payload), count, table)
+            rows, pieces = (), iter(())
+        control = self._control(Message(message.kind, message.header, payload), rows)
         size = payload_size(payload)
         if size and len(control) + size <= INLINE:
-            control += _flat(size, table, pieces)
+            control = _inline(control, size, rows, pieces)
             pieces = iter(())
         # Every tensor posted stays referenced here until the waits below are over.
-        tensors = [torch.frombuffer(bytearray(control[:INLINE]), dtype=torch.uint8)]
-        if len(control) > INLINE:
-            tensors.append(torch.frombuffer(bytearray(control[INLINE:]), dtype=torch.uint8))
+        if len(control) <= INLINE:
+            tensors = [torch.frombuffer(bytearray(control), dtype=torch.uint8)]
+        else:
+            tensors = [torch.frombuffer(bytearray(control[:INLINE]), dtype=torch.uint8),
+                       torch.frombuffer(bytearray(control[INLINE:]), dtype=torch.uint8)]
         works = [self._post(True, tensor, "sending a message") for tensor in tensors]
         controls, waited = len(works), 0  # works[:waited] are through
         deadline = time.monotonic() + timeout.total_seconds()
@@ -270,11 +280,12 @@ class GlooPipe(Pipe):
         and payload size, checked against ``limits``; its payload follows (:meth:`recv_payload`)."""
         self._inline = None
         self._wait_first(self._post(False, self._first, "waiting for a message"), idle)
-        kind, header_len, payload_len, count = check_frame(self._first[:_FRAME_BYTES].view(torch.int64), limits)
+        first = self._first_bytes
+        kind, header_len, payload_len, count = check_frame(_WORDS.unpack_from(first), limits)
         control_len = _FRAME_BYTES + 16 * count + header_len
-        control = self._first[: min(control_len, INLINE)].numpy().tobytes()
+        control = first[: min(control_len, INLINE)].tobytes()
         if payload_len and control_len + payload_len <= INLINE:
-            self._inline = self._first[control_len : control_len + payload_len].clone()
+            self._inline = torch.frombuffer(bytearray(first[control_len : control_len + payload_len]), dtype=torch.uint8)
         if control_len > INLINE:
             rest = torch.empty(control_len - INLINE, dtype=torch.uint8)
             self._wait([self._post(False, rest, "receiving a header")], transfer, "receiving a header")
@@ -282,8 +293,8 @@ class GlooPipe(Pipe):
         header = control[_FRAME_BYTES + 16 * count :]
         rows: List[Tuple[int, int]] = []
         if payload_len:
-            table = torch.frombuffer(bytearray(control[_FRAME_BYTES : _FRAME_BYTES + 16 * count]), dtype=torch.int64)
-            rows = check_pieces(table.view(count, 2), payload_len)
+            words = struct.unpack_from(f"={2 * count}q", control, _FRAME_BYTES)
+            rows = check_pieces(list(zip(words[0::2], words[1::2])), payload_len)
         return kind, header, rows, payload_len
 
     def recv_payload(self, rows: List[Tuple[int, int]], payload: torch.Tensor, transfer: timedelta,
