@@ -17,7 +17,7 @@ round's :class:`RoundTiming`.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 __all__ = ["RoundTiming", "RoundClock"]
@@ -33,7 +33,8 @@ class RoundTiming:
     aggregating: float
 
     def as_dict(self) -> Dict[str, float]:
-        return asdict(self)
+        return {"round": self.round, "waiting": self.waiting, "receiving": self.receiving,
+                "aggregating": self.aggregating}
 
 
 class RoundClock:
