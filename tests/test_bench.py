@@ -41,3 +41,8 @@ def test_the_modes_bench_runs_plain_simulate_and_launched_frontends_in_lockstep_
     rows = {line.split("|")[3].strip(): line.split("|")[9].strip() for line in out.splitlines() if line.startswith("| 6 |")}
     assert set(rows) == {"plain", "simulate", "launch2"}
     assert rows["simulate"] == rows["launch2"]  # the same weights, bit for bit, in one process and in three
+
+
+def test_the_pipe_bench_times_both_phases_and_prints_the_ratios():
+    out = run("pipe.py", "--repeats", "1", "--round-trips", "50")
+    assert "ratio pipe / raw: CPU" in out and "  pipe |" in out and "   raw |" in out
