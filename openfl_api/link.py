@@ -211,27 +211,33 @@ class Link:
 
     def _round_trip(self, message: Message, limits: Limits) -> Message:
         """Send ``message`` and receive the reply, skipping the backend's pings (remembering their status)."""
-        pipe = self._pipe
-        if pipe is None:
-            raise TransportError("the pipe to the backend was closed after an earlier failure")
+        pipe = self._open_pipe()
         if pipe.queues_sends:  # in-process: the backend answers on this thread, nothing blocks long
             pipe.send(message, self.timeouts.transfer)
             return self._receive(pipe, limits)
-        if self._io is None:
-            self._io = Helper("openfl-frontend-io")
-        return interruptible(self._call(pipe, message, limits), self._io)
+        return interruptible(self._call(pipe, message, limits), self._helper())
 
     def _start(self, message: Message, limits: Limits) -> "Future[Message]":
         """Start the round trip of ``message`` on the I/O thread and return at once; the future
         holds the reply (or the TransportError). Only for a pipe that does not queue its sends."""
-        pipe = self._pipe
-        if pipe is None:
+        try:
+            call = self._call(self._open_pipe(), message, _with_pings(limits))
+        except TransportError as exc:
             future: "Future[Message]" = Future()
-            future.set_exception(TransportError("the pipe to the backend was closed after an earlier failure"))
+            future.set_exception(exc)
             return future
+        return self._helper().submit(call)
+
+    def _open_pipe(self) -> Pipe:
+        if self._pipe is None:
+            raise TransportError("the pipe to the backend was closed after an earlier failure")
+        return self._pipe
+
+    def _helper(self) -> Helper:
+        """The I/O thread: the pipe's blocking waits of the main thread, and the round trips of uploads."""
         if self._io is None:
             self._io = Helper("openfl-frontend-io")
-        return self._io.submit(self._call(pipe, message, _with_pings(limits)))
+        return self._io
 
     def _call(self, pipe: Pipe, message: Message, limits: Limits) -> Callable[[], Message]:
         beat = self._beat

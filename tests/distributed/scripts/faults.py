@@ -125,11 +125,12 @@ with api:
         net.fc(x).sub(x[:, :4]).pow(2).mean().backward()
         optimizer.step()
         time.sleep(delays.get(args.rank, 0.0))
-        if args.rank == args.kill_mid_upload:
+        first = rounds == 0  # the faults strike the first upload
+        if first and args.rank == args.kill_mid_upload:
             payload_posted(signal.SIGKILL)
-        if args.rank == args.hang_mid_upload:
+        if first and args.rank == args.hang_mid_upload:
             payload_posted(signal.SIGSTOP)
-        posted = payload_posted() if args.rank == args.kill_after_upload else None
+        posted = payload_posted() if first and args.rank == args.kill_after_upload else None
         if not api.upload(num_samples=32, metrics={"round": rounds}):
             break
         if posted is not None:  # upload() has returned; its 64 MB leave from the I/O thread
