@@ -81,7 +81,20 @@ node = 0 if role == "root" else topology.parent(args.rank)
 api.set_aggregator_and_optimizer(topology.aggregator(node, aggregate.AverageAggregator(net.parameters()), state))
 api.set_state_dict(state)
 
+
+class Answered(ofl.Step):
+    """A leaf's line once its edge has answered an upload: ``upload()`` returns while the update
+    travels, and ``after_upload`` fires when the answer comes (at the leaf's next call)."""
+
+    roles = frozenset({"frontend"})
+
+    def after_upload(self, api, transfer) -> None:
+        verdict = "uploaded its update" if transfer.accepted else f"had its update discarded ({transfer.reason})"
+        print(f"rank {args.rank} (leaf) {verdict} of version {transfer.version}", flush=True)
+
+
 if role == "leaf":
+    api.register_step(Answered())
     leaf = leaves.index(args.rank)  # the same leaf in every tree: its data and its sample count
     optimizer = torch.optim.SGD(net.parameters(), lr=0.05)
     samples = 16 + 8 * leaf
@@ -98,7 +111,6 @@ with api:
         time.sleep(args.pace[min(leaf, len(args.pace) - 1)] + (args.slow if leaf == len(leaves) - 1 else 0.0))
         if not api.upload(num_samples=samples):
             break
-        print(f"rank {args.rank} (leaf) uploaded its update of version {api.version}", flush=True)
         api.update_version()
 api.finish()
 if role == "root" and args.out:
