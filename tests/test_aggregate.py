@@ -106,6 +106,21 @@ def test_optim_entries_are_averaged_in_the_dtype_they_came_in() -> None:
     assert_close(result["optim/momentum_buffer/w0"], t(3, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("dtype, acc_dtype", [(torch.float32, torch.float64), (torch.float16, torch.float64),
+                                              (torch.bfloat16, torch.float32), (torch.complex64, torch.complex128)])
+def test_a_large_mean_has_the_bits_of_one_division_rounded_once(dtype: torch.dtype, acc_dtype: torch.dtype) -> None:
+    # Past a few hundred thousand elements finish_mean divides a chunk at a time: the same bits
+    # as torch's division into the result's dtype, over a size that leaves a partial last chunk.
+    generator = torch.Generator().manual_seed(0)
+    acc = torch.randn(600_001, dtype=acc_dtype, generator=generator)
+    if not acc_dtype.is_complex:
+        acc *= torch.exp(torch.randn(600_001, dtype=acc_dtype, generator=generator) * 8)
+    expected = torch.div(acc, 7.000000001, out=torch.empty(acc.shape, dtype=dtype))
+    got = aggregate_module.functional.finish_mean(acc, 7.000000001, dtype)
+    assert got.dtype == dtype and got.shape == acc.shape
+    assert torch.equal(got.view(torch.uint8), expected.view(torch.uint8))
+
+
 def test_count_and_total_weight_follow_adds_and_aggregate() -> None:
     agg = bound(AverageAggregator, (1,))
     agg.add({"w0": t(1)}, num_samples=2)

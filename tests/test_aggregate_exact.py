@@ -130,6 +130,28 @@ def test_tensors_of_one_upload_keep_their_own_levels_and_counters_do_not_coarsen
         assert torch.equal(got, x.to(torch.float64) * 3)
 
 
+def test_a_sum_of_several_levels_reads_back_as_each_levels_integer_times_its_grid_added_from_the_lowest() -> None:
+    # Tensors whose magnitudes span several levels, over more elements than one chunk of a pass:
+    # value() is, element by element, float64(integer sum of level L) * 2**(8L - 42) added in
+    # ascending L, whatever the chunking inside.
+    generator = torch.Generator().manual_seed(5)
+    size = 3 * exact_module._CHUNK + 7
+    scales = [2.0**-30, 1.0, 2.0**20]
+    tensors = [torch.randn(size, generator=generator) * scale for scale in scales]
+    total = ExactSum([(size,)] * 3)
+    for weight in (1.0, 0.3, 7.0):
+        total.add_(tensors, weight)
+    levels = total.segments()[0]
+    assert len(levels) >= 3
+    expected = None
+    for level in sorted(levels):
+        integers, _ = levels[level]
+        part = integers.astype("float64") * 2.0 ** (exact_module.LEVEL_BITS * level - exact_module.GRID_BITS)
+        expected = part if expected is None else expected + part
+    got = torch.cat(total.value()).numpy()
+    assert got.tobytes() == expected.tobytes()
+
+
 def test_fedavg_of_three_or_more_uploads_does_not_depend_on_their_order() -> None:
     generator = torch.Generator().manual_seed(3)
     params = [torch.nn.Parameter(torch.zeros(40, 30)), torch.nn.Parameter(torch.zeros(30))]

@@ -129,11 +129,13 @@ class _Levels:
             target = out[start:end]
             for index, (level, offset, scale) in enumerate(used):
                 np.subtract(self.sums[level][start:end], offset, out=exact[:n])  # wraps back to the integer sum
-                if index == 0:
-                    np.multiply(exact[:n], scale, out=target)  # int64 -> float64, then an exact power-of-two scale
-                else:
-                    np.multiply(exact[:n], scale, out=scaled[:n])
-                    np.add(target, scaled[:n], out=target)
+                # int64 -> float64, then an exact power-of-two scale in place (numpy's mixed-type
+                # multiply gives the same bits through a slower buffered loop).
+                into = target if index == 0 else scaled[:n]
+                into[...] = exact[:n]
+                np.multiply(into, scale, out=into)
+                if index > 0:
+                    np.add(target, into, out=target)
         return out
 
     def exact(self) -> Dict[int, Tuple[np.ndarray, int]]:

@@ -17,6 +17,9 @@ __all__ = [
     "mix",
 ]
 
+_CHUNK = 1 << 16  # elements per step of a division into another dtype (512 KiB of float64)
+_ONE_PASS = 1 << 19  # up to this many elements torch's own division into another dtype is as fast
+
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """Returns the dtype a running weighted sum of ``dtype`` tensors is kept in.
@@ -48,8 +51,21 @@ def finish_mean(acc: torch.Tensor, total_weight: float, dtype: torch.dtype) -> t
     """
     if dtype.is_floating_point or dtype.is_complex:
         # Divided in acc's precision and rounded once to dtype as each element is stored: the bits
-        # of (acc / total_weight).to(dtype), with no intermediate tensor.
-        return torch.div(acc, total_weight, out=torch.empty(acc.shape, dtype=dtype, device=acc.device))
+        # of (acc / total_weight).to(dtype).
+        out = torch.empty(acc.shape, dtype=dtype, device=acc.device)
+        if acc.dtype == dtype or acc.device.type != "cpu" or acc.numel() <= _ONE_PASS:
+            return torch.div(acc, total_weight, out=out)
+        # On the CPU torch's division of a large tensor into another dtype runs several times
+        # slower than a division in acc's dtype and a rounding copy: those two, a cache-sized
+        # chunk at a time.
+        flat, into = acc.reshape(-1), out.view(-1)
+        scratch = torch.empty(min(_CHUNK, flat.numel()), dtype=acc.dtype)
+        for start in range(0, flat.numel(), _CHUNK):
+            end = min(start + _CHUNK, flat.numel())
+            part = scratch[:end - start]
+            torch.div(flat[start:end], total_weight, out=part)
+            into[start:end].copy_(part)
+        return out
     mean = acc / total_weight
     if dtype == torch.bool:
         return mean >= 0.5
