@@ -804,3 +804,44 @@ def test_decode_finds_the_largest_magnitude_of_the_floating_tensors_in_the_finit
     scan = FiniteScan(schema, buffer)
     scan.progress(buffer.numel())
     assert decode(encode_header(header), buffer, schema, kind="update", scan=scan).peak == expected
+
+
+# --- spare encoding buffers ------------------------------------------------------------------
+def test_a_retired_buffer_comes_back_only_once_nothing_refers_to_its_memory() -> None:
+    from openfl_api.payload.spares import Spares
+
+    layout = object()
+    spares = Spares()
+    buffer = torch.zeros(64, dtype=torch.uint8)
+    piece = buffer[8:16]  # as a download queued or in flight holds it
+    spares.give(layout, buffer)
+    assert spares.take(layout, 64, pinned=False) is None
+    del piece
+    assert spares.take(object(), 64, pinned=False) is None  # another layout
+    assert spares.take(layout, 32, pinned=False) is None  # another size
+    assert spares.take(layout, 64, pinned=False) is buffer
+    assert spares.take(layout, 64, pinned=False) is None  # handed out once
+
+
+def test_the_next_versions_encoding_leaves_a_download_still_holding_the_last_one_intact() -> None:
+    from openfl_api import aggregate
+    from openfl_api.backend.model import GlobalModel
+    from openfl_api.state import SharedState
+
+    net = torch.nn.Linear(300, 200)
+    state = SharedState(net.state_dict(keep_vars=True), aggregate.AverageAggregator(net.parameters()), None)
+    model = GlobalModel(state, None, "backend")
+    header, held = model.encoded(1)  # a download of version 1 still on its way holds its pieces
+    before = held.flat().clone()
+    new = {name: torch.full_like(t, 2.0) for name, t in state.model.items()}
+    model.step(new, None)
+    _, pieces = model.encoded(2)
+    assert torch.equal(held.flat(), before)
+    assert pieces.pieces[0][1].data_ptr() != held.pieces[0][1].data_ptr()
+    second = pieces.pieces[0][1].data_ptr()
+    del held, pieces
+    model.step({name: torch.full_like(t, 3.0) for name, t in state.model.items()}, None)
+    header, third = model.encoded(3)  # nothing holds version 2 any longer: its buffer is written again
+    assert third.pieces[0][1].data_ptr() == second
+    values = decode(header, third.flat(), state.download_schema, kind="model").tensors
+    assert all(torch.equal(t, torch.full_like(t, 3.0)) for t in values.values())

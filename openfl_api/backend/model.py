@@ -9,7 +9,8 @@ import torch
 
 from openfl_api.aggregate.functional import mix
 from openfl_api.errors import ConfigurationError
-from openfl_api.payload import describe_differences, encode, split
+from openfl_api.payload import describe_differences, encode, on_cuda, split
+from openfl_api.payload.spares import Spares
 from openfl_api.state import SharedState
 from openfl_api.transport.base import Pieces
 
@@ -33,7 +34,8 @@ class GlobalModel:
         self.server_optimizer = server_optimizer
         self.sender = sender
         self.optim_state: Dict[str, torch.Tensor] = state.initial_optim_state()
-        self._cache: Optional[Tuple[int, bytes, Pieces]] = None
+        self._cache: Optional[Tuple[int, bytes, Pieces, torch.Tensor]] = None
+        self._spares = Spares()  # buffers of earlier versions, written again once no download holds them
 
     @property
     def aggregator(self) -> Any:
@@ -42,10 +44,20 @@ class GlobalModel:
     def encoded(self, version: int) -> Tuple[bytes, Pieces]:
         """The header and pieces of a download of ``version``, encoded once per version."""
         if self._cache is None or self._cache[0] != version:
-            header, buffer = encode(self.state.download_tensors(self.optim_state), self.state.download_schema,
-                                    kind="model", version=version, sender=self.sender)
-            self._cache = (version, header, split(buffer))
+            self._forget()
+            schema, tensors = self.state.download_schema, self.state.download_tensors(self.optim_state)
+            spare = self._spares.take(schema, schema.nbytes, on_cuda(tensors.values()))
+            header, buffer = encode(tensors, schema, kind="model", version=version, sender=self.sender, out=spare,
+                                    keep_views=False)
+            self._cache = (version, header, split(buffer), buffer if spare is None else spare)
         return self._cache[1], self._cache[2]
+
+    def _forget(self) -> None:
+        """Drop the encoding of the current version: its buffer is retired, to be written again
+        for a later version once no download of this one holds it."""
+        if self._cache is not None:
+            self._spares.give(self.state.download_schema, self._cache[3])
+            self._cache = None
 
     def current(self) -> Dict[str, torch.Tensor]:
         """The global model's tensors, detached."""
@@ -76,7 +88,7 @@ class GlobalModel:
                 model[name].copy_(new[name])
             for wire, tensor in self.optim_state.items():
                 tensor.copy_(new[wire])
-        self._cache = None
+        self._forget()
 
     def replace(self, values: Mapping[str, torch.Tensor]) -> None:
         """Copy ``values`` into the served tensors, one for every entry of the served state_dict;
@@ -93,7 +105,7 @@ class GlobalModel:
         with torch.no_grad():
             for name, tensor in model.items():
                 tensor.copy_(values[name])
-        self._cache = None
+        self._forget()
 
     def state_dict(self) -> Dict[str, Any]:
         """The global model, the exchanged optimizer state and the server optimizer, as copies."""
@@ -132,4 +144,4 @@ class GlobalModel:
                 tensor.copy_(data["optim_state"][name])
         if self.server_optimizer is not None:
             self.server_optimizer.load_state_dict(data["server_optimizer"])
-        self._cache = None
+        self._forget()

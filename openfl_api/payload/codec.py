@@ -62,6 +62,7 @@ def encode(
     sender: str,
     meta: Optional[Mapping[str, Any]] = None,
     out: Optional[torch.Tensor] = None,
+    keep_views: Optional[bool] = None,
 ) -> Tuple[bytes, torch.Tensor]:
     """Encode ``tensors`` laid out by ``schema`` into a header and one flat uint8 buffer.
 
@@ -75,6 +76,9 @@ def encode(
         out: a zeroed uint8 buffer of at least ``schema.nbytes`` bytes to fill instead of
             allocating; the padding between tensors is never written, so it stays as it was.
             Allocated here, the buffer is page-locked when a tensor is on CUDA (:func:`on_cuda`).
+        keep_views: whether ``schema`` keeps its views of the buffer for the next encoding into
+            it (default: when ``out`` is given); False for a buffer whose references are counted
+            (:mod:`openfl_api.payload.spares`).
 
     Returns:
         ``(header_bytes, buffer)``; ``buffer`` is ``out[:schema.nbytes]`` when ``out`` is given.
@@ -83,7 +87,7 @@ def encode(
     buffer = _staging(schema, out, on_cuda(tensors.values()))
     sources = [_source(tensors, spec) for spec in schema.specs]
     # A fresh buffer's views are not cached: they would push out those of reused buffers.
-    targets = schema.view_list(buffer, cache=out is not None)
+    targets = schema.view_list(buffer, cache=out is not None if keep_views is None else keep_views)
     if sources:
         torch._foreach_copy_(list(targets), sources)  # detached sources: no autograd to switch off
     return _header(schema, kind, version, sender, meta), buffer
