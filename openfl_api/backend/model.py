@@ -10,7 +10,7 @@ import torch
 from openfl_api.aggregate.functional import mix
 from openfl_api.errors import ConfigurationError
 from openfl_api.payload import describe_differences, encode, on_cuda, split
-from openfl_api.payload.spares import Spares
+from openfl_api.buffers import Spares
 from openfl_api.state import SharedState
 from openfl_api.transport.base import Pieces
 

@@ -78,7 +78,7 @@ def encode(
             Allocated here, the buffer is page-locked when a tensor is on CUDA (:func:`on_cuda`).
         keep_views: whether ``schema`` keeps its views of the buffer for the next encoding into
             it (default: when ``out`` is given); False for a buffer whose references are counted
-            (:mod:`openfl_api.payload.spares`).
+            (:mod:`openfl_api.buffers`).
 
     Returns:
         ``(header_bytes, buffer)``; ``buffer`` is ``out[:schema.nbytes]`` when ``out`` is given.
