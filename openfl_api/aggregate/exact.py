@@ -250,7 +250,9 @@ class ExactSum:
             # magic + w * x * 2**f in float64 (scaling by a power of two is exact; a one-element
             # float64 tensor makes the sum float64); |w * x * 2**f| <= 2**42 < 2**51, so the float64
             # holds the rounded integer in its low bits, added to the level's int64 sum as such.
-            # Tensors of other levels add the magic number alone, an integer 0.
+            # Tensors of other levels add the magic number alone, an integer 0. A narrower x is
+            # first copied into the scratch (exactly) and the sum formed there: what torch's mixed-
+            # dtype add does through a temporary of its own, the same kernel on the same float64s.
             scale = math.ldexp(weight, GRID_BITS - LEVEL_BITS * level)
             total = self._levels.take(level)
             flat = {i: real[i].reshape(-1) for i in members}
@@ -258,6 +260,8 @@ class ExactSum:
                 for i, low, high, into in parts:
                     if i in flat:
                         part = flat[i] if high - low == self._sizes[i] else flat[i][low:high]
+                        if part.dtype != torch.float64:
+                            part = into.copy_(part)
                         torch.add(self._magic_one, part, alpha=scale, out=into)
                     else:
                         into.fill_(_MAGIC)
