@@ -238,3 +238,32 @@ def test_an_aggregate_is_not_changed_by_the_next_aggregate() -> None:
         results.append(aggregator.aggregate(net.state_dict()))
         results.append({name: tensor.clone() for name, tensor in results[-1].items()})
     assert all(torch.equal(results[0][name], results[1][name]) for name in ("weight", "bias"))
+
+
+def test_means_read_out_of_the_sums_have_the_bits_of_the_mean_of_the_value() -> None:
+    # means() divides and rounds a chunk at a time; each tensor must get the bits finish_mean
+    # gives the float64 value: several levels, every real dtype, tensors crossing chunk borders.
+    from openfl_api.aggregate.functional import finish_mean
+
+    generator = torch.Generator().manual_seed(7)
+    size = exact_module._CHUNK + 5
+    dtypes = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.bool, torch.float32]
+    shapes = [(size,), (3, 7), (size // 3,), (2 * size,), (4,), (5,), (0,)]
+    floating = [d.is_floating_point for d in dtypes]
+    total = ExactSum(shapes, floating=floating)
+    for weight in (1.0, 0.3, 7.0):
+        tensors = []
+        for shape, dtype in zip(shapes, dtypes):
+            if dtype == torch.bool:
+                tensors.append(torch.rand(shape, generator=generator) < 0.5)
+            elif dtype == torch.int64:
+                tensors.append(torch.randint(-1000, 1000, shape, generator=generator))
+            else:
+                scale = 2.0 ** float(torch.randint(-30, 10, (), generator=generator))
+                tensors.append((torch.randn(shape, generator=generator, dtype=torch.float64) * scale).to(dtype))
+        total.add_(tensors, weight)
+    got = total.means(8.3, dtypes)
+    expected = [finish_mean(v, 8.3, d) for v, d in zip(total.value(), dtypes)]
+    for a, b in zip(got, expected):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))

@@ -228,6 +228,12 @@ class Aggregator(abc.ABC):
                         f"current[{name!r}] has shape {tuple(current[name].shape)} but the uploads "
                         f"have {shape}"
                     )
+        if type(self)._finish is Aggregator._finish and not any(self._sum.complex):
+            # Every entry is its weighted mean: read straight out of the exact sums, no float64 copy.
+            dtypes = [current[name].dtype if _is_model_entry(name) else self._dtypes[name] for name in self._shapes]
+            result = dict(zip(self._shapes, self._sum.means(self.total_weight, dtypes)))
+            self.reset()
+            return result
         # The sums are read once, by _finish below, before this returns: the sum's buffer serves.
         self._values = dict(zip(self._shapes, self._sum.value(reuse=True)))
         try:

@@ -31,10 +31,12 @@ its own level, so a counter never coarsens the grid of the weights.
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+
+from openfl_api.aggregate.functional import finish_mean
 
 __all__ = ["ExactSum", "GRID_BITS", "LEVEL_BITS", "MAX_TERMS"]
 
@@ -111,22 +113,28 @@ class _Levels:
     def value(self, out: Optional[np.ndarray] = None) -> np.ndarray:
         """The sum as a float64 array (``out`` if given, else a fresh one): per element, the levels'
         values added from the lowest level up (the first one written, not added to 0.0: the same bits)."""
-        used = [(level, _offset(self.terms[level]), math.ldexp(1.0, LEVEL_BITS * level - GRID_BITS))
-                for level in sorted(self.sums) if self.terms.get(level, 0)]
         if out is None:
             out = np.empty(self.size, dtype=np.float64)
-        if not used:
-            out.fill(0.0)
-            return out
-        # Chunk by chunk, so that the integer and float scratch stay in the cache: one pass over
-        # the sums and one over the result instead of a pass per step.
+        for _ in self.chunks(out):
+            pass
+        return out
+
+    def chunks(self, out: Optional[np.ndarray] = None) -> Iterator[Tuple[int, int, np.ndarray]]:
+        """The sum read a chunk at a time: ``(start, end, float64 values of start..end)``. The values
+        go into ``out[start:end]``, or with no ``out`` into a scratch array that the next chunk
+        overwrites (it stays in the cache: one pass over the sums instead of a pass per step)."""
+        used = [(level, _offset(self.terms[level]), math.ldexp(1.0, LEVEL_BITS * level - GRID_BITS))
+                for level in sorted(self.sums) if self.terms.get(level, 0)]
         chunk = min(_CHUNK, self.size)
+        scratch = np.empty(chunk, dtype=np.float64) if out is None else None
         exact = np.empty(chunk, dtype=np.int64)
         scaled = np.empty(chunk, dtype=np.float64) if len(used) > 1 else None
-        for start in range(0, self.size, chunk):
+        for start in range(0, self.size, max(chunk, 1)):
             end = min(start + chunk, self.size)
             n = end - start
-            target = out[start:end]
+            target = scratch[:n] if out is None else out[start:end]
+            if not used:
+                target.fill(0.0)
             for index, (level, offset, scale) in enumerate(used):
                 np.subtract(self.sums[level][start:end], offset, out=exact[:n])  # wraps back to the integer sum
                 # int64 -> float64, then an exact power-of-two scale in place (numpy's mixed-type
@@ -136,7 +144,7 @@ class _Levels:
                 np.multiply(into, scale, out=into)
                 if index > 0:
                     np.add(target, into, out=target)
-        return out
+            yield start, end, target
 
     def exact(self) -> Dict[int, Tuple[np.ndarray, int]]:
         """Each level in use: ``(its integer sum without the magic offsets, its term count)``."""
@@ -217,6 +225,7 @@ class ExactSum:
         self._magic_one = torch.tensor([_MAGIC], dtype=torch.float64)
         self._levels = _Levels(size)
         self._value: Optional[np.ndarray] = None  # value(reuse=True)'s buffer
+        self._read_parts: Optional[List[List[Tuple[int, int, int]]]] = None  # what means() copies, per chunk
         self._singles = {i: _Levels(self._sizes[i]) for i in self._other}
 
     def zero_(self) -> "ExactSum":
@@ -296,6 +305,46 @@ class ExactSum:
                 else torch.from_numpy(self._singles[i].value())
             out.append(values.view(*shape, 2) if is_complex else values.view(shape))
         return out
+
+    def means(self, total_weight: float, dtypes: Sequence[torch.dtype]) -> List[torch.Tensor]:
+        """``finish_mean(value()[i], total_weight, dtypes[i])`` for every tensor, with its bits, in
+        fresh tensors. The floating tensors are read out of the integer sums, divided and rounded to
+        their dtype a chunk at a time: no float64 copy of the whole sum is written and read again.
+
+        Raises:
+            ValueError: a tensor is complex (read those through :meth:`value`).
+        """
+        if any(self.complex):
+            raise ValueError("means() takes real tensors only; read complex sums through value()")
+        out: List[Optional[torch.Tensor]] = [None] * len(self.shapes)
+        flat: Dict[int, torch.Tensor] = {}
+        for i in self._float:
+            out[i] = torch.empty(self.shapes[i], dtype=dtypes[i])
+            flat[i] = out[i].view(-1)
+        if self._read_parts is None:
+            self._read_parts = self._parts_of_chunks()
+        for (start, end, values), parts in zip(self._levels.chunks(), self._read_parts):
+            chunk = torch.from_numpy(values)
+            torch.div(chunk, total_weight, out=chunk)  # in float64, as finish_mean divides the sum
+            for i, low, high in parts:  # rounded to the tensor's dtype as it is stored
+                offset = self._offsets[i]
+                flat[i][low - offset:high - offset].copy_(chunk[low - start:high - start])
+        for i in self._other:
+            out[i] = finish_mean(torch.from_numpy(self._singles[i].value()).view(self.shapes[i]), total_weight,
+                                 dtypes[i])
+        return out
+
+    def _parts_of_chunks(self) -> List[List[Tuple[int, int, int]]]:
+        """For each chunk :meth:`_Levels.chunks` reads, the floating tensors it overlaps: ``(tensor
+        i, first element, end)`` in the flat layout."""
+        size, chunk = self._levels.size, min(_CHUNK, self._levels.size)
+        parts: List[List[Tuple[int, int, int]]] = []
+        for start in range(0, size, max(chunk, 1)):
+            end = min(start + chunk, size)
+            parts.append([(i, max(start, self._offsets[i]), min(end, self._offsets[i] + self._sizes[i]))
+                          for i in self._float
+                          if self._offsets[i] < end and self._offsets[i] + self._sizes[i] > start])
+        return parts
 
     def segments(self) -> List[Dict[int, Tuple[np.ndarray, int]]]:
         """The exact integer sums, segment by segment: first the floating tensors (one flat
