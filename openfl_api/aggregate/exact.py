@@ -24,8 +24,10 @@ The floating tensors of an upload share one flat int64 sum per level, added a ch
 elements of that flat layout at a time (a model of up to 512 Ki floating values is one chunk):
 ``magic + t * 2**f`` is formed in a float64 scratch that stays in the cache (the "magic number"
 ``1.5 * 2**52`` rounds ``t * 2**f`` to an integer held in the low bits of the float64) and its bits
-are added to the level's int64 sum; :meth:`value` reads the sums back a chunk at a time too. Integer and bool tensors (``num_batches_tracked``) are summed apart, each at
-its own level, so a counter never coarsens the grid of the weights.
+are added to the level's int64 sum; :meth:`value` reads the sums back a chunk at a time too, and
+:meth:`means` divides and rounds each chunk to its tensor's dtype as it is read. Integer and bool
+tensors (``num_batches_tracked``) are summed apart, each at its own level, so a counter never
+coarsens the grid of the weights.
 """
 
 from __future__ import annotations
