@@ -450,3 +450,27 @@ def test_token_from_falls_back_to_the_environment(monkeypatch: pytest.MonkeyPatc
 def test_token_from_defaults_to_empty(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("OPENFL_API_TOKEN", raising=False)
     assert token_from(None) == b""
+
+
+def test_closing_the_lobby_ends_a_handshake_that_waits_for_the_frontends_answer(harness: Harness) -> None:
+    # A frontend said hello and went silent: its handshake polls the store for the answer. A
+    # thread left polling when the interpreter exits aborts the process, so close() ends it.
+    import json
+    import time
+
+    backend = harness.backend()
+    lobby, store = backend.lobby, backend.lobby.store
+    index = store.add(f"{lobby.session}/joins", 1)
+    base = f"{lobby.session}/join/{index}"
+    store.set(f"{base}/hello", json.dumps({"protocol": rendezvous.PROTOCOL, "rank": 1, "nick_name": "silent",
+                                           "nonce": "0" * 32, "key": "ab" * 32}))
+    deadline = time.monotonic() + WAIT
+    while not store.check([f"{base}/challenge"]):  # the handshake now waits for the answer
+        assert time.monotonic() < deadline, "the lobby never challenged the frontend"
+        time.sleep(0.01)
+    handshake = next(t for t in threading.enumerate() if t.name == f"openfl-join-{index}")
+    started = time.monotonic()
+    lobby.close()
+    assert not handshake.is_alive()
+    assert time.monotonic() - started < 1.0
+    assert backend.refused.empty()  # abandoned, not refused: the backend is closing

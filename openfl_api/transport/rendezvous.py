@@ -40,7 +40,7 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from torch.distributed import Store
 
@@ -178,6 +178,7 @@ class Lobby:
         self._ranks_lock = threading.Lock()
         self._building = 0  # pipes being built now, each about to take _PIPE_DESCRIPTORS
         self._stop = threading.Event()
+        self._handshakes: List[threading.Thread] = []  # the handshake threads started, joined by close()
         self._warn_if_short_of_descriptors()
         self.session = secrets.token_hex(8)
         self._thread = threading.Thread(target=self._run, name=f"openfl-lobby-{address.group_name}", daemon=True)
@@ -232,10 +233,14 @@ class Lobby:
             pass
 
     def close(self) -> None:
-        """Stop admitting frontends."""
+        """Stop admitting frontends: the lobby's thread and every handshake still waiting for a
+        frontend end (a thread left polling the store when the interpreter exits aborts it)."""
         self._stop.set()
+        deadline = time.monotonic() + 2 * _POLL.total_seconds() + 1
         if self._thread.ident is not None:
-            self._thread.join(timeout=2 * _POLL.total_seconds() + 1)
+            self._thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        for thread in list(self._handshakes):
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
 
     def _run(self) -> None:
         index = 1
@@ -245,7 +250,7 @@ class Lobby:
             key = f"{self.session}/join/{index}/hello"
             # Once nobody has come for a whole poll, look every 50 ms only: an idle lobby should
             # not keep taking the interpreter from the threads that train and aggregate.
-            idle = not wait_for_key(self.store, key, _POLL, delay=0.05 if idle else 0.002)
+            idle = not wait_for_key(self.store, key, _POLL, delay=0.05 if idle else 0.002, stop=self._stop)
             if idle:
                 # A frontend that died between taking a number and writing its hello must not
                 # block those after it: skip its number once later ones exist and it is overdue.
@@ -260,9 +265,9 @@ class Lobby:
                         index, missing_since = index + 1, None
                 continue
             missing_since = None
-            threading.Thread(
-                target=self._handshake, args=(index,), name=f"openfl-join-{index}", daemon=True
-            ).start()
+            handshake = threading.Thread(target=self._handshake, args=(index,), name=f"openfl-join-{index}", daemon=True)
+            self._handshakes = [t for t in self._handshakes if t.is_alive()] + [handshake]
+            handshake.start()
             index += 1
 
     def _handshake(self, index: int) -> None:
@@ -279,7 +284,10 @@ class Lobby:
             self.store.set(f"{base}/challenge", json.dumps({"challenge": challenge, "proof": proof, "wire": self.wire,
                                                             "key": exchange.public}))
             challenged = True
-            if not wait_for_key(self.store, f"{base}/response", self._timeout):
+            if not wait_for_key(self.store, f"{base}/response", self._timeout, stop=self._stop):
+                if self._stop.is_set():
+                    self._log.debug(f"join {index} abandoned: the lobby closed")
+                    return
                 raise AdmissionError(f"rank {rank} did not answer the challenge within {self._timeout}")
             answer = _read_json(self.store, f"{base}/response").get("mac")
             expected = _mac(self._token, "frontend", self.session, index, rank, nonce, challenge, self.wire,

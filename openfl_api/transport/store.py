@@ -12,7 +12,7 @@ import threading
 import time
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 from torch.distributed import FileStore, HashStore, PrefixStore, Store, TCPStore
 
@@ -103,21 +103,26 @@ def _reach_tcp_store(address: Address, timeout: timedelta, log: Any) -> Store:
             delay = min(delay * 2, 5.0)
 
 
-def wait_for_key(store: Store, key: str, timeout: timedelta, delay: float = 0.002) -> bool:
-    """Wait up to ``timeout`` for ``key``; True if it exists.
+def wait_for_key(store: Store, key: str, timeout: timedelta, delay: float = 0.002,
+                 stop: Optional[threading.Event] = None) -> bool:
+    """Wait up to ``timeout`` for ``key``; True if it exists. ``stop``: give up (False) once it is set.
 
     ``check`` is polled with a short back-off (from ``delay`` up to 50 ms) instead of
     ``Store.wait``: a timed-out wait makes TCPStore log a warning and holds the client's
-    connection, delaying other threads' requests.
+    connection, delaying other threads' requests. Between polls the thread is in Python, so
+    ``stop`` ends the wait within one back-off.
     """
     deadline = time.monotonic() + timeout.total_seconds()
     while True:
         if store.check([key]):
             return True
         left = deadline - time.monotonic()
-        if left <= 0:
+        if left <= 0 or (stop is not None and stop.is_set()):
             return False
-        time.sleep(min(delay, left))
+        if stop is not None:
+            stop.wait(min(delay, left))
+        else:
+            time.sleep(min(delay, left))
         delay = min(delay * 2, 0.05)
 
 
