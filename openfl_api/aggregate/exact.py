@@ -218,12 +218,9 @@ class ExactSum:
         self._chunks: List[Tuple[int, int, List[Tuple[int, int, int, torch.Tensor]]]] = []
         for start in range(0, size, max(chunk, 1)):
             end = min(start + chunk, size)
-            parts = [(i, max(start, self._offsets[i]) - self._offsets[i],
-                      min(end, self._offsets[i] + self._sizes[i]) - self._offsets[i])
-                     for i in self._float if self._offsets[i] < end and self._offsets[i] + self._sizes[i] > start]
             self._chunks.append((start, end, [(i, low, high, self._scratch[self._offsets[i] + low - start:
                                                                           self._offsets[i] + high - start])
-                                              for i, low, high in parts if high > low]))
+                                              for i, low, high in self._parts(start, end)]))
         self._magic_one = torch.tensor([_MAGIC], dtype=torch.float64)
         self._levels = _Levels(size)
         self._value: Optional[np.ndarray] = None  # value(reuse=True)'s buffer
@@ -329,23 +326,26 @@ class ExactSum:
             chunk = torch.from_numpy(values)
             torch.div(chunk, total_weight, out=chunk)  # in float64, as finish_mean divides the sum
             for i, low, high in parts:  # rounded to the tensor's dtype as it is stored
-                offset = self._offsets[i]
-                flat[i][low - offset:high - offset].copy_(chunk[low - start:high - start])
+                at = self._offsets[i] - start
+                flat[i][low:high].copy_(chunk[at + low:at + high])
         for i in self._other:
             out[i] = finish_mean(torch.from_numpy(self._singles[i].value()).view(self.shapes[i]), total_weight,
                                  dtypes[i])
         return out
 
     def _parts_of_chunks(self) -> List[List[Tuple[int, int, int]]]:
-        """For each chunk :meth:`_Levels.chunks` reads, the floating tensors it overlaps: ``(tensor
-        i, first element, end)`` in the flat layout."""
+        """For each chunk :meth:`_Levels.chunks` reads, :meth:`_parts` of it."""
         size, chunk = self._levels.size, min(_CHUNK, self._levels.size)
-        parts: List[List[Tuple[int, int, int]]] = []
-        for start in range(0, size, max(chunk, 1)):
-            end = min(start + chunk, size)
-            parts.append([(i, max(start, self._offsets[i]), min(end, self._offsets[i] + self._sizes[i]))
-                          for i in self._float
-                          if self._offsets[i] < end and self._offsets[i] + self._sizes[i] > start])
+        return [self._parts(start, min(start + chunk, size)) for start in range(0, size, max(chunk, 1))]
+
+    def _parts(self, start: int, end: int) -> List[Tuple[int, int, int]]:
+        """The floating tensors that elements ``start..end`` of the flat layout overlap: ``(tensor
+        i, first element, end)``, counted within the tensor."""
+        parts = []
+        for i in self._float:
+            low, high = max(start, self._offsets[i]), min(end, self._offsets[i] + self._sizes[i])
+            if high > low:
+                parts.append((i, low - self._offsets[i], high - self._offsets[i]))
         return parts
 
     def segments(self) -> List[Dict[int, Tuple[np.ndarray, int]]]:
