@@ -6,8 +6,10 @@ of its own) the frontend. Every wait is bounded by TIMEOUT.
 
 from __future__ import annotations
 
+import json
 import queue
 import threading
+import time
 import uuid
 from datetime import timedelta
 from typing import Any, Callable, Iterator, List, Optional, Tuple
@@ -455,9 +457,6 @@ def test_token_from_defaults_to_empty(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_closing_the_lobby_ends_a_handshake_that_waits_for_the_frontends_answer(harness: Harness) -> None:
     # A frontend said hello and went silent: its handshake polls the store for the answer. A
     # thread left polling when the interpreter exits aborts the process, so close() ends it.
-    import json
-    import time
-
     backend = harness.backend()
     lobby, store = backend.lobby, backend.lobby.store
     index = store.add(f"{lobby.session}/joins", 1)

@@ -34,7 +34,8 @@ class GlobalModel:
         self.server_optimizer = server_optimizer
         self.sender = sender
         self.optim_state: Dict[str, torch.Tensor] = state.initial_optim_state()
-        self._cache: Optional[Tuple[int, bytes, Pieces, torch.Tensor]] = None
+        self._cache: Optional[Tuple[int, bytes, Pieces]] = None
+        self._buffer: Optional[torch.Tensor] = None  # the buffer the cached encoding lies in
         self._spares = Spares()  # buffers of earlier versions, written again once no download holds them
 
     @property
@@ -49,15 +50,15 @@ class GlobalModel:
             spare = self._spares.take(schema, schema.nbytes, on_cuda(tensors.values()))
             header, buffer = encode(tensors, schema, kind="model", version=version, sender=self.sender, out=spare,
                                     keep_views=False)
-            self._cache = (version, header, split(buffer), buffer if spare is None else spare)
+            self._cache, self._buffer = (version, header, split(buffer)), buffer
         return self._cache[1], self._cache[2]
 
     def _forget(self) -> None:
         """Drop the encoding of the current version: its buffer is retired, to be written again
         for a later version once no download of this one holds it."""
-        if self._cache is not None:
-            self._spares.give(self.state.download_schema, self._cache[3])
-            self._cache = None
+        if self._buffer is not None:
+            self._spares.give(self.state.download_schema, self._buffer)
+        self._cache = self._buffer = None
 
     def current(self) -> Dict[str, torch.Tensor]:
         """The global model's tensors, detached."""

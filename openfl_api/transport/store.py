@@ -113,16 +113,13 @@ def wait_for_key(store: Store, key: str, timeout: timedelta, delay: float = 0.00
     ``stop`` ends the wait within one back-off.
     """
     deadline = time.monotonic() + timeout.total_seconds()
+    stop = stop if stop is not None else threading.Event()
     while True:
         if store.check([key]):
             return True
         left = deadline - time.monotonic()
-        if left <= 0 or (stop is not None and stop.is_set()):
+        if left <= 0 or stop.wait(min(delay, left)):
             return False
-        if stop is not None:
-            stop.wait(min(delay, left))
-        else:
-            time.sleep(min(delay, left))
         delay = min(delay * 2, 0.05)
 
 
