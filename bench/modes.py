@@ -277,7 +277,7 @@ class Mode:
         self.listener = socket.socket()
         self.listener.bind(("127.0.0.1", 0))
         self.listener.listen(1)
-        self.listener.settimeout(600)
+        self.listener.settimeout(1.0)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "OPENFL_", "MASTER_"))}
         env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
         env[GATE_VAR] = f"127.0.0.1:{self.listener.getsockname()[1]}"
@@ -308,12 +308,27 @@ class Mode:
 
     def line(self) -> Dict[str, Any]:
         if self.file is None:
-            connection, _ = self.listener.accept()
-            self.file = connection.makefile("rw")
+            self.file = self._accept()
         text = self.file.readline()
         if not text:
             sys.exit(f"mode {self.mode} ended before it reported (see its log in {self.log.name})")
         return json.loads(text)
+
+    def _accept(self, limit: float = 600.0) -> Any:
+        """The mode's gate connection; exits naming its log if the mode ends or ``limit`` seconds pass first."""
+        deadline = time.monotonic() + limit
+        while True:
+            try:
+                connection, _ = self.listener.accept()
+                connection.settimeout(None)
+                return connection.makefile("rw")
+            except socket.timeout:
+                if self.process.poll() is not None:
+                    sys.exit(f"mode {self.mode} exited with code {self.process.returncode} before its first round "
+                             f"(see its log in {self.log.name})")
+                if time.monotonic() > deadline:
+                    sys.exit(f"mode {self.mode} did not report its first round within {limit:.0f} s "
+                             f"(see its log in {self.log.name})")
 
     def go(self) -> None:
         self.file.write("go\n")
