@@ -244,6 +244,7 @@ class Link:
 
         def call() -> Message:
             with beat.request() if beat is not None else contextlib.nullcontext():
+                pipe.expect()
                 pipe.send(message, self.timeouts.transfer)
                 return self._receive(pipe, limits)
 

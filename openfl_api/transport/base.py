@@ -230,6 +230,11 @@ class Pipe(ABC):
         taken it for ``older_than``; None when all is well."""
         return None
 
+    def expect(self) -> None:
+        """Get ready for the peer's next message now, before sending a request it answers at
+        once, so that :meth:`recv` finds its start already on the way. Pipes that need no such
+        preparation do nothing."""
+
     @abstractmethod
     def recv(
         self,

@@ -133,6 +133,7 @@ class GlooPipe(Pipe):
         self._first_bytes = memoryview(self._first.numpy())  # the same memory, read without torch calls
         self._inline: Optional[torch.Tensor] = None  # the payload that came inside the control message
         self._send_lock = threading.Lock()
+        self._first_work: Any = None  # the receive of the next message's start, when posted ahead (expect)
         self._posted: List[Tuple[Any, torch.Tensor, float]] = []  # (work, tensor kept alive, posted at)
 
     def _post(self, send: bool, tensor: torch.Tensor, what: str):
@@ -162,6 +163,16 @@ class GlooPipe(Pipe):
                 raise Silence(f"pipe failed: nothing came for {seconds(idle.total_seconds())}, not even a "
                               "heartbeat (the link is cut, or the peer hangs)") from exc
             raise TransportError(f"pipe failed while waiting for a message: {first}") from exc
+
+    def expect(self) -> None:
+        # Posted before the request goes out, the receive of its answer is in place when the
+        # answer comes: gloo's loop thread then takes it into ``_first`` at once. Posted after, the
+        # answer that is already waiting is announced first and the receive is posted while the
+        # loop thread wants the same pair's lock to read it; gloo's loop retries a locked pair at
+        # once, so it spins for as long as the posting thread is held up (on a loaded machine,
+        # often a whole time slice).
+        if self._first_work is None:
+            self._first_work = self._post(False, self._first, "waiting for a message")
 
     def send(self, message: Message, timeout: timedelta) -> None:
         with self._send_lock:
@@ -279,7 +290,8 @@ class GlooPipe(Pipe):
         """The first half of :meth:`recv`: a message's kind, header, piece rows ``(offset, bytes)``
         and payload size, checked against ``limits``; its payload follows (:meth:`recv_payload`)."""
         self._inline = None
-        self._wait_first(self._post(False, self._first, "waiting for a message"), idle)
+        work, self._first_work = self._first_work, None
+        self._wait_first(work if work is not None else self._post(False, self._first, "waiting for a message"), idle)
         first = self._first_bytes
         kind, header_len, payload_len, count = check_frame(_WORDS.unpack_from(first), limits)
         control_len = _FRAME_BYTES + 16 * count + header_len

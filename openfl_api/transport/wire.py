@@ -263,6 +263,9 @@ class SealedPipe(Pipe):
     def undelivered(self, older_than: timedelta) -> Optional[str]:
         return self._inner.undelivered(older_than)
 
+    def expect(self) -> None:
+        self._inner.expect()  # a sealed message starts with the inner pipe's control message
+
     def _seal(self, message: Message) -> Message:
         seq, self._next_send = self._next_send, self._next_send + 1
         nbytes = payload_size(message.payload)
