@@ -102,6 +102,7 @@ class Beat:
             try:
                 if self._stop.is_set():
                     return
+                self._pipe.expect()  # the echo comes at once (Pipe.expect)
                 self._pipe.send(Message(Kind.HEARTBEAT), self._link)
                 self._pipe.recv(_ECHO, self._link, self._link, _no_payload)
                 self._last = time.monotonic()
