@@ -254,7 +254,7 @@ def test_a_payload_that_fits_after_the_control_block_travels_inside_it_and_a_lar
     first, second = torch.full((100,), 3, dtype=torch.uint8), torch.arange(size - 400, dtype=torch.uint8)
     posted: List[torch.Tensor] = []
     post = frontend._post
-    frontend._post = lambda send, tensor, what: posted.append(tensor) or post(send, tensor, what)
+    frontend._post = lambda send, tensor, what, *tag: posted.append(tensor) or post(send, tensor, what, *tag)
     sender = send_on_thread(frontend, Message(Kind.UPLOAD, header, Pieces(size, ((0, first), (400, second)))))
     received = backend.recv(Limits(REQUESTS, 64, INLINE), TIMEOUT, TIMEOUT, zeros)
     sender.join(TIMEOUT.total_seconds())
@@ -288,3 +288,45 @@ def test_expect_twice_posts_one_receive(pipes) -> None:
     assert frontend.recv(replies, TIMEOUT, TIMEOUT, zeros).header == b'{"answer":1}'
     assert frontend.recv(replies, TIMEOUT, TIMEOUT, zeros).header == b'{"answer":2}'
     answers.join(TIMEOUT.total_seconds())
+
+
+def test_a_payload_expected_ahead_lands_whole_after_messages_without_payload(pipes) -> None:
+    # The receive of the first piece is posted before any control message; a request without
+    # payload comes first and must not disturb it, and the pieces after the first still land.
+    backend, frontend = pipes
+    buffer = zeros(INLINE * 8)
+    backend.expect_payload(buffer)
+    payload = torch.arange(INLINE * 3, dtype=torch.int64).to(torch.uint8)
+    rows = ((0, payload[: INLINE * 2]), (INLINE * 2, payload[INLINE * 2:]))
+    sender = send_on_thread(frontend, Message(Kind.DOWNLOAD, b'{"n":1}'))
+    assert backend.recv(Limits(REQUESTS, 64, buffer.numel()), TIMEOUT, TIMEOUT, zeros).payload is None
+    sender.join(TIMEOUT.total_seconds())
+    sender = send_on_thread(frontend, Message(Kind.UPLOAD, b'{"n":2}', Pieces(payload.numel(), rows)))
+    received = backend.recv(Limits(REQUESTS, 64, buffer.numel()), TIMEOUT, TIMEOUT, lambda n: buffer[:n])
+    sender.join(TIMEOUT.total_seconds())
+    assert torch.equal(received.payload, payload)
+
+
+def test_a_piece_expected_ahead_is_moved_into_a_payload_buffer_of_other_memory(pipes) -> None:
+    backend, frontend = pipes
+    ahead = zeros(INLINE * 4)
+    backend.expect_payload(ahead)
+    payload = torch.arange(INLINE * 2, dtype=torch.int64).to(torch.uint8).flip(0)
+    sender = send_on_thread(frontend, Message(Kind.UPLOAD, b'{}', Pieces(payload.numel(), ((0, payload),))))
+    received = backend.recv(Limits(REQUESTS, 64, ahead.numel()), TIMEOUT, TIMEOUT, zeros)
+    sender.join(TIMEOUT.total_seconds())
+    assert received.payload.data_ptr() != ahead.data_ptr()
+    assert torch.equal(received.payload, payload)
+
+
+def test_an_inline_payload_leaves_the_receive_expected_ahead_for_the_next_payload(pipes) -> None:
+    backend, frontend = pipes
+    buffer = zeros(INLINE * 4)
+    backend.expect_payload(buffer)
+    small, large = torch.full((10,), 7, dtype=torch.uint8), torch.full((INLINE * 2,), 9, dtype=torch.uint8)
+    limits = Limits(REQUESTS, 64, buffer.numel())
+    for payload in (small, large):
+        sender = send_on_thread(frontend, Message(Kind.UPLOAD, b'{}', payload))
+        received = backend.recv(limits, TIMEOUT, TIMEOUT, zeros)
+        sender.join(TIMEOUT.total_seconds())
+        assert torch.equal(received.payload, payload)

@@ -211,12 +211,16 @@ class Worker:
         while not self.free.wait(server.timeouts.tick.total_seconds()):
             if server.ended:
                 break
-        if self._buffer.numel() < size:
-            self._buffer = torch.zeros(size, dtype=torch.uint8)  # zero padding keeps the finite check on its fast path
-        buffer = self._buffer[:size]
+        buffer = self._receive_buffer(size)[:size]
         self.scan = FiniteScan(self.server.model.state.upload_schema, buffer)
         self.receive_started = time.perf_counter()
         return buffer
+
+    def _receive_buffer(self, size: int) -> torch.Tensor:
+        """The pipe's receive buffer, at least ``size`` bytes."""
+        if self._buffer.numel() < size:
+            self._buffer = torch.zeros(size, dtype=torch.uint8)  # zero padding keeps the finite check on its fast path
+        return self._buffer
 
     def _progress(self, end: int) -> None:
         # Reading the bytes as they land is all this thread does with them before the loop decides.
@@ -245,6 +249,9 @@ class Worker:
             wait = timeouts.link if self.pipe.heartbeats else timeouts.idle
             # Before the backend has its model the largest upload is unknown: _alloc checks it.
             limits = server.request_limits if server.prepared.is_set() else _EARLY
+            if self.joined.is_set() and self.free.is_set():
+                # The loop serves (its limits are final) and holds no upload in the buffer.
+                self.pipe.expect_payload(self._receive_buffer(limits.max_payload))
             try:
                 message = self.pipe.recv(limits, min(wait, timedelta(seconds=max(0.001, left))),
                                          timeouts.transfer, self._alloc, self._progress)

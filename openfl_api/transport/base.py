@@ -235,6 +235,13 @@ class Pipe(ABC):
         once, so that :meth:`recv` finds its start already on the way. Pipes that need no such
         preparation do nothing."""
 
+    def expect_payload(self, buffer: torch.Tensor) -> None:
+        """Get ready for the first piece of the peer's next payload, whichever message brings it:
+        it may land in ``buffer`` (a 1-D uint8 tensor that must hold the largest payload the
+        receiver's limits allow, and that nothing else may use until that payload is received),
+        and :meth:`recv` moves it to the buffer from ``alloc`` if that is other memory. Pipes that
+        need no such preparation do nothing."""
+
     @abstractmethod
     def recv(
         self,

@@ -27,7 +27,8 @@ from openfl_api.waiting import seconds
 
 __all__ = ["GlooPipe", "open_gloo_pipe"]
 
-_TAG = 0
+_TAG = 0  # control messages
+_PIECE_TAG = 1  # a payload's pieces: a receive posted ahead for them never takes a control message
 
 
 def _reason(exc: BaseException) -> str:
@@ -134,13 +135,14 @@ class GlooPipe(Pipe):
         self._inline: Optional[torch.Tensor] = None  # the payload that came inside the control message
         self._send_lock = threading.Lock()
         self._first_work: Any = None  # the receive of the next message's start, when posted ahead (expect)
+        self._piece_work: Any = None  # (work, buffer): the receive of the next payload's first piece (expect_payload)
         self._posted: List[Tuple[Any, torch.Tensor, float]] = []  # (work, tensor kept alive, posted at)
 
-    def _post(self, send: bool, tensor: torch.Tensor, what: str):
+    def _post(self, send: bool, tensor: torch.Tensor, what: str, tag: int = _TAG):
         try:
             if send:
-                return self._group.send([tensor], self._peer, _TAG)
-            return self._group.recv([tensor], self._peer, _TAG)
+                return self._group.send([tensor], self._peer, tag)
+            return self._group.recv([tensor], self._peer, tag)
         except RuntimeError as exc:
             raise TransportError(f"pipe failed while {what}: {_reason(exc)}") from exc
 
@@ -173,6 +175,15 @@ class GlooPipe(Pipe):
         # often a whole time slice).
         if self._first_work is None:
             self._first_work = self._post(False, self._first, "waiting for a message")
+
+    def expect_payload(self, buffer: torch.Tensor) -> None:
+        # The first piece of a payload is announced by the sender as soon as it is posted, so a
+        # receive posted once the control message has given its size would be taken at once, with
+        # the spin described in expect(). Posted ahead, on the pieces' own tag, it waits for the
+        # next payload whatever comes before it; recv_payload copies the piece into place when the
+        # payload's buffer is not this one.
+        if self._piece_work is None:
+            self._piece_work = (self._post(False, buffer, "waiting for a payload", _PIECE_TAG), buffer)
 
     def send(self, message: Message, timeout: timedelta) -> None:
         with self._send_lock:
@@ -265,7 +276,7 @@ class GlooPipe(Pipe):
                 if piece is None:
                     break
                 tensors.append(piece)
-                works.append(self._post(True, piece, "sending a message"))
+                works.append(self._post(True, piece, "sending a message", _PIECE_TAG))
         finally:
             getattr(pieces, "close", lambda: None)()  # a Stream's maker stops when the send fails
         through(len(works))
@@ -320,10 +331,18 @@ class GlooPipe(Pipe):
                 if progress is not None:
                     progress(offset + size)
             return
-        works = [self._post(False, payload[offset : offset + size], "receiving a payload") for offset, size in rows]
+        ahead, self._piece_work = self._piece_work, None
+        works = [] if ahead is None else [ahead[0]]
+        works += [self._post(False, payload[offset : offset + size], "receiving a payload", _PIECE_TAG)
+                  for offset, size in rows[len(works):]]
         deadline = time.monotonic() + transfer.total_seconds()
-        for work, (offset, size) in zip(works, rows):
+        for index, (work, (offset, size)) in enumerate(zip(works, rows)):
             self._wait([work], timedelta(seconds=max(0.001, deadline - time.monotonic())), "receiving a payload")
+            if index == 0 and ahead is not None:
+                landed = ahead[1][:size]
+                target = payload[offset : offset + size]
+                if landed.data_ptr() != target.data_ptr():
+                    target.copy_(landed)
             if progress is not None:
                 progress(offset + size)
 
