@@ -127,10 +127,14 @@ class Link:
             time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
             delay = min(2 * delay, 5.0)
 
-    def _alloc(self, size: int) -> torch.Tensor:
+    def _receive_buffer(self, size: int) -> torch.Tensor:
+        """The reply buffer, at least ``size`` bytes."""
         if self._rx.numel() < size:
             self._rx = torch.zeros(size, dtype=torch.uint8)  # zero padding keeps the finite check on its fast path
-        buffer = self._rx[:size]
+        return self._rx
+
+    def _alloc(self, size: int) -> torch.Tensor:
+        buffer = self._receive_buffer(size)[:size]
         if self._scan_schema is not None:
             self.scan = FiniteScan(self._scan_schema, buffer)
         return buffer
@@ -245,6 +249,8 @@ class Link:
         def call() -> Message:
             with beat.request() if beat is not None else contextlib.nullcontext():
                 pipe.expect()
+                if limits.max_payload:  # a model may come: its first piece lands in the reply buffer
+                    pipe.expect_payload(self._receive_buffer(limits.max_payload))
                 pipe.send(message, self.timeouts.transfer)
                 return self._receive(pipe, limits)
 
