@@ -43,6 +43,18 @@ def test_the_modes_bench_runs_plain_simulate_and_launched_frontends_in_lockstep_
     assert rows["simulate"] == rows["launch2"]  # the same weights, bit for bit, in one process and in three
 
 
+def test_the_modes_bench_names_a_mode_that_exits_before_its_first_round_at_once(tmp_path):
+    broken = tmp_path / "checkout"
+    (broken / "openfl_api").mkdir(parents=True)
+    (broken / "openfl_api" / "__init__.py").write_text("raise SystemExit(3)\n")
+    done = subprocess.run([sys.executable, str(BENCH / "modes.py"), "--repeats", "1", "--rounds", "3", "--config",
+                           "2:1.0", "--modes", "plain", "--baseline", str(broken), "--baseline-modes", "simulate",
+                           "--logs", str(tmp_path / "logs")], capture_output=True, text=True, timeout=120,
+                          stdin=subprocess.DEVNULL)
+    assert done.returncode != 0
+    assert "mode simulate@base exited with code 3 before its first round" in done.stderr, done.stderr[-2000:]
+
+
 def test_the_pipe_bench_times_both_phases_and_prints_the_ratios():
     out = run("pipe.py", "--repeats", "1", "--round-trips", "50")
     assert "ratio pipe / raw: CPU" in out and "  pipe |" in out and "   raw |" in out
