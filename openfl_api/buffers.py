@@ -5,7 +5,7 @@ C allocator hands memory that large back to the system when it is freed), which 
 times the copy into it. Whether a buffer may be written again is asked of Python and torch: any
 other reference alive (another name for the tensor, a view, a numpy array, a piece queued for a
 pipe or a send in flight) keeps it untouched. :class:`Spares` keeps the backend's encoding
-buffers of earlier versions.
+buffers of earlier versions; :func:`at_least` grows a pipe's receive buffer.
 """
 
 from __future__ import annotations
@@ -15,9 +15,15 @@ from typing import Any, List, Optional, Tuple
 
 import torch
 
-__all__ = ["Spares", "unused"]
+__all__ = ["Spares", "at_least", "unused"]
 
 _use_count = getattr(torch._C, "_storage_Use_Count", None)
+
+
+def at_least(buffer: torch.Tensor, size: int) -> torch.Tensor:
+    """``buffer`` (1-D uint8) when it holds ``size`` bytes, else a new one of ``size`` zero bytes:
+    a receive buffer only grows, and its zero padding keeps the finite check on its fast path."""
+    return buffer if buffer.numel() >= size else torch.zeros(size, dtype=torch.uint8)
 
 
 def unused(buffer: torch.Tensor) -> bool:

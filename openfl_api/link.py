@@ -25,6 +25,7 @@ from typing import Any, Callable, Dict, Optional, Union
 import torch
 
 from openfl_api.address import Address
+from openfl_api.buffers import at_least
 from openfl_api.errors import AdmissionError, ConfigurationError, PayloadError, TransportError, WireError
 from openfl_api.ledger import Ledger
 from openfl_api.payload import FiniteScan, Schema, parse_header
@@ -127,14 +128,9 @@ class Link:
             time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
             delay = min(2 * delay, 5.0)
 
-    def _receive_buffer(self, size: int) -> torch.Tensor:
-        """The reply buffer, at least ``size`` bytes."""
-        if self._rx.numel() < size:
-            self._rx = torch.zeros(size, dtype=torch.uint8)  # zero padding keeps the finite check on its fast path
-        return self._rx
-
     def _alloc(self, size: int) -> torch.Tensor:
-        buffer = self._receive_buffer(size)[:size]
+        self._rx = at_least(self._rx, size)
+        buffer = self._rx[:size]
         if self._scan_schema is not None:
             self.scan = FiniteScan(self._scan_schema, buffer)
         return buffer
@@ -250,7 +246,8 @@ class Link:
             with beat.request() if beat is not None else contextlib.nullcontext():
                 pipe.expect()
                 if limits.max_payload:  # a model may come: its first piece lands in the reply buffer
-                    pipe.expect_payload(self._receive_buffer(limits.max_payload))
+                    self._rx = at_least(self._rx, limits.max_payload)
+                    pipe.expect_payload(self._rx)
                 pipe.send(message, self.timeouts.transfer)
                 return self._receive(pipe, limits)
 

@@ -23,6 +23,7 @@ from typing import Any, List, Optional, Tuple
 import torch
 
 from openfl_api.address import Address
+from openfl_api.buffers import at_least
 from openfl_api.errors import ProtocolError, TransportError, WireError
 from openfl_api.payload import MAX_HEADER_BYTES, FiniteScan, encode_header
 from openfl_api.transport.base import REPLIES, REQUESTS, Kind, Limits, Message, Pipe, Silence, check_frame, frame_of
@@ -211,16 +212,11 @@ class Worker:
         while not self.free.wait(server.timeouts.tick.total_seconds()):
             if server.ended:
                 break
-        buffer = self._receive_buffer(size)[:size]
+        self._buffer = at_least(self._buffer, size)
+        buffer = self._buffer[:size]
         self.scan = FiniteScan(self.server.model.state.upload_schema, buffer)
         self.receive_started = time.perf_counter()
         return buffer
-
-    def _receive_buffer(self, size: int) -> torch.Tensor:
-        """The pipe's receive buffer, at least ``size`` bytes."""
-        if self._buffer.numel() < size:
-            self._buffer = torch.zeros(size, dtype=torch.uint8)  # zero padding keeps the finite check on its fast path
-        return self._buffer
 
     def _progress(self, end: int) -> None:
         # Reading the bytes as they land is all this thread does with them before the loop decides.
@@ -251,7 +247,8 @@ class Worker:
             limits = server.request_limits if server.prepared.is_set() else _EARLY
             if self.joined.is_set() and self.free.is_set():
                 # The loop serves (its limits are final) and holds no upload in the buffer.
-                self.pipe.expect_payload(self._receive_buffer(limits.max_payload))
+                self._buffer = at_least(self._buffer, limits.max_payload)
+                self.pipe.expect_payload(self._buffer)
             try:
                 message = self.pipe.recv(limits, min(wait, timedelta(seconds=max(0.001, left))),
                                          timeouts.transfer, self._alloc, self._progress)
