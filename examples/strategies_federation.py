@@ -98,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--history", default=None, help="backend: write the accuracy and loss per version here")
     parser.add_argument("--save", default=None, help="backend: write the final state_dict here")
     parser.add_argument("--checkpoint", default=None, help="backend: checkpoint every version to PREFIX.<version>")
+    parser.add_argument("--link_timeout", type=float, default=3.0,
+                        help="seconds a pipe may hear nothing from its peer before it counts the link as cut")
     parser.add_argument("--log", default="WARNING")
     return parser
 
@@ -324,7 +326,7 @@ def run(args: argparse.Namespace, address: Optional[ofl.Address] = None,
     frontend = address.rank > 0
     hosted = split_clients(range(args.clients), address.world_size - 1, address.rank - 1) if frontend else None
     api = ofl.API(frontend=frontend, clients=hosted, resume=args.resume, timeout=timedelta(minutes=5),
-                  reconnect=timedelta(seconds=120))
+                  reconnect=timedelta(seconds=120), link_timeout=timedelta(seconds=args.link_timeout))
     dataset = Data(args)
     net = logistic_regression(dataset.features, args.seed)
     optimizer = torch.optim.SGD(net.parameters(), lr=args.lr)

@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import List, Optional
@@ -66,14 +67,41 @@ def processes():
     group.reap()
 
 
+FAILED_RANK = re.compile(r"rank \d+ exited with code (?!0\b)")
+
+
 def launch(processes: Processes, tmp_path: Path, nproc: int, script: Path, *script_args: str,
-           launcher_args: tuple = (), **env: str) -> subprocess.CompletedProcess:
+           launcher_args: tuple = (), fail_fast: bool = False, **env: str) -> subprocess.CompletedProcess:
+    """Run ``script`` under the launcher until it exits (at most DEADLINE seconds). ``fail_fast``: stop
+    the whole run as soon as the launcher reports a rank that failed, instead of waiting for the
+    others (the federation goes on without a failed frontend, so its backend may wait long)."""
     logdir = tmp_path / "logs"
     args = [sys.executable, "-m", "openfl_api.launch", "--nproc_per_node", str(nproc), "--logdir", str(logdir),
             "--master_port", str(free_port()), *launcher_args, str(script), *script_args]
     process = processes.start(args, **env)
-    stdout, _ = process.communicate(timeout=DEADLINE)
-    return subprocess.CompletedProcess(args, process.returncode, stdout, "")
+    if not fail_fast:
+        stdout, _ = process.communicate(timeout=DEADLINE)
+        return subprocess.CompletedProcess(args, process.returncode, stdout, "")
+    lines: List[str] = []
+    failed = threading.Event()
+
+    def read() -> None:
+        for line in process.stdout:
+            lines.append(line)
+            if FAILED_RANK.search(line):
+                failed.set()
+        failed.set()  # end of output: the launcher exited
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    failed.wait(timeout=DEADLINE)
+    if process.poll() is None:
+        time.sleep(1.0)  # the launcher's lines about the failed rank's log follow its first line
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)
+    reader.join(timeout=30)
+    return subprocess.CompletedProcess(args, process.returncode, "".join(lines), "")
 
 
 def log_of(tmp_path: Path, rank: int) -> str:

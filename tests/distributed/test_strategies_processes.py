@@ -29,7 +29,7 @@ from strategies_federation import ALGORITHMS  # noqa: E402
 
 COMMON = ["--clients", "5", "--per_round", "5", "--rounds", "3", "--epochs", "2", "--work", "variable",
           "--samples", "12", "--features", "8", "--f", "1", "--bulyan_f", "0", "--mu", "0.1", "--lr", "0.05",
-          "--batch", "4"]
+          "--batch", "4", "--link_timeout", "30"]
 
 
 def ports_free(first: int, count: int) -> bool:
@@ -87,8 +87,9 @@ def test_every_algorithm_gives_the_same_weights_under_simulate_and_the_launcher(
     out = tmp_path / "out"
     out.mkdir()
     result = launch(processes, tmp_path, 3, SCRIPT, *COMMON, "--out", str(out),
-                    "--init_method", f"tcp://127.0.0.1:{free_ports(len(ALGORITHMS) + 1)}")
-    assert result.returncode == 0, result.stdout[-3000:] + log_of(tmp_path, 0)[-3000:]
+                    "--init_method", f"tcp://127.0.0.1:{free_ports(len(ALGORITHMS) + 1)}", fail_fast=True)
+    logs = [log_of(tmp_path, rank)[-3000:] for rank in range(3) if (tmp_path / "logs" / f"rank_{rank}.log").exists()]
+    assert result.returncode == 0, "\n".join([result.stdout[-3000:], *logs])
     assert_same(weights(out), reference)
 
 

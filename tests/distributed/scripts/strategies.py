@@ -7,6 +7,8 @@ script runs under ``python -m openfl_api.simulate``, under the launcher, or rank
 ``--out DIR``: the backend writes ``DIR/<algorithm>.pt``. ``--kill``: once every federation has one
 upload of version 2 accepted and the next one arriving, the backend SIGKILLs itself (each
 federation checkpoints every version to ``DIR/<algorithm>.ckpt``; start it again with ``--resume``).
+A federation that fails in a rank of its own process ends that process at once with code 1, naming
+the algorithm: the federations missing it would otherwise wait for it until their timeouts.
 """
 
 import argparse
@@ -72,8 +74,11 @@ def one(index: int, algorithm: str) -> None:
     mine.resume = mine.checkpoint if args.resume else None
     try:
         example.run(mine, address_of(index, algorithm), hooks=[KillAtVersion2()] if args.kill else [])
-    except BaseException as exc:  # reported below; the other federations go on
+    except BaseException as exc:
         failures.append(f"{algorithm}: {type(exc).__name__}: {exc}")
+        print(f"rank {base.rank} failed: {failures[-1]}", flush=True)
+        if base.scheme != "memory":  # a process of its own: end it at once, as a federation missing it waits
+            os._exit(1)
 
 
 threads = [threading.Thread(target=contextvars.copy_context().run, args=(one, i, a), name=a)
