@@ -36,8 +36,15 @@ Printed per configuration and mode: the steady round (median of rounds 2..N over
 with the range of the per-repeat medians), the ratio to the plain loop (median of the paired
 per-round ratios, with the per-repeat range), the CPU seconds of all the mode's processes per
 round and its ratio to the plain loop's (on a loaded machine the scheduler gives a mode of many
-threads more of the cores than a one-thread loop, so wall-clock ratios flatter it there), the peak PSS of all the mode's processes together
-(sampled every 50 ms) and the SHA-256 of the final weights (first 12 hex digits).
+threads more of the cores than a one-thread loop, so wall-clock ratios flatter it there), the peak
+PSS of all the mode's processes together and the SHA-256 of the final weights (first 12 hex digits).
+
+PSS is sampled every 50 ms during round 1 only (joins, the first download, every client's upload,
+the first aggregation and the encoding of version 2: every buffer the later rounds reuse is
+allocated by then), and once more as it ends. Reading a process's PSS (``smaps_rollup``) walks its
+page tables under its memory-map lock and holds up that process's own allocations meanwhile:
+sampled during the timed rounds, it slowed the launcher's modes (three or five processes) by about
+a quarter and the one-process modes barely, so the timed rounds run unsampled.
 """
 
 from __future__ import annotations
@@ -297,14 +304,25 @@ class Mode:
         self.file: Any = None
         self.peak = 0.0
         self._sampling = threading.Event()
+        self._sampling.set()
         self._stop = False
         self._sampler = threading.Thread(target=self._sample, daemon=True)
         self._sampler.start()
 
     def _sample(self) -> None:
-        while not self._stop:
+        # Round 1 only: reading smaps_rollup walks a process's page tables under its memory-map
+        # lock, which holds up the process's own allocations; sampled during the timed rounds it
+        # slowed the modes of many processes by a quarter.
+        while not self._stop and self._sampling.is_set():
             self.peak = max(self.peak, pss_mb(self.process.pid))
             time.sleep(0.05)
+
+    def first_round(self) -> float:
+        """Round 1's wall time, once the mode reported it; PSS sampling ends with it."""
+        wall = self.line()["wall"]
+        self.peak = max(self.peak, pss_mb(self.process.pid))
+        self._sampling.clear()
+        return wall
 
     def line(self) -> Dict[str, Any]:
         if self.file is None:
@@ -350,7 +368,7 @@ def lockstep(options: argparse.Namespace, clients: int, fraction: float) -> Dict
         rounds: Dict[str, List[float]] = {mode: [] for mode in modes}
         cpu: Dict[str, List[float]] = {mode: [0.0] for mode in modes}
         for mode in modes.values():
-            rounds[mode.mode].append(mode.line()["wall"])  # round 1, unpaced
+            rounds[mode.mode].append(mode.first_round())  # round 1, unpaced
         names = list(modes)
         for number in range(1, options.rounds):
             for name in names[number % len(names):] + names[:number % len(names)]:
