@@ -6,6 +6,7 @@ wait is bounded by TIMEOUT and every pipe is closed.
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 from datetime import timedelta
@@ -321,3 +322,38 @@ def test_an_inline_payload_leaves_the_receive_expected_ahead_for_the_next_payloa
         received = backend.recv(limits, TIMEOUT, TIMEOUT, zeros)
         sender.join(TIMEOUT.total_seconds())
         assert torch.equal(received.payload, payload)
+
+
+def _loop_threads() -> int:
+    """gloo's loop threads in this process (one per gloo device)."""
+    count = 0
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/comm") as f:
+                count += f.read().strip() == "gloo_tcp_loop"
+        except OSError:
+            pass
+    return count
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads through /proc")
+def test_the_gloo_pipes_of_a_process_share_one_loop_thread() -> None:
+    before = _loop_threads()
+    opened = []
+    try:
+        for _ in range(3):
+            port = free_port()
+            backend_store = TCPStore("127.0.0.1", port, None, True, timeout=TIMEOUT, wait_for_workers=False)
+            frontend_store = TCPStore("127.0.0.1", port, None, False, timeout=TIMEOUT)
+            built: List[GlooPipe] = []
+            thread = threading.Thread(target=lambda: built.append(
+                open_gloo_pipe(backend_store, "pipe/", 0, TIMEOUT, "127.0.0.1")), daemon=True)
+            thread.start()
+            opened.append(open_gloo_pipe(frontend_store, "pipe/", 1, TIMEOUT, "127.0.0.1"))
+            thread.join(TIMEOUT.total_seconds())
+            opened.extend(built)
+        assert len(opened) == 6
+        assert _loop_threads() - before <= 1  # six pipe sides, at most one new device
+    finally:
+        for pipe in opened:
+            pipe.close()

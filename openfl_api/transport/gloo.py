@@ -8,12 +8,13 @@ that times out closes the pair, which is why a pipe that timed out is dead.
 from __future__ import annotations
 
 import itertools
+import os
 import re
 import struct
 import threading
 import time
 from datetime import timedelta
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch.distributed import PrefixStore, ProcessGroupGloo, Store
@@ -39,6 +40,31 @@ def _reason(exc: BaseException) -> str:
     return text.split(". This is typically caused")[0].strip()[:300]
 
 
+_devices: Dict[Tuple[int, Optional[str], Optional[str]], Any] = {}
+_devices_lock = threading.Lock()
+
+
+def _device(bound: Any) -> Any:
+    """The gloo device of this process for ``bound``'s interface or host name, made on first use.
+
+    Every pipe on one binding shares it: a gloo device runs one loop thread, which reads what
+    arrives on all of its pipes' sockets and wakes every 10 ms even when nothing arrives, so a
+    backend with a device per pipe would run as many such threads as it has frontends.
+    """
+    key = (os.getpid(), bound.interface, None if bound.interface else bound.hostname)  # a forked child makes its own
+    with _devices_lock:
+        device = _devices.get(key)
+        if device is None:
+            try:
+                device = (ProcessGroupGloo.create_device(interface=bound.interface) if bound.interface
+                          else ProcessGroupGloo.create_device(hostname=bound.hostname))
+            except RuntimeError as exc:
+                raise TransportError(f"could not open a pipe on {bound}: {_reason(exc)}; set {IFNAME_VAR} to an "
+                                     "interface of this machine that reaches the other side") from exc
+            _devices[key] = device
+        return device
+
+
 def open_gloo_pipe(store: Store, prefix: str, rank: int, timeout: timedelta, host: Optional[str]) -> "GlooPipe":
     """Build this side (rank 0: backend, 1: frontend) of a pipe; blocks until both sides are up.
 
@@ -56,13 +82,7 @@ def open_gloo_pipe(store: Store, prefix: str, rank: int, timeout: timedelta, hos
     """
     bound = binding(host, backend=rank == 0)
     options = ProcessGroupGloo._Options()
-    try:
-        device = (ProcessGroupGloo.create_device(interface=bound.interface) if bound.interface
-                  else ProcessGroupGloo.create_device(hostname=bound.hostname))
-    except RuntimeError as exc:
-        raise TransportError(f"could not open a pipe on {bound}: {_reason(exc)}; set "
-                             f"{IFNAME_VAR} to an interface of this machine that reaches the other side") from exc
-    options._devices = [device]
+    options._devices = [_device(bound)]
     options._timeout = timeout
     options._threads = 1  # send and recv run on the caller's thread; gloo's workers only serve collectives
     try:
