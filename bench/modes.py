@@ -2,6 +2,7 @@
 the launcher with 1, 2 and 4 frontend processes.
 
     python bench/modes.py [--repeats 2] [--rounds 8] [--config K:FRACTION ...] [--modes plain,simulate,launch2]
+    python bench/modes.py --block 3 --rounds 10     # 3 rounds per turn, the first of each left out
     python bench/modes.py --baseline /path/to/other/checkout [--baseline-modes simulate,launch2]
 
 Workload (the same in every mode): MLP 784-200-200-10, 100 samples per client of FedProx's
@@ -27,12 +28,15 @@ loop and so every frontend), and the parent lets one mode run one round while th
 the order rotating every round. This machine's speed drifts within minutes; rounds of different
 modes a few tenths of a second apart see the same drift. A round is the time from the parent's go
 to the next aggregation; round 1 (joins, first download) runs unpaced and is left out.
+``--block B`` lets each mode run B rounds per turn and leaves the first of them out too: it
+warms the caches that the other modes' rounds took over (the launcher's modes, of three or five
+processes, lose the most to that), so the figures are those of rounds run back to back.
 
 ``--baseline DIR`` adds, for each of ``--baseline-modes``, the same mode run with the
 ``openfl_api`` of another checkout (``MODE@base``), in the same lockstep: a before/after
 comparison within one run.
 
-Printed per configuration and mode: the steady round (median of rounds 2..N over all repeats,
+Printed per configuration and mode: the steady round (median of the counted rounds over all repeats,
 with the range of the per-repeat medians), the ratio to the plain loop (median of the paired
 per-round ratios, with the per-repeat range), the CPU seconds of all the mode's processes per
 round and its ratio to the plain loop's (on a loaded machine the scheduler gives a mode of many
@@ -369,18 +373,22 @@ def lockstep(options: argparse.Namespace, clients: int, fraction: float) -> Dict
         cpu: Dict[str, List[float]] = {mode: [0.0] for mode in modes}
         for mode in modes.values():
             rounds[mode.mode].append(mode.first_round())  # round 1, unpaced
+        counted: Dict[str, List[bool]] = {mode: [False] for mode in modes}
         names = list(modes)
-        for number in range(1, options.rounds):
-            for name in names[number % len(names):] + names[:number % len(names)]:
-                before = cpu_seconds(modes[name].process.pid)
-                modes[name].go()
-                rounds[name].append(modes[name].line()["wall"])
-                cpu[name].append(cpu_seconds(modes[name].process.pid) - before)
+        for turn, first in enumerate(range(1, options.rounds, options.block)):
+            for name in names[turn % len(names):] + names[:turn % len(names)]:
+                for index in range(min(options.block, options.rounds - first)):
+                    before = cpu_seconds(modes[name].process.pid)
+                    modes[name].go()
+                    rounds[name].append(modes[name].line()["wall"])
+                    cpu[name].append(cpu_seconds(modes[name].process.pid) - before)
+                    counted[name].append(index > 0 or options.block == 1)  # a turn's first round warms up
         result = {}
         for name, mode in modes.items():
             final = mode.line()
             mode.close()
-            result[name] = {"rounds": rounds[name], "cpu": cpu[name], "pss_mb": mode.peak, "checksum": final["checksum"]}
+            result[name] = {"rounds": rounds[name], "cpu": cpu[name], "counted": counted[name], "pss_mb": mode.peak,
+                            "checksum": final["checksum"]}
         return result
     finally:
         for mode in modes.values():
@@ -403,30 +411,37 @@ def parent(options: argparse.Namespace) -> None:
     for clients, fraction in options.config or CONFIGS:
         results[(clients, fraction)] = [lockstep(options, clients, fraction) for _ in range(options.repeats)]
     print(f"load average at end {os.getloadavg()[0]:.1f}\n")
-    print("Steady seconds per round: median of rounds 2..N over all repeats (range of per-repeat medians); "
+    print("Steady seconds per round: median of the counted rounds (2..N, less each turn's first with --block) "
+          "over all repeats (range of per-repeat medians); "
           "/ plain: median of paired per-round ratios (range of per-repeat medians); peak PSS of all the "
           "mode's processes; CPU: user + system seconds of all its processes per round; SHA-256 of the final weights.\n")
     print("| K | fraction | mode | steady s/round | / plain | CPU s/round | CPU / plain | peak PSS MB | checksum |")
     print("|--:|--:|---|--:|--:|--:|--:|--:|---|")
     for (clients, fraction), repeats in results.items():
         for mode in all_modes(options):
-            runs = [run[mode]["rounds"][1:] for run in repeats]
+            runs = [steady(run[mode], "rounds") for run in repeats]
             flat = [x for run in runs for x in run]
             medians = [statistics.median(run) for run in runs]
             ratio = cpu_ratio = "-"
             if "plain" in options.modes and mode != "plain":
                 ratio = paired(repeats, mode, "rounds")
                 cpu_ratio = paired(repeats, mode, "cpu")
-            cpu = statistics.median(x for run in repeats for x in run[mode]["cpu"][1:])
+            cpu = statistics.median(x for run in repeats for x in steady(run[mode], "cpu"))
             sums = sorted({run[mode]["checksum"] for run in repeats})
             print(f"| {clients} | {fraction} | {mode} | {statistics.median(flat):.3f} ({min(medians):.3f}-"
                   f"{max(medians):.3f}) | {ratio} | {cpu:.3f} | {cpu_ratio} | "
                   f"{max(run[mode]['pss_mb'] for run in repeats):.0f} | {' '.join(sums)} |")
 
 
+def steady(result: Dict[str, Any], key: str) -> List[float]:
+    """The counted rounds' values of ``key``: round 1 and the first round of each turn left out."""
+    return [x for x, counted in zip(result[key], result["counted"]) if counted]
+
+
 def paired(repeats: List[Dict[str, Any]], mode: str, key: str) -> str:
-    """Median of the per-round ratios ``mode / plain`` of ``key`` (rounds 2..N), with the per-repeat range."""
-    pairs = [[a / b if b else float("nan") for a, b in zip(run[mode][key][1:], run["plain"][key][1:])] for run in repeats]
+    """Median of the per-round ratios ``mode / plain`` of ``key`` (the counted rounds), with the per-repeat range."""
+    pairs = [[a / b if b else float("nan") for a, b in zip(steady(run[mode], key), steady(run["plain"], key))]
+             for run in repeats]
     per = [statistics.median(p) for p in pairs]
     return f"{statistics.median(x for p in pairs for x in p):.2f} ({min(per):.2f}-{max(per):.2f})"
 
@@ -460,6 +475,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--block", type=int, default=1, help="rounds a mode runs per turn; the first one warms up")
     parser.add_argument("--config", type=config, action="append",
                         help="K:FRACTION, e.g. 100:1.0; repeatable (default: 10:1.0, 100:1.0, 100:0.1)")
     parser.add_argument("--modes", type=modes, default=list(MODES), help=f"comma-separated subset of {','.join(MODES)}")
@@ -473,6 +489,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     options = parser.parse_args(argv)
     if options.rounds < 3:
         parser.error("--rounds must be >= 3 (round 1 is left out of the steady figures)")
+    if options.block < 1 or (options.block > 1 and options.rounds <= options.block):
+        parser.error(f"--block must be >= 1, and below --rounds when above 1 (a turn's first round is left out), "
+                     f"got --block {options.block} with --rounds {options.rounds}")
     if options.child:
         run_plain(options)
     else:

@@ -6,6 +6,7 @@ prints), never a speed: the figures live in the benchmarks' own output, not in t
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 from pathlib import Path
@@ -53,6 +54,21 @@ def test_the_modes_bench_names_a_mode_that_exits_before_its_first_round_at_once(
                           stdin=subprocess.DEVNULL)
     assert done.returncode != 0
     assert "mode simulate@base exited with code 3 before its first round" in done.stderr, done.stderr[-2000:]
+
+
+def test_the_modes_bench_with_blocks_leaves_out_each_turns_first_round(tmp_path):
+    sys.path.insert(0, str(BENCH))
+    try:
+        import modes
+    finally:
+        sys.path.remove(str(BENCH))
+    options = argparse.Namespace(modes=["plain"], baseline=None, baseline_modes=[], rounds=6, block=2, seed=0,
+                                 logs=str(tmp_path))
+    result = modes.lockstep(options, 2, 1.0)["plain"]
+    # Turns of rounds (2, 3), (4, 5), (6): round 1 and each turn's first are warm-ups.
+    assert result["counted"] == [False, False, True, False, True, False]
+    assert len(result["rounds"]) == len(result["cpu"]) == 6
+    assert modes.steady(result, "rounds") == [result["rounds"][2], result["rounds"][4]]
 
 
 def test_the_pipe_bench_times_both_phases_and_prints_the_ratios():
