@@ -34,8 +34,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture
-def pipes() -> Iterator[Tuple[GlooPipe, GlooPipe]]:
+def open_pair() -> Tuple[GlooPipe, GlooPipe]:
     """(backend side, frontend side) of one gloo pipe on a fresh TCPStore."""
     port = free_port()
     backend_store = TCPStore("127.0.0.1", port, None, True, timeout=TIMEOUT, wait_for_workers=False)
@@ -47,10 +46,18 @@ def pipes() -> Iterator[Tuple[GlooPipe, GlooPipe]]:
     thread.start()
     frontend = open_gloo_pipe(frontend_store, "pipe/", 1, TIMEOUT, "127.0.0.1")
     thread.join(TIMEOUT.total_seconds())
-    assert built, "the backend side of the pipe was not built"
-    yield built[0], frontend
+    if not built:
+        frontend.close()
+        raise AssertionError("the backend side of the pipe was not built")
+    return built[0], frontend
+
+
+@pytest.fixture
+def pipes() -> Iterator[Tuple[GlooPipe, GlooPipe]]:
+    backend, frontend = open_pair()
+    yield backend, frontend
     frontend.close()
-    built[0].close()
+    backend.close()
 
 
 def zeros(size: int) -> torch.Tensor:
@@ -339,20 +346,10 @@ def _loop_threads() -> int:
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads through /proc")
 def test_the_gloo_pipes_of_a_process_share_one_loop_thread() -> None:
     before = _loop_threads()
-    opened = []
+    opened: List[GlooPipe] = []
     try:
         for _ in range(3):
-            port = free_port()
-            backend_store = TCPStore("127.0.0.1", port, None, True, timeout=TIMEOUT, wait_for_workers=False)
-            frontend_store = TCPStore("127.0.0.1", port, None, False, timeout=TIMEOUT)
-            built: List[GlooPipe] = []
-            thread = threading.Thread(target=lambda: built.append(
-                open_gloo_pipe(backend_store, "pipe/", 0, TIMEOUT, "127.0.0.1")), daemon=True)
-            thread.start()
-            opened.append(open_gloo_pipe(frontend_store, "pipe/", 1, TIMEOUT, "127.0.0.1"))
-            thread.join(TIMEOUT.total_seconds())
-            opened.extend(built)
-        assert len(opened) == 6
+            opened.extend(open_pair())
         assert _loop_threads() - before <= 1  # six pipe sides, at most one new device
     finally:
         for pipe in opened:
