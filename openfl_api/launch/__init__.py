@@ -135,7 +135,10 @@ The backend (global rank 0) exits, whatever its code
     about the wait.
 The launcher receives SIGINT (Ctrl-C) or SIGTERM
     It sends SIGINT to every rank still running, so that Python ranks get ``KeyboardInterrupt`` and
-    can clean up; SIGTERM after ``--grace``; SIGKILL after another ``--grace``. Each further SIGINT
+    can clean up; SIGTERM after ``--grace``; SIGKILL after another ``--grace``. Each signal goes to
+    the frontends first and to the backend last: a backend stopped first ends the requests its
+    frontends wait on, and a frontend that read that end before its own signal came would finish
+    as if the federation had ended. Each further SIGINT
     or SIGTERM to the launcher takes the next step at once. When the backend's exit has already
     led to SIGTERM, the launcher goes on from there, with SIGKILL.
 The launcher is killed with SIGKILL

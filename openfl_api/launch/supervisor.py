@@ -354,7 +354,7 @@ class Supervisor:
         targets = [r for r in self._running if r.process.poll() is None]
         if targets:
             say(f"sending {step.name} to {_ranks(targets)}" + (f": {why}" if why else ""))
-        for target in targets:
+        for target in sorted(targets, key=lambda r: r.rank == 0):  # the backend last (see the module's docs)
             target.stopped = f"{step.name} {self._stopping_because}"
             try:
                 os.killpg(target.process.pid, step)

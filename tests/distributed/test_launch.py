@@ -464,6 +464,27 @@ def test_ranks_ignoring_sigint_and_sigterm_are_killed_after_grace(tmp_path: Path
     ], err
 
 
+def test_each_shutdown_signal_goes_to_the_frontends_before_the_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A backend stopped first would end the requests its frontends wait on, and a frontend that
+    # read that end before its own signal would finish as if the federation had ended.
+    class Running:
+        def __init__(self, pid: int) -> None:
+            self.pid = pid
+
+        def poll(self) -> None:
+            return None
+
+    sent: list[int] = []
+    monkeypatch.setattr(supervisor.os, "killpg", lambda pid, sig: sent.append(pid))
+    monkeypatch.setattr(supervisor, "say", lambda text: None)
+    watcher = object.__new__(supervisor.Supervisor)
+    watcher._running = [supervisor._Rank(rank, Running(100 + rank)) for rank in (0, 1, 2)]
+    watcher._next_steps = [signal.SIGINT]
+    watcher._stopping_because = "after the launcher received SIGINT"
+    watcher._take_next_step(None)
+    assert sent == [101, 102, 100]
+
+
 def test_second_ctrl_c_escalates_at_once(tmp_path: Path) -> None:
     # The ranks survive SIGINT and note it; with a 60 s grace only the second Ctrl-C can end them
     # within the test's timeout, by sending SIGTERM straight away.
