@@ -18,8 +18,9 @@ A session id per backend start means a stale file store from an earlier run is n
 the live one: a frontend that joined a dead session re-reads ``session`` and joins again.
 Nothing read from the store is unpickled; every value is size-limited JSON.
 
-File descriptors: on the backend each gloo pipe keeps about five (gloo's listener and pair
-sockets, its event loop's epoll and wake-up pipe) besides the frontend's store connection. Gloo
+File descriptors: on the backend each gloo pipe keeps one, its pair's socket, besides the
+frontend's store connection (gloo's listener, its event loop's epoll and wake-up pipe belong to
+the process's one gloo device: :mod:`openfl_api.transport.gloo`). Gloo
 aborts the whole process when an ``accept`` hits the descriptor limit, so a lobby refuses a
 frontend, with the reason, while fewer than ``_PIPE_DESCRIPTORS + _SPARE_DESCRIPTORS`` are left
 below the soft ``RLIMIT_NOFILE`` (``ulimit -n``), and warns at start when the limit cannot hold
@@ -64,7 +65,7 @@ _RETRY = timedelta(seconds=3)
 DUPLICATE_GRACE = timedelta(seconds=5)
 # Descriptors a backend needs per pipe, by scheme: the five a gloo pipe keeps and one more while
 # it connects (the frontend's store connection is open already when the lobby checks).
-_PIPE_DESCRIPTORS = {"tcp": 6, "file": 6}
+_PIPE_DESCRIPTORS = {"tcp": 2, "file": 2}
 _SPARE_DESCRIPTORS = 32  # for logs, checkpoints, the address file and frontends connecting to the store
 _live_lobbies: "weakref.WeakSet[Lobby]" = weakref.WeakSet()
 
