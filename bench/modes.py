@@ -308,8 +308,7 @@ class Mode:
         self.file: Any = None
         self.peak = 0.0
         self._sampling = threading.Event()
-        self._sampling.set()
-        self._stop = False
+        self._sampling.set()  # cleared once round 1 ends, or when the mode is closed
         self._sampler = threading.Thread(target=self._sample, daemon=True)
         self._sampler.start()
 
@@ -317,7 +316,7 @@ class Mode:
         # Round 1 only: reading smaps_rollup walks a process's page tables under its memory-map
         # lock, which holds up the process's own allocations; sampled during the timed rounds it
         # slowed the modes of many processes by a quarter.
-        while not self._stop and self._sampling.is_set():
+        while self._sampling.is_set():
             self.peak = max(self.peak, pss_mb(self.process.pid))
             time.sleep(0.05)
 
@@ -357,7 +356,7 @@ class Mode:
         self.file.flush()
 
     def close(self) -> None:
-        self._stop = True
+        self._sampling.clear()
         try:
             self.process.wait(timeout=120)
         except subprocess.TimeoutExpired:
